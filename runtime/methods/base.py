@@ -1,0 +1,184 @@
+"""What every adapter method provides: a config, per-layer weights, and a batched forward.
+
+Modelled on HF PEFT's tuners (one folder per method, ``config.py`` + ``layer.py``) and vLLM's
+multi-LoRA path (a per-row adapter index, -1 for the base model). A method is three things:
+
+* an :class:`AdapterConfig` subclass: hyperparameters, validated, JSON-serialisable;
+* an :class:`AdapterWeights` subclass: one adapter's trainable tensors on one target layer, with
+  the reference ``delta_weight`` (ΔW as ``(d1, d2)``), merge and unmerge;
+* a ``batched_delta`` classmethod: the contribution of several adapters of the method to a batch
+  whose row ``i`` uses member ``row_index[i]`` (or none for -1), given the layer input ``x`` and the
+  base output without bias ``out0 = W0 x``. Adapters that share frozen tensors (the same
+  ``shared_key``) go through one call, so shared matrices are applied once per batch.
+
+Frozen tensors that several adapters share (VeRA's random projections, SvdA's singular vectors)
+live in a per-layer *shared* module built by ``build_shared``; they are never trainable and never
+stored in adapter files (SPEC.md §4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import AdapterConfigError
+from ..targets import parse_targets
+
+
+def config_field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with help text (shown by ``AdapterConfig.describe`` and the CLIs)."""
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class AdapterConfig:
+    """Fields common to every method. Subclasses add their own and extend ``validate``."""
+
+    method: ClassVar[str] = ""
+
+    targets: str = config_field(
+        "q_proj,v_proj",
+        "Layers to adapt: comma-separated name suffixes ('q_proj,v_proj'), 're:<regex>' on the "
+        "full layer name, or 'all-linear' (every linear layer except the output head).",
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.targets, str):
+            self.targets = ",".join(self.targets)
+        self.validate()
+
+    def validate(self) -> None:
+        parse_targets(self.targets)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        data = dict(data)
+        method = data.pop("method", cls.method)
+        if method != cls.method:
+            raise AdapterConfigError(f"config is for method {method!r}, not {cls.method!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AdapterConfigError(
+                f"unknown {cls.method} config fields {unknown}; known: {sorted(known)}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def describe(cls) -> dict[str, str]:
+        """Field name -> help text."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`AdapterConfigError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise AdapterConfigError(message)
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What a method needs to know about one target layer when it builds an adapter."""
+
+    name: str  # full module name in the base model, e.g. "model.layers.0.self_attn.q_proj"
+    d_out: int  # d1
+    d_in: int  # d2
+    weight: torch.Tensor  # W0 as (d1, d2): a view of the base weight, never modified here
+    fingerprint: str  # layer fingerprint (runtime.fingerprint)
+    dtype: torch.dtype  # dtype of adapter tensors: the weight's, float32 for half-precision bases
+
+
+class AdapterWeights(nn.Module):
+    """One adapter's trainable tensors on one target layer (subclass per method)."""
+
+    method: ClassVar[str] = ""
+
+    def __init__(self, config: AdapterConfig, target: TargetInfo, shared: nn.Module | None):
+        super().__init__()
+        self.d_out, self.d_in = target.d_out, target.d_in
+
+    # ----- identity -----------------------------------------------------------------------
+    @classmethod
+    def shared_key(cls, config: AdapterConfig, targets: Sequence[TargetInfo]) -> str:
+        """Adapters with equal keys share one frozen ``shared`` module per layer."""
+        return cls.method
+
+    @classmethod
+    def build_shared(
+        cls, config: AdapterConfig, target: TargetInfo, targets: Sequence[TargetInfo], ctx: Any
+    ) -> nn.Module | None:
+        """Frozen tensors shared by all adapters with this key on this layer (None if none)."""
+        return None
+
+    # ----- reference math -------------------------------------------------------------------
+    def delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
+        """ΔW as ``(d1, d2)`` in the parameters' dtype: the plain formula of SPEC.md §3."""
+        raise NotImplementedError
+
+    def merge_into(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
+        """``W0 ← W0 + ΔW`` in place (computed in float64, cast back)."""
+        delta = self.delta_weight(shared).to(torch.float64)
+        weight_oi.copy_((weight_oi.to(torch.float64) + delta).to(weight_oi.dtype))
+
+    def unmerge_from(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
+        """Undo :meth:`merge_into` (``W ← W − ΔW``, float64)."""
+        delta = self.delta_weight(shared).to(torch.float64)
+        weight_oi.copy_((weight_oi.to(torch.float64) - delta).to(weight_oi.dtype))
+
+    # ----- batched forward -----------------------------------------------------------------
+    @classmethod
+    def batched_delta(
+        cls,
+        x: torch.Tensor,
+        out0: torch.Tensor,
+        members: Sequence[AdapterWeights],
+        row_index: torch.Tensor | None,
+        shared: nn.Module | None,
+    ) -> torch.Tensor:
+        """Fast path. ``x``: (B, ..., d2); ``out0 = W0 x``: (B, ..., d1); ``row_index``: (B,) of
+        member positions or -1, or None when every row uses ``members[0]``. Returns (B, ..., d1)."""
+        return cls.reference_delta(x, out0, members, row_index, shared)
+
+    @classmethod
+    def reference_delta(
+        cls,
+        x: torch.Tensor,
+        out0: torch.Tensor,
+        members: Sequence[AdapterWeights],
+        row_index: torch.Tensor | None,
+        shared: nn.Module | None,
+    ) -> torch.Tensor:
+        """Plain implementation the fast path is tested against: ``ΔW_a x`` row by row."""
+        if row_index is None:
+            return nn.functional.linear(x, members[0].delta_weight(shared).to(x.dtype))
+        out = torch.zeros_like(out0)
+        for position, member in enumerate(members):
+            delta = member.delta_weight(shared).to(x.dtype)
+            rows = row_index == position
+            out[rows] = nn.functional.linear(x[rows], delta)
+        return out
+
+    # ----- bookkeeping ----------------------------------------------------------------------
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def stack_with_zero_row(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack per-member vectors (n, k) and append a zero row, so that index -1 selects zeros."""
+    stacked = torch.stack(list(vectors))
+    return torch.cat([stacked, stacked.new_zeros(1, *stacked.shape[1:])])
+
+
+def gather_rows(table: torch.Tensor, row_index: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``table[row_index]`` (index -1 gives the zero row), shaped to broadcast over an activation
+    of ``ndim`` dimensions: (B, 1, ..., 1, k)."""
+    picked = table[row_index]
+    return picked.view(picked.shape[0], *([1] * (ndim - 2)), picked.shape[-1])

@@ -1,0 +1,59 @@
+"""The one registry of adapter methods: name -> (config class, weights class).
+
+A new method lives in its own folder (``config.py`` + ``layer.py``) and is added here with
+:func:`register_method`; nothing else in the runtime changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import AdapterConfigError
+from .base import AdapterConfig, AdapterWeights
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    config_cls: type[AdapterConfig]
+    weights_cls: type[AdapterWeights]
+    summary: str
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    config_cls: type[AdapterConfig], weights_cls: type[AdapterWeights], summary: str
+) -> MethodSpec:
+    name = config_cls.method
+    if not name or name != weights_cls.method:
+        raise ValueError(
+            f"config and weights disagree on the method name: {name!r} vs {weights_cls.method!r}"
+        )
+    if name in _METHODS and _METHODS[name].weights_cls is not weights_cls:
+        raise ValueError(f"method {name!r} is already registered")
+    spec = MethodSpec(name, config_cls, weights_cls, summary)
+    _METHODS[name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise AdapterConfigError(
+            f"unknown adapter method {name!r}; registered methods: {sorted(_METHODS)}"
+        ) from None
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
+    """Rebuild any method's config from ``AdapterConfig.to_dict`` output."""
+    if "method" not in data:
+        raise AdapterConfigError("adapter config has no 'method' field")
+    return get_method(data["method"]).config_cls.from_dict(data)

@@ -1,0 +1,36 @@
+"""SvdA configuration (seed 000: SVD-based adaptation; SPEC.md §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..base import AdapterConfig, config_field, require
+
+S_INITS = ("singular", "constant")
+
+
+@dataclass
+class SvdaConfig(AdapterConfig):
+    """ΔW = diag(b) · U · diag(s) · Vᵀ; U, V frozen from the SVD of W0; s, b trained."""
+
+    method = "svda"
+
+    s_init: str = config_field(
+        "singular", "Initial s: 'singular' (the singular values σ of W0) or 'constant'."
+    )
+    s_constant: float = config_field(1.0, "Value of every entry of s when s_init='constant'.")
+    top_k: int | None = config_field(
+        None,
+        "Train s on the top-k singular components only (others stay at σ, so δ = s − σ is "
+        "sparse by construction and the forward touches only k columns of U, V). None: all.",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        require(
+            self.s_init in S_INITS, f"svda s_init must be one of {S_INITS}, got {self.s_init!r}"
+        )
+        require(
+            self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 1),
+            f"svda top_k must be None or an integer ≥ 1, got {self.top_k!r}",
+        )

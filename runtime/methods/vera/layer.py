@@ -1,0 +1,88 @@
+"""VeRA weights on one layer: ΔW = diag(b) · B · diag(d) · A (Kopiczko et al., 2024).
+
+Frozen: A (r, d2), B (d1, r), sliced from one max-size pair regenerated from the seed and shared
+by all layers and all adapters with the same seed. Trainable: d (r), b (d1). In a mixed batch the
+shared projections are applied once to the whole batch; only d and b are gathered per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...regeneration.seeded import vera_projections
+from ..base import AdapterWeights, TargetInfo, gather_rows, stack_with_zero_row
+from .config import VeraConfig
+
+
+class VeraProjections(nn.Module):
+    """This layer's slices of the shared pair: A[:, :d2] and B[:d1, :] (frozen buffers)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.register_buffer("A", a, persistent=False)  # (r, d2)
+        self.register_buffer("B", b, persistent=False)  # (d1, r)
+
+
+def _max_dims(targets: Sequence[TargetInfo]) -> tuple[int, int]:
+    return max(t.d_out for t in targets), max(t.d_in for t in targets)
+
+
+class VeraWeights(AdapterWeights):
+    method = "vera"
+
+    def __init__(self, config: VeraConfig, target: TargetInfo, shared: nn.Module | None):
+        super().__init__(config, target, shared)
+        device, dtype = target.weight.device, target.dtype
+        self.vera_d = nn.Parameter(
+            torch.full((config.r,), float(config.d_init), device=device, dtype=dtype)
+        )
+        self.vera_b = nn.Parameter(torch.zeros(target.d_out, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    @classmethod
+    def shared_key(cls, config: VeraConfig, targets: Sequence[TargetInfo]) -> str:
+        d_out, d_in = _max_dims(targets)
+        return f"vera:{config.projection_seed}:{config.r}:{d_out}x{d_in}"
+
+    @classmethod
+    def build_shared(
+        cls, config: VeraConfig, target: TargetInfo, targets: Sequence[TargetInfo], ctx: Any
+    ) -> nn.Module:
+        key = cls.shared_key(config, targets)
+        pair = ctx.memo.get(key)
+        if pair is None:
+            pair = ctx.memo[key] = vera_projections(
+                config.projection_seed, config.r, *_max_dims(targets)
+            )
+        a, b = pair
+        dtype, device = target.dtype, target.weight.device
+        return VeraProjections(
+            a[:, : target.d_in].to(device=device, dtype=dtype),
+            b[: target.d_out, :].to(device=device, dtype=dtype),
+        )
+
+    def delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
+        a, b = shared.A.to(self.vera_d.dtype), shared.B.to(self.vera_d.dtype)
+        return self.vera_b[:, None] * (b * self.vera_d[None, :]) @ a  # (d1, d2)
+
+    @classmethod
+    def batched_delta(
+        cls,
+        x: torch.Tensor,
+        out0: torch.Tensor,
+        members: Sequence[AdapterWeights],
+        row_index: torch.Tensor | None,
+        shared: nn.Module | None,
+    ) -> torch.Tensor:
+        if row_index is None:
+            m = members[0]
+            return m.vera_b * F.linear(m.vera_d * F.linear(m.dropout(x), shared.A), shared.B)
+        hidden = F.linear(x, shared.A)  # (B, ..., r): once for the whole batch
+        d_rows = gather_rows(stack_with_zero_row([m.vera_d for m in members]), row_index, x.dim())
+        b_rows = gather_rows(stack_with_zero_row([m.vera_b for m in members]), row_index, x.dim())
+        return b_rows * F.linear(hidden * d_rows, shared.B)

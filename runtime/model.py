@@ -1,0 +1,272 @@
+"""Attaching adapters to a Hugging Face causal LM and running them, alone, mixed or merged.
+
+    >>> am = AdapterModel(base.model)
+    >>> am.add_adapter("acme", SvdaConfig(targets="all-linear"))
+    >>> am.set_adapter("acme"); logits = am(input_ids).logits            # one adapter
+    >>> am(input_ids, adapter_rows=["acme", None, "other"]).logits        # one per row
+    >>> am.merge("acme"); ...; am.unmerge()                              # merged path
+
+Target layers are replaced by :class:`~svda.runtime.layer.AdapterLinear` wrappers the first time
+an adapter targets them; the base weights stay frozen. The base fingerprint is taken before any
+change, so it names the original weights even while an adapter is merged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import AdapterConfigError, AdapterStateError
+from .fingerprint import BaseFingerprint, base_fingerprint
+from .layer import AdapterLinear, AdapterState
+from .methods import AdapterConfig, TargetInfo, get_method
+from .regeneration.svd_basis import SvdBasisCache
+from .targets import select_targets, weight_out_in
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class RegenerationContext:
+    """What ``build_shared`` may use: the SVD cache and a memo for seed-generated tensors."""
+
+    svd_cache: SvdBasisCache
+    memo: dict[str, Any] = field(default_factory=dict)
+
+
+class AdapterModel(nn.Module):
+    """A frozen base causal LM with any number of named adapters of any registered method."""
+
+    def __init__(self, model: nn.Module, svd_cache: SvdBasisCache | None = None):
+        super().__init__()
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.fingerprint: BaseFingerprint = base_fingerprint(model)
+        self.svd_cache = svd_cache if svd_cache is not None else SvdBasisCache()
+        self.state = AdapterState()
+        self.configs: dict[str, AdapterConfig] = {}
+        self.layers: dict[str, AdapterLinear] = {}  # target layer name -> wrapper
+        self._ctx = RegenerationContext(self.svd_cache)
+
+    # ----- adding and removing adapters ------------------------------------------------------
+    def add_adapter(self, name: str, config: AdapterConfig) -> None:
+        """Attach a new adapter with freshly initialised trainable tensors."""
+        self._check_new_name(name)
+        spec = get_method(config.method)
+        targets = [self._target_info(n) for n in select_targets(self.model, config.targets)]
+        key = spec.weights_cls.shared_key(config, targets)
+        for target in targets:
+            layer = self._wrap(target.name)
+            if key in layer.shared:
+                shared = layer.shared[key]
+            else:
+                shared = spec.weights_cls.build_shared(config, target, targets, self._ctx)
+            weights = spec.weights_cls(config, target, shared)
+            layer.add(name, weights, key, shared)
+        self.configs[name] = config
+        self._ctx.memo.clear()
+
+    def delete_adapter(self, name: str) -> None:
+        self._require(name)
+        if self.state.merged == name:
+            raise AdapterStateError(
+                f"adapter {name!r} is merged; call unmerge() before deleting it"
+            )
+        for layer in self._layers_of(name):
+            layer.remove(name)
+        del self.configs[name]
+        if name in self.state.names:
+            self.state.set((), None)
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+            raise AdapterConfigError(
+                f"adapter name {name!r} is invalid: use 1-128 letters, digits, '_' or '-', "
+                "starting with a letter or digit"
+            )
+        if name in self.configs:
+            raise AdapterConfigError(
+                f"an adapter named {name!r} is already attached; delete it first"
+            )
+
+    def _target_info(self, layer_name: str) -> TargetInfo:
+        module = (
+            self.layers[layer_name].base_layer
+            if layer_name in self.layers
+            else self.model.get_submodule(layer_name)
+        )
+        weight = weight_out_in(module)
+        return TargetInfo(
+            name=layer_name,
+            d_out=weight.shape[0],
+            d_in=weight.shape[1],
+            weight=weight.detach(),
+            fingerprint=self.fingerprint.layers[layer_name],
+            dtype=torch.float32 if weight.dtype in HALF_DTYPES else weight.dtype,
+        )
+
+    def _wrap(self, layer_name: str) -> AdapterLinear:
+        if layer_name not in self.layers:
+            parent_name, _, child = layer_name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            wrapper = AdapterLinear(getattr(parent, child), layer_name, self.state)
+            setattr(parent, child, wrapper)
+            self.layers[layer_name] = wrapper
+        return self.layers[layer_name]
+
+    # ----- choosing adapters --------------------------------------------------------------------
+    def set_adapter(self, name: str | None) -> None:
+        """Every row uses ``name`` (None: the base model) until changed."""
+        self._require_unmerged("set_adapter")
+        if name is None:
+            self.state.set((), None)
+            return
+        self._require(name)
+        self.state.set((name,), None)
+
+    def set_adapter_rows(self, rows: Sequence[str | None]) -> None:
+        """Row ``i`` of the next batches uses adapter ``rows[i]`` (None: the base model)."""
+        self._require_unmerged("set_adapter_rows")
+        names = tuple(dict.fromkeys(r for r in rows if r is not None))
+        for name in names:
+            self._require(name)
+        position = {name: i for i, name in enumerate(names)}
+        index = torch.tensor([position[r] if r is not None else -1 for r in rows], dtype=torch.long)
+        self.state.set(names, index.to(self._device()))
+
+    @contextmanager
+    def adapter_rows(self, rows: Sequence[str | None] | None) -> Iterator[None]:
+        """Use per-row adapters inside the block, then restore what was active before."""
+        saved = (self.state.names, self.state.row_index)
+        if rows is not None:
+            self.set_adapter_rows(rows)
+        try:
+            yield
+        finally:
+            if self.state.merged is None:
+                self.state.set(*saved)
+
+    def forward(
+        self, *args: Any, adapter_rows: Sequence[str | None] | None = None, **kwargs: Any
+    ) -> Any:
+        if adapter_rows is None:
+            return self.model(*args, **kwargs)
+        with self.adapter_rows(adapter_rows):
+            return self.model(*args, **kwargs)
+
+    def generate(
+        self, *args: Any, adapter_rows: Sequence[str | None] | None = None, **kwargs: Any
+    ) -> Any:
+        with self.adapter_rows(adapter_rows):
+            return self.model.generate(*args, **kwargs)
+
+    # ----- merge / unmerge ----------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Add ``name``'s ΔW into the base weights (float64 arithmetic); forwards then cost the
+        base model's alone. Only one adapter can be merged at a time."""
+        self._require(name)
+        self._require_unmerged("merge")
+        for layer in self._layers_of(name):
+            layer.adapters[name].merge_into(
+                layer.weight_out_in(), layer.shared[layer.adapter_keys[name]]
+            )
+        self.state.set((name,), None)
+        self.state.merged = name
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged adapter's ΔW again; the base weights are restored to float
+        rounding (the adapter stays attached and active)."""
+        name = self.state.merged
+        if name is None:
+            return
+        for layer in self._layers_of(name):
+            layer.adapters[name].unmerge_from(
+                layer.weight_out_in(), layer.shared[layer.adapter_keys[name]]
+            )
+        self.state.merged = None
+        self.state.set((name,), None)
+
+    # ----- inspection and tensors ---------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        return list(self.configs)
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """``"<layer>.<param>" -> parameter`` for every trainable tensor of ``name``."""
+        self._require(name)
+        params = {}
+        for layer in self._layers_of(name):
+            for pname, p in layer.adapters[name].named_parameters():
+                params[f"{layer.layer_name}.{pname}"] = p
+        return params
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of ``name``'s trainable tensors (what an adapter file stores)."""
+        return {k: p.detach().cpu().clone() for k, p in self.adapter_parameters(name).items()}
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` into ``name``'s parameters; names and shapes must match exactly."""
+        params = self.adapter_parameters(name)
+        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        if missing or extra:
+            raise AdapterConfigError(
+                f"adapter {name!r}: missing tensors {missing[:5]}, unexpected {extra[:5]}"
+            )
+        for key, p in params.items():
+            if tuple(tensors[key].shape) != tuple(p.shape):
+                raise AdapterConfigError(
+                    f"adapter {name!r}: tensor {key} has shape {tuple(tensors[key].shape)}, layer expects {tuple(p.shape)}"
+                )
+        for key, p in params.items():
+            p.copy_(tensors[key].to(dtype=p.dtype, device=p.device))
+
+    def trainable_parameter_count(self, name: str) -> int:
+        return sum(p.numel() for p in self.adapter_parameters(name).values())
+
+    def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
+        """``layer -> ΔW`` (d1, d2) by the reference formula."""
+        self._require(name)
+        return {
+            layer.layer_name: layer.adapters[name].delta_weight(
+                layer.shared[layer.adapter_keys[name]]
+            )
+            for layer in self._layers_of(name)
+        }
+
+    def shared_frozen_bytes(self) -> int:
+        """Bytes held by frozen shared tensors (SVD bases, VeRA projections) on all layers."""
+        storages = {}
+        for layer in self.layers.values():
+            for buf in layer.shared.buffers():
+                storage = buf.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
+    # ----- helpers ----------------------------------------------------------------------------
+    def _layers_of(self, name: str) -> list[AdapterLinear]:
+        return [layer for layer in self.layers.values() if name in layer.adapters]
+
+    def _require(self, name: str) -> None:
+        if name not in self.configs:
+            raise AdapterConfigError(
+                f"no adapter named {name!r} is attached; attached: {sorted(self.configs)}"
+            )
+
+    def _require_unmerged(self, what: str) -> None:
+        if self.state.merged is not None:
+            raise AdapterStateError(
+                f"{what}() while adapter {self.state.merged!r} is merged into the weights; call unmerge() first"
+            )
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device

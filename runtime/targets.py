@@ -1,0 +1,89 @@
+"""Finding the linear layers of a Hugging Face causal LM that adapters may target.
+
+A target is an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2 style, weight stored as
+``(in, out)``). The output head (``lm_head``) is never a target. Everywhere in svda a target's
+weight is seen as ``W0 ∈ R^{d1×d2}`` (d1 = out features, d2 = in features), as in SPEC.md §2.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import AdapterConfigError
+
+try:  # transformers keeps Conv1D in pytorch_utils
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - very old transformers
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+EXCLUDED_NAMES = ("lm_head",)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return bool(Conv1D) and isinstance(module, Conv1D)
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as ``(d1, d2) = (out, in)``; a view, never a copy."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def iter_candidate_layers(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Every linear-like layer of ``model`` except the output head, in module order. A layer
+    already wrapped by svda (a module with a ``base_layer``) is reported under its own name as
+    its original layer; nothing inside a wrapper (adapter tensors) is a candidate."""
+    for child_name, child in model.named_children():
+        name = f"{prefix}{child_name}"
+        if child_name in EXCLUDED_NAMES:
+            continue
+        base = getattr(child, "base_layer", None)
+        if isinstance(base, nn.Module) and is_linear_like(base):
+            yield name, base
+        elif is_linear_like(child):
+            yield name, child
+        else:
+            yield from iter_candidate_layers(child, prefix=f"{name}.")
+
+
+def parse_targets(targets: str | Sequence[str]) -> list[str]:
+    """Normalise ``"q_proj,v_proj"`` / ``["q_proj"]`` / ``"all-linear"`` to a list of patterns."""
+    items = targets.split(",") if isinstance(targets, str) else list(targets)
+    patterns = [t.strip() for t in items if t.strip()]
+    if not patterns:
+        raise AdapterConfigError(
+            "targets is empty: name layers like 'q_proj,v_proj' or 'all-linear'"
+        )
+    return patterns
+
+
+def matches(name: str, pattern: str) -> bool:
+    """A layer name matches a pattern if the pattern equals its last component, a dotted suffix
+    of it, or (for patterns starting with ``re:``) the regular expression matches the whole name."""
+    if pattern == "all-linear":
+        return True
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def select_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+    """Names of the layers of ``model`` selected by ``targets``; error if a pattern selects none."""
+    patterns = parse_targets(targets)
+    candidates = [name for name, _ in iter_candidate_layers(model)]
+    selected = [n for n in candidates if any(matches(n, p) for p in patterns)]
+    for p in patterns:
+        if not any(matches(n, p) for n in candidates):
+            examples = sorted({n.split(".")[-1] for n in candidates})[:12]
+            raise AdapterConfigError(
+                f"target pattern {p!r} matches no linear layer of this model; "
+                f"layer names end with one of {examples} (or use 'all-linear')"
+            )
+    return selected
