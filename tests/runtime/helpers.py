@@ -1,0 +1,45 @@
+"""Tiny random base models (Llama- and GPT-2-shaped) and adapter helpers for runtime tests."""
+
+from __future__ import annotations
+
+import torch
+from svda.runtime import AdapterModel, LoraConfig, SvdaConfig, VeraConfig
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 96
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+# One config per method under test, and the targets each uses on a Llama-shaped model.
+METHOD_CONFIGS = {
+    "lora": lambda targets: LoraConfig(targets=targets, r=4, alpha=8.0),
+    "vera": lambda targets: VeraConfig(targets=targets, r=16, projection_seed=7),
+    "svda": lambda targets: SvdaConfig(targets=targets),
+}
+
+
+@torch.no_grad()
+def perturb(model: AdapterModel, name: str, scale: float = 0.1, seed: int = 0) -> None:
+    """Move every trainable tensor of adapter ``name`` as training would (deterministically)."""
+    generator = torch.Generator().manual_seed(seed)
+    for _, p in sorted(model.adapter_parameters(name).items()):
+        p.add_(torch.randn(p.shape, generator=generator) * scale)

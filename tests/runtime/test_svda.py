@@ -1,0 +1,97 @@
+"""SvdA specifics: the fast identity vs the plain formula, δ sparsity, s init, top-k."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from svda.runtime import AdapterConfigError, AdapterModel, SvdaConfig
+from svda.runtime.methods.svda.layer import _active_columns
+
+from .helpers import perturb, tiny_llama
+
+
+def svda_model(svd_cache, **config) -> AdapterModel:
+    model = AdapterModel(tiny_llama(), svd_cache=svd_cache)
+    model.add_adapter("a", SvdaConfig(targets="all-linear", **config))
+    return model
+
+
+@torch.no_grad()
+def test_identity_equals_plain_formula_per_layer(svd_cache):
+    model = svda_model(svd_cache)
+    perturb(model, "a")
+    model.set_adapter("a")
+    for layer in model.layers.values():
+        weights, shared = layer.adapters["a"], layer.shared["svd"]
+        x = torch.randn(3, layer.weight_out_in().shape[1])
+        w0 = layer.weight_out_in()
+        plain = x @ (w0 + weights.delta_weight(shared)).T
+        torch.testing.assert_close(
+            layer(x) - (layer.bias if layer.bias is not None else 0), plain, rtol=1e-4, atol=1e-5
+        )
+        assert weights.svda_s.numel() == min(w0.shape)
+        assert weights.svda_b.numel() == w0.shape[0]
+
+
+def test_trainable_parameter_count_is_m_plus_d1(svd_cache):
+    model = svda_model(svd_cache)
+    expected = sum(
+        min(w.shape) + w.shape[0]
+        for w in (layer.weight_out_in() for layer in model.layers.values())
+    )
+    assert model.trainable_parameter_count("a") == expected
+
+
+@torch.no_grad()
+def test_only_b_trained_skips_the_singular_vectors(svd_cache):
+    model = svda_model(svd_cache)
+    layer = next(iter(model.layers.values()))
+    weights = layer.adapters["a"]
+    weights.svda_b.normal_()
+    assert (
+        _active_columns([weights.delta(layer.shared["svd"])], weights.k, needs_grad=False) is None
+    )
+    weights.svda_s[3] += 0.5
+    cols = _active_columns([weights.delta(layer.shared["svd"])], weights.k, needs_grad=False)
+    assert cols.tolist() == [3]
+    # while training s, every component is touched so every s gets a gradient
+    with torch.enable_grad():
+        assert _active_columns(
+            [weights.delta(layer.shared["svd"])], weights.k, needs_grad=True
+        ) == slice(0, weights.k)
+
+
+@torch.no_grad()
+def test_constant_s_init_changes_nothing_until_b_moves(svd_cache, input_ids):
+    model = svda_model(svd_cache, s_init="constant", s_constant=0.25)
+    base = model(input_ids).logits
+    model.set_adapter("a")
+    torch.testing.assert_close(model(input_ids).logits, base, rtol=0, atol=1e-6)
+    layer = next(iter(model.layers.values()))
+    assert torch.all(layer.adapters["a"].svda_s == 0.25)
+
+
+def test_top_k_trains_only_k_components(svd_cache, input_ids):
+    model = svda_model(svd_cache, top_k=3)
+    layer = next(iter(model.layers.values()))
+    assert layer.adapters["a"].svda_s.shape == (3,)
+    perturb(model, "a")
+    model.set_adapter("a")
+    with torch.no_grad():
+        unmerged = model(input_ids).logits
+        model.merge("a")
+        torch.testing.assert_close(model(input_ids).logits, unmerged, rtol=0, atol=1e-5)
+        model.unmerge()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"s_init": "random"}, "s_init"),
+        ({"top_k": 0}, "top_k"),
+        ({"targets": ""}, "targets is empty"),
+    ],
+)
+def test_bad_config_is_refused_with_a_clear_message(kwargs, message):
+    with pytest.raises(AdapterConfigError, match=message):
+        SvdaConfig(**kwargs)
