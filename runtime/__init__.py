@@ -5,6 +5,7 @@ Public API: :func:`load_base_model`, :class:`AdapterModel`, the method configs
 (:func:`get_method`, :func:`available_methods`), fingerprints and the SVD basis cache.
 """
 
+from .base_model import BaseModel, load_base_model
 from .errors import AdapterConfigError, AdapterStateError, BaseModelError, SvdaError
 from .fingerprint import BaseFingerprint, base_fingerprint, layer_fingerprint
 from .layer import AdapterLinear, AdapterState
@@ -29,6 +30,7 @@ __all__ = [
     "AdapterState",
     "AdapterStateError",
     "BaseFingerprint",
+    "BaseModel",
     "BaseModelError",
     "LoraConfig",
     "SvdBasis",
@@ -42,5 +44,6 @@ __all__ = [
     "config_from_dict",
     "get_method",
     "layer_fingerprint",
+    "load_base_model",
     "register_method",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from svda.runtime import SvdBasisCache
 
 from .helpers import VOCAB

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from svda.runtime import AdapterModel, LoraConfig, SvdaConfig, VeraConfig
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from svda.runtime import AdapterModel, LoraConfig, SvdaConfig, VeraConfig
 
 VOCAB = 96
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
 from svda.runtime import AdapterModel, available_methods, config_from_dict
 
 from .helpers import METHOD_CONFIGS, perturb, tiny_gpt2, tiny_llama

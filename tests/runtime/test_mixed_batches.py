@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from svda.runtime import AdapterModel, AdapterStateError, LoraConfig, SvdaConfig, VeraConfig
 from svda.runtime.methods.svda import layer as svda_layer
 from svda.runtime.methods.vera import layer as vera_layer

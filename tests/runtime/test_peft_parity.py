@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import VeraConfig as PeftVeraConfig
 from peft import get_peft_model
+
 from svda.runtime import AdapterModel, LoraConfig, VeraConfig
 
 from .helpers import perturb, tiny_llama

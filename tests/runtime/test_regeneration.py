@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from peft.tuners.vera.model import _kaiming_init
+
 from svda.runtime import SvdBasisCache, compute_svd_basis, layer_fingerprint
 from svda.runtime.regeneration.seeded import vera_projections
 from svda.runtime.regeneration.svd_basis import canonicalize_signs

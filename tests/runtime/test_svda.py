@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from svda.runtime import AdapterConfigError, AdapterModel, SvdaConfig
 from svda.runtime.methods.svda.layer import _active_columns
 

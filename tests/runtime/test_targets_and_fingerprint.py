@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from svda.runtime import AdapterConfigError, AdapterModel, LoraConfig, VeraConfig, base_fingerprint
 from svda.runtime.targets import select_targets
 
