@@ -3,8 +3,8 @@
     python bench/runtime_bench.py [--base PATH] [--batch 8] [--seq 128] [--repeats 3]
 
 Default base: the embedded SmolLM2-135M-Instruct, every linear layer of every block targeted.
-Prints a markdown table: trainable parameters per adapter, forward time and its ratio to the base
-model, memory of the shared frozen matrices as a ratio to the base model's weights; then the time
+Prints a markdown table: trainable parameters per adapter, forward time (best of N, variants
+interleaved) and its ratio to the base model measured in the same rounds, memory of the shared frozen matrices as a ratio to the base model's weights; then the time
 to build the SvdA bases cold (empty cache) and from the on-disk cache.
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import statistics
 import tempfile
 import time
 from datetime import date
@@ -27,16 +27,27 @@ from svda.runtime.base_model import load_base_model
 N_MIXED = 8
 
 
-def timed_forward(model: AdapterModel, ids: torch.Tensor, repeats: int, rows=None) -> float:
-    """Median seconds of one forward (after one warm-up)."""
-    times = []
+def forward_seconds(model: AdapterModel, ids: torch.Tensor, active, rows) -> float:
+    """Seconds of one forward with ``active`` set (an adapter name or None) or per-row ``rows``."""
+    model.set_adapter(active)
     with torch.inference_mode():
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            model(ids, adapter_rows=rows)
-            if i:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        start = time.perf_counter()
+        model(ids, adapter_rows=rows)
+        return time.perf_counter() - start
+
+
+def best_times(
+    model: AdapterModel, ids: torch.Tensor, variants: list[tuple], repeats: int
+) -> list[float]:
+    """Best-of-``repeats`` seconds for each (active, rows) variant, measured interleaved (after one
+    warm-up each) so that drifts of this shared machine hit every variant alike."""
+    for active, rows in variants:
+        forward_seconds(model, ids, active, rows)
+    samples = [[] for _ in variants]
+    for _ in range(repeats):
+        for i, (active, rows) in enumerate(variants):
+            samples[i].append(forward_seconds(model, ids, active, rows))
+    return [min(s) for s in samples]
 
 
 @torch.no_grad()
@@ -65,7 +76,7 @@ def main() -> None:
     parser.add_argument("--base", default=None, help="HF model folder (default: embedded SmolLM2)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="best of N")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
 
@@ -96,45 +107,20 @@ METHODS = {
 
 def run_forward_table(model: AdapterModel, args) -> list[dict]:
     ids = torch.randint(0, 1000, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    rows = [
-        {
-            "method": "base",
-            "adapters": 0,
-            "params": 0,
-            "seconds": timed_forward(model, ids, args.repeats),
-            "shared_bytes": 0,
-        }
-    ]
+    base_time = best_times(model, ids, [(None, None)], args.repeats)[0]
+    rows = [{"method": "base", "adapters": 0, "params": 0, "seconds": base_time, "shared_bytes": 0}]
     for label, (prefix, make_config, move_s) in METHODS.items():
         names = [f"{prefix}-{i}" for i in range(N_MIXED)]
         for i, name in enumerate(names):
             model.add_adapter(name, make_config())
             train_like(model, name, seed=i, move_s=move_s)
-        shared = model.shared_frozen_bytes()
-        params = model.trainable_parameter_count(names[0])
-        model.set_adapter(names[0])
-        one = timed_forward(model, ids, args.repeats)
-        model.set_adapter(None)
         mixed_rows = [names[i % N_MIXED] for i in range(args.batch)]
-        mixed = timed_forward(model, ids, args.repeats, rows=mixed_rows)
-        rows.append(
-            {
-                "method": label,
-                "adapters": 1,
-                "params": params,
-                "seconds": one,
-                "shared_bytes": shared,
-            }
-        )
-        rows.append(
-            {
-                "method": label,
-                "adapters": N_MIXED,
-                "params": params,
-                "seconds": mixed,
-                "shared_bytes": shared,
-            }
-        )
+        variants = [(None, None), (names[0], None), (None, mixed_rows)]
+        base_again, one, mixed = best_times(model, ids, variants, args.repeats)
+        common = {"method": label, "params": model.trainable_parameter_count(names[0])}
+        common["shared_bytes"] = model.shared_frozen_bytes()
+        rows.append({**common, "adapters": 1, "seconds": one, "base_seconds": base_again})
+        rows.append({**common, "adapters": N_MIXED, "seconds": mixed, "base_seconds": base_again})
         for name in names:
             model.delete_adapter(name)
     return rows
@@ -149,7 +135,8 @@ def print_report(
         f"# svda runtime benchmark — {base_name}, all linear layers, batch {args.batch} × {args.seq} tokens"
     )
     print(
-        f"{date.today()} · {platform.machine()} · {torch.get_num_threads()} threads · torch {torch.__version__}\n"
+        f"{date.today()} · {platform.machine()} · {os.cpu_count()} cores · {torch.get_num_threads()} "
+        f"threads · torch {torch.__version__} · forward time best of {args.repeats}\n"
     )
     print(
         "| method | adapters in batch | trainable params / adapter | forward (s) | × base | × one adapter | shared frozen memory / base weights |"
@@ -159,7 +146,8 @@ def print_report(
         vs_one = f"{r['seconds'] / single[r['method']]:.2f}" if r["adapters"] > 1 else "—"
         print(
             f"| {r['method']} | {r['adapters']} | {r['params']:,} | {r['seconds']:.3f} | "
-            f"{r['seconds'] / base_time:.2f} | {vs_one} | {r['shared_bytes'] / base_bytes:.2f} |"
+            f"{r['seconds'] / r.get('base_seconds', base_time):.2f} | {vs_one} | "
+            f"{r['shared_bytes'] / base_bytes:.2f} |"
         )
     print(
         f"\nSvdA bases (SVD of every targeted weight): cold {cold:.1f} s, from the cache {warm:.2f} s"

@@ -93,6 +93,20 @@ class AdapterLinear(nn.Module):
             del self.shared[key]
         self._layout_version += 1
 
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW of adapter ``name`` on this layer as ``(d1, d2)`` (the reference formula)."""
+        return self.adapters[name].get_delta_weight(self.shared[self.adapter_keys[name]])
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weight (float64 arithmetic)."""
+        self.adapters[name].merge_into(self.weight_out_in(), self.shared[self.adapter_keys[name]])
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        """Take adapter ``name`` out of the base weight again."""
+        self.adapters[name].unmerge_from(self.weight_out_in(), self.shared[self.adapter_keys[name]])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self._state
         if not state.names or state.merged is not None:

@@ -176,9 +176,7 @@ class AdapterModel(nn.Module):
         self._require(name)
         self._require_unmerged("merge")
         for layer in self._layers_of(name):
-            layer.adapters[name].merge_into(
-                layer.weight_out_in(), layer.shared[layer.adapter_keys[name]]
-            )
+            layer.merge(name)
         self.state.set((name,), None)
         self.state.merged = name
 
@@ -190,9 +188,7 @@ class AdapterModel(nn.Module):
         if name is None:
             return
         for layer in self._layers_of(name):
-            layer.adapters[name].unmerge_from(
-                layer.weight_out_in(), layer.shared[layer.adapter_keys[name]]
-            )
+            layer.unmerge(name)
         self.state.merged = None
         self.state.set((name,), None)
 
@@ -233,15 +229,10 @@ class AdapterModel(nn.Module):
     def trainable_parameter_count(self, name: str) -> int:
         return sum(p.numel() for p in self.adapter_parameters(name).values())
 
-    def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
+    def get_delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         """``layer -> ΔW`` (d1, d2) by the reference formula."""
         self._require(name)
-        return {
-            layer.layer_name: layer.adapters[name].delta_weight(
-                layer.shared[layer.adapter_keys[name]]
-            )
-            for layer in self._layers_of(name)
-        }
+        return {layer.layer_name: layer.get_delta_weight(name) for layer in self._layers_of(name)}
 
     def shared_frozen_bytes(self) -> int:
         """Bytes held by frozen shared tensors (SVD bases, VeRA projections) on all layers."""

@@ -5,7 +5,7 @@ multi-LoRA path (a per-row adapter index, -1 for the base model). A method is th
 
 * an :class:`AdapterConfig` subclass: hyperparameters, validated, JSON-serialisable;
 * an :class:`AdapterWeights` subclass: one adapter's trainable tensors on one target layer, with
-  the reference ``delta_weight`` (ΔW as ``(d1, d2)``), merge and unmerge;
+  the reference ``get_delta_weight`` (ΔW as ``(d1, d2)``), merge and unmerge;
 * a ``batched_delta`` classmethod: the contribution of several adapters of the method to a batch
   whose row ``i`` uses member ``row_index[i]`` (or none for -1), given the layer input ``x`` and the
   base output without bias ``out0 = W0 x``. Adapters that share frozen tensors (the same
@@ -119,18 +119,18 @@ class AdapterWeights(nn.Module):
         return None
 
     # ----- reference math -------------------------------------------------------------------
-    def delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
+    def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         """ΔW as ``(d1, d2)`` in the parameters' dtype: the plain formula of SPEC.md §3."""
         raise NotImplementedError
 
     def merge_into(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
         """``W0 ← W0 + ΔW`` in place (computed in float64, cast back)."""
-        delta = self.delta_weight(shared).to(torch.float64)
+        delta = self.get_delta_weight(shared).to(torch.float64)
         weight_oi.copy_((weight_oi.to(torch.float64) + delta).to(weight_oi.dtype))
 
     def unmerge_from(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
         """Undo :meth:`merge_into` (``W ← W − ΔW``, float64)."""
-        delta = self.delta_weight(shared).to(torch.float64)
+        delta = self.get_delta_weight(shared).to(torch.float64)
         weight_oi.copy_((weight_oi.to(torch.float64) - delta).to(weight_oi.dtype))
 
     # ----- batched forward -----------------------------------------------------------------
@@ -158,10 +158,10 @@ class AdapterWeights(nn.Module):
     ) -> torch.Tensor:
         """Plain implementation the fast path is tested against: ``ΔW_a x`` row by row."""
         if row_index is None:
-            return nn.functional.linear(x, members[0].delta_weight(shared).to(x.dtype))
+            return nn.functional.linear(x, members[0].get_delta_weight(shared).to(x.dtype))
         out = torch.zeros_like(out0)
         for position, member in enumerate(members):
-            delta = member.delta_weight(shared).to(x.dtype)
+            delta = member.get_delta_weight(shared).to(x.dtype)
             rows = row_index == position
             out[rows] = nn.functional.linear(x[rows], delta)
         return out

@@ -72,7 +72,9 @@ def test_reference_formula_equals_fast_path(method, arch, svd_cache, input_ids):
     fast = logits(model, input_ids)
     with torch.no_grad():
         for layer in model.layers.values():
-            layer.base_layer.weight += _as_stored(layer, model.delta_weights("a")[layer.layer_name])
+            layer.base_layer.weight += _as_stored(
+                layer, model.get_delta_weights("a")[layer.layer_name]
+            )
     model.set_adapter(None)
     torch.testing.assert_close(logits(model, input_ids), fast, rtol=0, atol=1e-5)
 

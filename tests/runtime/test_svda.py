@@ -26,7 +26,7 @@ def test_identity_equals_plain_formula_per_layer(svd_cache):
         weights, shared = layer.adapters["a"], layer.shared["svd"]
         x = torch.randn(3, layer.weight_out_in().shape[1])
         w0 = layer.weight_out_in()
-        plain = x @ (w0 + weights.delta_weight(shared)).T
+        plain = x @ (w0 + weights.get_delta_weight(shared)).T
         torch.testing.assert_close(
             layer(x) - (layer.bias if layer.bias is not None else 0), plain, rtol=1e-4, atol=1e-5
         )

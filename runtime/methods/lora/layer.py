@@ -31,7 +31,7 @@ class LoraWeights(AdapterWeights):
         self.lora_B = nn.Parameter(torch.zeros(target.d_out, config.r, device=device, dtype=dtype))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-    def delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
+    def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (d1, d2)
 
     @classmethod

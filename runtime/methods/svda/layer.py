@@ -12,7 +12,7 @@ Fast path, from ``U diag(σ) Vᵀ = W0``:
 
 so the ``b`` part costs one elementwise product on the base output, and only the columns of U, V
 where some adapter in the batch has δ ≠ 0 are touched (none after training that moved only b).
-``delta_weight`` keeps the plain formula as the reference.
+``get_delta_weight`` keeps the plain formula as the reference.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class SvdaWeights(AdapterWeights):
         """δ = s − σ on the trained components (k,)."""
         return self.svda_s - shared.sigma[: self.k]
 
-    def delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
+    def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         s_full = torch.cat([self.svda_s, shared.sigma[self.k :].to(self.svda_s.dtype)])
         u, v = shared.U.to(self.svda_s.dtype), shared.V.to(self.svda_s.dtype)
         return self.svda_b[:, None] * ((u * s_full) @ v.T)  # (d1, d2), the plain formula
@@ -89,18 +89,22 @@ class SvdaWeights(AdapterWeights):
         k = max(m.k for m in members)
         deltas = [F.pad(m.delta(shared), (0, k - m.k)) for m in members]  # each (k,)
         cols = _active_columns(deltas, k, needs_grad=any(m.svda_s.requires_grad for m in members))
-        if row_index is None:
-            b_rows, delta_rows = members[0].svda_b, deltas[0]
-        else:
-            b_rows = gather_rows(
-                stack_with_zero_row([m.svda_b for m in members]), row_index, x.dim()
-            )
-            delta_rows = gather_rows(stack_with_zero_row(deltas), row_index, x.dim())
+        b_rows = _per_row([m.svda_b for m in members], row_index, x.dim())
         inner = out0
         if cols is not None:
+            delta_rows = _per_row(deltas, row_index, x.dim())
             projected = F.linear(x, shared.V[:, cols].T)  # (B, ..., |cols|): once per batch
             inner = out0 + F.linear(projected * delta_rows[..., cols], shared.U[:, cols])
         return b_rows * inner
+
+
+def _per_row(
+    vectors: list[torch.Tensor], row_index: torch.Tensor | None, ndim: int
+) -> torch.Tensor:
+    """Each row's vector, broadcastable over the activation (the only one if row_index is None)."""
+    if row_index is None:
+        return vectors[0]
+    return gather_rows(stack_with_zero_row(vectors), row_index, ndim)
 
 
 def _active_columns(

@@ -66,7 +66,7 @@ class VeraWeights(AdapterWeights):
             b[: target.d_out, :].to(device=device, dtype=dtype),
         )
 
-    def delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
+    def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         a, b = shared.A.to(self.vera_d.dtype), shared.B.to(self.vera_d.dtype)
         return self.vera_b[:, None] * (b * self.vera_d[None, :]) @ a  # (d1, d2)
 
