@@ -117,15 +117,17 @@ class AdapterLinear(nn.Module):
         out0 = F.linear(x, self.weight_out_in())
         result = out0 if self.bias is None else out0 + self.bias
         for group in groups:
-            result = result + self._group_delta(group, x, out0).to(result.dtype)
+            result = self._add_group_delta(result, group, x, out0)
         return result
 
-    def _group_delta(self, group: _Group, x: torch.Tensor, out0: torch.Tensor) -> torch.Tensor:
+    def _add_group_delta(
+        self, result: torch.Tensor, group: _Group, x: torch.Tensor, out0: torch.Tensor
+    ) -> torch.Tensor:
         cls = type(group.members[0])
-        dtype = next(group.members[0].parameters()).dtype
+        dtype = next(group.members[0].parameters()).dtype  # adapters may be float32 on a half base
         shared = self.shared[group.key]
-        return cls.batched_delta(
-            x.to(dtype), out0.to(dtype), group.members, group.row_index, shared
+        return cls.add_delta(
+            result, x.to(dtype), out0.to(dtype), group.members, group.row_index, shared
         )
 
     def _groups(self, state: AdapterState) -> list[_Group]:

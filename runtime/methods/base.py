@@ -148,6 +148,20 @@ class AdapterWeights(nn.Module):
         return cls.reference_delta(x, out0, members, row_index, shared)
 
     @classmethod
+    def add_delta(
+        cls,
+        result: torch.Tensor,
+        x: torch.Tensor,
+        out0: torch.Tensor,
+        members: Sequence[AdapterWeights],
+        row_index: torch.Tensor | None,
+        shared: nn.Module | None,
+    ) -> torch.Tensor:
+        """``result + batched_delta(...)``; methods override it to fuse the addition."""
+        delta = cls.batched_delta(x, out0, members, row_index, shared)
+        return result + delta.to(result.dtype)
+
+    @classmethod
     def reference_delta(
         cls,
         x: torch.Tensor,

@@ -79,10 +79,35 @@ class VeraWeights(AdapterWeights):
         row_index: torch.Tensor | None,
         shared: nn.Module | None,
     ) -> torch.Tensor:
-        if row_index is None:
-            m = members[0]
-            return m.vera_b * F.linear(m.vera_d * F.linear(m.dropout(x), shared.A), shared.B)
-        hidden = F.linear(x, shared.A)  # (B, ..., r): once for the whole batch
-        d_rows = gather_rows(stack_with_zero_row([m.vera_d for m in members]), row_index, x.dim())
-        b_rows = gather_rows(stack_with_zero_row([m.vera_b for m in members]), row_index, x.dim())
-        return b_rows * F.linear(hidden * d_rows, shared.B)
+        b_rows, inner = _scale_and_inner(x, members, row_index, shared)
+        return b_rows * inner
+
+    @classmethod
+    def add_delta(
+        cls,
+        result: torch.Tensor,
+        x: torch.Tensor,
+        out0: torch.Tensor,
+        members: Sequence[AdapterWeights],
+        row_index: torch.Tensor | None,
+        shared: nn.Module | None,
+    ) -> torch.Tensor:
+        """One fused ``result + b ⊙ inner`` instead of a product and a sum."""
+        b_rows, inner = _scale_and_inner(x, members, row_index, shared)
+        return torch.addcmul(result, b_rows.to(result.dtype), inner.to(result.dtype))
+
+
+def _scale_and_inner(
+    x: torch.Tensor,
+    members: Sequence[VeraWeights],
+    row_index: torch.Tensor | None,
+    shared: nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b per row, B · (d ⊙ A x)): the delta is their product."""
+    if row_index is None:
+        m = members[0]
+        return m.vera_b, F.linear(m.vera_d * F.linear(m.dropout(x), shared.A), shared.B)
+    hidden = F.linear(x, shared.A)  # (B, ..., r): once for the whole batch
+    d_rows = gather_rows(stack_with_zero_row([m.vera_d for m in members]), row_index, x.dim())
+    b_rows = gather_rows(stack_with_zero_row([m.vera_b for m in members]), row_index, x.dim())
+    return b_rows, F.linear(hidden * d_rows, shared.B)
