@@ -185,6 +185,33 @@ class AdapterWeights(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
+class ScaledOutputWeights(AdapterWeights):
+    """Methods whose delta is an output scale times an inner term, ``b ⊙ inner`` (VeRA, SvdA):
+    subclasses give both factors and the sum into the layer output is one fused ``addcmul``."""
+
+    @classmethod
+    def scale_and_inner(
+        cls,
+        x: torch.Tensor,
+        out0: torch.Tensor,
+        members: Sequence[AdapterWeights],
+        row_index: torch.Tensor | None,
+        shared: nn.Module | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b per row, broadcastable over the output; the inner term (B, ..., d1))."""
+        raise NotImplementedError
+
+    @classmethod
+    def batched_delta(cls, x, out0, members, row_index, shared) -> torch.Tensor:
+        scale, inner = cls.scale_and_inner(x, out0, members, row_index, shared)
+        return scale * inner
+
+    @classmethod
+    def add_delta(cls, result, x, out0, members, row_index, shared) -> torch.Tensor:
+        scale, inner = cls.scale_and_inner(x, out0, members, row_index, shared)
+        return torch.addcmul(result, scale.to(result.dtype), inner.to(result.dtype))
+
+
 def stack_with_zero_row(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack per-member vectors (n, k) and append a zero row, so that index -1 selects zeros."""
     stacked = torch.stack(list(vectors))

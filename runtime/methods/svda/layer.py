@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import AdapterWeights, TargetInfo, gather_rows, stack_with_zero_row
+from ..base import ScaledOutputWeights, TargetInfo, gather_rows, stack_with_zero_row
 from .config import SvdaConfig
 
 
@@ -38,7 +38,7 @@ class SvdBasisBuffers(nn.Module):
         self.register_buffer("V", v, persistent=False)  # (d2, m)
 
 
-class SvdaWeights(AdapterWeights):
+class SvdaWeights(ScaledOutputWeights):
     method = "svda"
 
     def __init__(self, config: SvdaConfig, target: TargetInfo, shared: nn.Module | None):
@@ -76,53 +76,28 @@ class SvdaWeights(AdapterWeights):
         return self.svda_b[:, None] * ((u * s_full) @ v.T)  # (d1, d2), the plain formula
 
     @classmethod
-    def batched_delta(
+    def scale_and_inner(
         cls,
         x: torch.Tensor,
         out0: torch.Tensor,
-        members: Sequence[AdapterWeights],
+        members: Sequence[SvdaWeights],
         row_index: torch.Tensor | None,
-        shared: nn.Module | None,
-    ) -> torch.Tensor:
-        b_rows, inner = _scale_and_inner(x, out0, members, row_index, shared)
-        return b_rows * inner
-
-    @classmethod
-    def add_delta(
-        cls,
-        result: torch.Tensor,
-        x: torch.Tensor,
-        out0: torch.Tensor,
-        members: Sequence[AdapterWeights],
-        row_index: torch.Tensor | None,
-        shared: nn.Module | None,
-    ) -> torch.Tensor:
-        """One fused ``result + b ⊙ inner`` instead of a product and a sum."""
-        b_rows, inner = _scale_and_inner(x, out0, members, row_index, shared)
-        return torch.addcmul(result, b_rows.to(result.dtype), inner.to(result.dtype))
-
-
-def _scale_and_inner(
-    x: torch.Tensor,
-    out0: torch.Tensor,
-    members: Sequence[SvdaWeights],
-    row_index: torch.Tensor | None,
-    shared: nn.Module,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b per row, W0 x + U (δ ⊙ Vᵀ x)): the delta is their product. With δ = 0 the adapter
-    costs one fused kernel on the base output."""
-    if row_index is None:
-        members = members[:1]
-    k = max(m.k for m in members)
-    deltas = [F.pad(m.delta(shared), (0, k - m.k)) for m in members]  # each (k,)
-    cols = _active_columns(deltas, k, needs_grad=any(m.svda_s.requires_grad for m in members))
-    b_rows = _per_row([m.svda_b for m in members], row_index, x.dim())
-    inner = out0
-    if cols is not None:
-        delta_rows = _per_row(deltas, row_index, x.dim())
-        projected = F.linear(x, shared.V[:, cols].T)  # (B, ..., |cols|): once per batch
-        inner = out0 + F.linear(projected * delta_rows[..., cols], shared.U[:, cols])
-    return b_rows, inner
+        shared: nn.Module,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b per row, W0 x + U (δ ⊙ Vᵀ x)): the delta is their product. With δ = 0 the adapter
+        costs one fused kernel on the base output."""
+        if row_index is None:
+            members = members[:1]
+        k = max(m.k for m in members)
+        deltas = [F.pad(m.delta(shared), (0, k - m.k)) for m in members]  # each (k,)
+        cols = _active_columns(deltas, k, needs_grad=any(m.svda_s.requires_grad for m in members))
+        b_rows = _per_row([m.svda_b for m in members], row_index, x.dim())
+        inner = out0
+        if cols is not None:
+            delta_rows = _per_row(deltas, row_index, x.dim())
+            projected = F.linear(x, shared.V[:, cols].T)  # (B, ..., |cols|): once per batch
+            inner = out0 + F.linear(projected * delta_rows[..., cols], shared.U[:, cols])
+        return b_rows, inner
 
 
 def _per_row(

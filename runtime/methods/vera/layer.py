@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...regeneration.seeded import vera_projections
-from ..base import AdapterWeights, TargetInfo, gather_rows, stack_with_zero_row
+from ..base import ScaledOutputWeights, TargetInfo, gather_rows, stack_with_zero_row
 from .config import VeraConfig
 
 
@@ -32,7 +32,7 @@ def _max_dims(targets: Sequence[TargetInfo]) -> tuple[int, int]:
     return max(t.d_out for t in targets), max(t.d_in for t in targets)
 
 
-class VeraWeights(AdapterWeights):
+class VeraWeights(ScaledOutputWeights):
     method = "vera"
 
     def __init__(self, config: VeraConfig, target: TargetInfo, shared: nn.Module | None):
@@ -71,43 +71,19 @@ class VeraWeights(AdapterWeights):
         return self.vera_b[:, None] * (b * self.vera_d[None, :]) @ a  # (d1, d2)
 
     @classmethod
-    def batched_delta(
+    def scale_and_inner(
         cls,
         x: torch.Tensor,
         out0: torch.Tensor,
-        members: Sequence[AdapterWeights],
+        members: Sequence[VeraWeights],
         row_index: torch.Tensor | None,
-        shared: nn.Module | None,
-    ) -> torch.Tensor:
-        b_rows, inner = _scale_and_inner(x, members, row_index, shared)
-        return b_rows * inner
-
-    @classmethod
-    def add_delta(
-        cls,
-        result: torch.Tensor,
-        x: torch.Tensor,
-        out0: torch.Tensor,
-        members: Sequence[AdapterWeights],
-        row_index: torch.Tensor | None,
-        shared: nn.Module | None,
-    ) -> torch.Tensor:
-        """One fused ``result + b ⊙ inner`` instead of a product and a sum."""
-        b_rows, inner = _scale_and_inner(x, members, row_index, shared)
-        return torch.addcmul(result, b_rows.to(result.dtype), inner.to(result.dtype))
-
-
-def _scale_and_inner(
-    x: torch.Tensor,
-    members: Sequence[VeraWeights],
-    row_index: torch.Tensor | None,
-    shared: nn.Module,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b per row, B · (d ⊙ A x)): the delta is their product."""
-    if row_index is None:
-        m = members[0]
-        return m.vera_b, F.linear(m.vera_d * F.linear(m.dropout(x), shared.A), shared.B)
-    hidden = F.linear(x, shared.A)  # (B, ..., r): once for the whole batch
-    d_rows = gather_rows(stack_with_zero_row([m.vera_d for m in members]), row_index, x.dim())
-    b_rows = gather_rows(stack_with_zero_row([m.vera_b for m in members]), row_index, x.dim())
-    return b_rows, F.linear(hidden * d_rows, shared.B)
+        shared: nn.Module,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b per row, B · (d ⊙ A x)): the delta is their product."""
+        if row_index is None:
+            m = members[0]
+            return m.vera_b, F.linear(m.vera_d * F.linear(m.dropout(x), shared.A), shared.B)
+        hidden = F.linear(x, shared.A)  # (B, ..., r): once for the whole batch
+        d_rows = gather_rows(stack_with_zero_row([m.vera_d for m in members]), row_index, x.dim())
+        b_rows = gather_rows(stack_with_zero_row([m.vera_b for m in members]), row_index, x.dim())
+        return b_rows, F.linear(hidden * d_rows, shared.B)
