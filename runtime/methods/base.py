@@ -112,6 +112,14 @@ class AdapterWeights(nn.Module):
         return cls.method
 
     @classmethod
+    def regeneration_recipe(
+        cls, config: AdapterConfig, targets: Sequence[TargetInfo]
+    ) -> list[dict[str, Any]]:
+        """How each frozen tensor is regenerated (for the adapter file); [] if there are none.
+        Entries: ``{"tensor": ..., "source": "seed" | "base-svd", "detail": {...}}``."""
+        return []
+
+    @classmethod
     def build_shared(
         cls, config: AdapterConfig, target: TargetInfo, targets: Sequence[TargetInfo], ctx: Any
     ) -> nn.Module | None:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...regeneration.svd_basis import SVD_ALGORITHM
 from ..base import ScaledOutputWeights, TargetInfo, gather_rows, stack_with_zero_row
 from .config import SvdaConfig
 
@@ -55,6 +56,13 @@ class SvdaWeights(ScaledOutputWeights):
     @classmethod
     def shared_key(cls, config: SvdaConfig, targets: Sequence[TargetInfo]) -> str:
         return "svd"
+
+    @classmethod
+    def regeneration_recipe(
+        cls, config: SvdaConfig, targets: Sequence[TargetInfo]
+    ) -> list[dict[str, Any]]:
+        detail = {"algorithm": SVD_ALGORITHM, "of": "each target's base weight W0 (d_out, d_in)"}
+        return [{"tensor": "U,sigma,V", "source": "base-svd", "detail": detail}]
 
     @classmethod
     def build_shared(

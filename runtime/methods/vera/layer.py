@@ -50,6 +50,22 @@ class VeraWeights(ScaledOutputWeights):
         return f"vera:{config.projection_seed}:{config.r}:{d_out}x{d_in}"
 
     @classmethod
+    def regeneration_recipe(
+        cls, config: VeraConfig, targets: Sequence[TargetInfo]
+    ) -> list[dict[str, Any]]:
+        d_out, d_in = _max_dims(targets)
+        detail = {
+            "generator": "torch.Generator(device='cpu').manual_seed(seed), float32 on the CPU",
+            "draws": "A (r, d_in_max) then B (d_out_max, r), U(-b, b), b = sqrt(6 / fan_in)",
+            "seed": config.projection_seed,
+            "r": config.r,
+            "d_out_max": d_out,
+            "d_in_max": d_in,
+            "slicing": "A[:, :d_in], B[:d_out, :] per layer",
+        }
+        return [{"tensor": "vera_A,vera_B", "source": "seed", "detail": detail}]
+
+    @classmethod
     def build_shared(
         cls, config: VeraConfig, target: TargetInfo, targets: Sequence[TargetInfo], ctx: Any
     ) -> nn.Module:

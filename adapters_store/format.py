@@ -1,0 +1,309 @@
+"""The compact ``.svda`` adapter file: write, read, and load with every check (SPEC.md §4).
+
+A ``.svda`` file is a safetensors file holding only trainable tensors, one flat tensor per kind
+(e.g. ``svda_s``, ``svda_b``: every layer's tensor of that kind concatenated in layer-table
+order), plus the metadata of :mod:`.header`. Frozen matrices are never written: the recipe says
+how to regenerate them, and a probe of a few sketches ``q_jᵀ ΔW p_j`` per layer (fixed random
+``p_j, q_j``) checks at load time that the regenerated ΔW is the exporter's within tolerance.
+
+Loading checks, in this order, each with its own error (:mod:`.errors`): readable safetensors;
+metadata valid and of a known format version; tensors well-formed (names, dtype, finite); payload
+hash; shapes match the base's layers; base fingerprint; regeneration probe. Nothing is executed
+from the file (no pickle); the header is parsed with bounded sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from svda.runtime import AdapterModel, config_from_dict, get_method
+from svda.runtime.errors import SvdaError
+
+from .errors import (
+    BaseMismatch,
+    LayerShapeMismatch,
+    PayloadError,
+    PayloadHashMismatch,
+    UnreadableAdapterFile,
+)
+from .header import FORMAT_VERSION, AdapterHeader, LayerEntry, ProbeSpec, Recipe
+from .probe import layer_sketches
+
+MAX_HEADER_BYTES = 16 << 20
+PAYLOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROBE = ProbeSpec(seed=0x5DA, count=3, tolerance=5e-5)
+
+
+@dataclass
+class AdapterFile:
+    """A parsed (not yet attached) adapter: header and flat payload tensors."""
+
+    header: AdapterHeader
+    tensors: dict[str, torch.Tensor]
+    size: int
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+
+# ----- writing ----------------------------------------------------------------------------------
+def export_adapter(
+    model: AdapterModel,
+    adapter: str,
+    *,
+    name: str | None = None,
+    dtype: str = "float32",
+    tags: list[str] | tuple[str, ...] = (),
+    user_metadata: dict[str, str] | None = None,
+) -> bytes:
+    """The ``.svda`` bytes of adapter ``adapter`` attached to ``model``."""
+    if dtype not in PAYLOAD_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(PAYLOAD_DTYPES)}, got {dtype!r}")
+    config = model.configs.get(adapter)
+    if config is None:
+        raise SvdaError(
+            f"no adapter named {adapter!r} is attached; attached: {model.adapter_names()}"
+        )
+    layers = [model.layers[n] for n in model.layers if adapter in model.layers[n].adapters]
+    flat = _flatten_params(model, adapter, layers, PAYLOAD_DTYPES[dtype])
+    entries = _layer_entries(model, adapter, layers, flat, PAYLOAD_DTYPES[dtype])
+    header = AdapterHeader(
+        format_version=FORMAT_VERSION,
+        name=name or adapter,
+        method=config.method,
+        config=config.to_dict(),
+        base_fingerprint=model.fingerprint.whole,
+        payload_sha256=payload_sha256(flat),
+        payload_dtype=dtype,
+        recipe=[Recipe(**r) for r in _recipe(model, adapter)],
+        probe=PROBE,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        tags=list(tags),
+        user_metadata=dict(user_metadata or {}),
+        layers=entries,
+    )
+    return save_safetensors(flat, metadata=header.to_safetensors_metadata())
+
+
+def save_adapter_file(data: bytes, path: str | os.PathLike) -> Path:
+    """Write ``data`` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _flatten_params(model, adapter, layers, dtype) -> dict[str, torch.Tensor]:
+    kinds: dict[str, list[torch.Tensor]] = {}
+    for layer in layers:
+        for kind, p in layer.adapters[adapter].named_parameters():
+            kinds.setdefault(kind, []).append(p.detach().to("cpu", torch.float32).flatten())
+    return {kind: torch.cat(parts).to(dtype).contiguous() for kind, parts in kinds.items()}
+
+
+def _layer_entries(model, adapter, layers, flat, dtype) -> list[LayerEntry]:
+    """Layer table; probes are computed from the tensors as stored (rounded to ``dtype``)."""
+    entries = []
+    with _params_as_stored(model, adapter, dtype):
+        for index, layer in enumerate(layers):
+            d_out, d_in = layer.weight_out_in().shape
+            sketches, norm = layer_sketches(
+                layer, adapter, PROBE.seed, index, PROBE.count, exact_norm=True
+            )
+            entries.append(
+                LayerEntry(
+                    name=layer.layer_name,
+                    d_out=d_out,
+                    d_in=d_in,
+                    fingerprint=model.fingerprint.layers[layer.layer_name][:16],
+                    params={
+                        k: list(p.shape) for k, p in layer.adapters[adapter].named_parameters()
+                    },
+                    probe=sketches,
+                    delta_norm=norm,
+                )
+            )
+    return entries
+
+
+class _params_as_stored:
+    """Temporarily round an adapter's tensors to the payload dtype (restored exactly after)."""
+
+    def __init__(self, model: AdapterModel, adapter: str, dtype: torch.dtype):
+        self.params = model.adapter_parameters(adapter)
+        self.dtype = dtype
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def __enter__(self):
+        with torch.no_grad():
+            for key, p in self.params.items():
+                self.saved[key] = p.detach().clone()
+                p.copy_(p.to(self.dtype).to(p.dtype))
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for key, p in self.params.items():
+                p.copy_(self.saved[key])
+
+
+def _recipe(model: AdapterModel, adapter: str) -> list[dict]:
+    config = model.configs[adapter]
+    spec = get_method(config.method)
+    targets = [model._target_info(n) for n in model.layers if adapter in model.layers[n].adapters]
+    return spec.weights_cls.regeneration_recipe(config, targets)
+
+
+def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over ``name, dtype, shape, bytes`` of every tensor, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ----- reading ----------------------------------------------------------------------------------
+def read_adapter(source: bytes | str | os.PathLike) -> AdapterFile:
+    """Parse a ``.svda`` file or bytes: checks readable, metadata, payload and its hash."""
+    data = _read_bytes(source)
+    metadata = _parse_safetensors_header(data)
+    header = AdapterHeader.from_safetensors_metadata(metadata)
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise UnreadableAdapterFile(f"the tensor data is unreadable: {exc}") from exc
+    _check_payload(header, tensors)
+    actual = payload_sha256(tensors)
+    if actual != header.payload_sha256:
+        raise PayloadHashMismatch(
+            f"payload hash {actual[:16]}… does not match the header's {header.payload_sha256[:16]}…: "
+            "the file was modified or damaged"
+        )
+    return AdapterFile(header=header, tensors=tensors, size=len(data))
+
+
+def _read_bytes(source: bytes | str | os.PathLike) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    try:
+        return Path(source).read_bytes()
+    except OSError as exc:
+        raise UnreadableAdapterFile(
+            f"cannot read adapter file {source}: {exc.strerror or exc}"
+        ) from exc
+
+
+def _parse_safetensors_header(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, with bounded, validated sizes."""
+    if len(data) < 8:
+        raise UnreadableAdapterFile(
+            f"not a safetensors file: {len(data)} bytes is shorter than its length field"
+        )
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > MAX_HEADER_BYTES:
+        raise UnreadableAdapterFile(
+            f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit"
+        )
+    if length > len(data) - 8:
+        raise UnreadableAdapterFile(
+            f"header length {length} runs past the end of the {len(data)}-byte file"
+        )
+    try:
+        header = json.loads(data[8 : 8 + length].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnreadableAdapterFile(f"the safetensors header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise UnreadableAdapterFile("the safetensors header is not a JSON object")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UnreadableAdapterFile("the safetensors __metadata__ is not a string map")
+    return metadata
+
+
+def _check_payload(header: AdapterHeader, tensors: dict[str, torch.Tensor]) -> None:
+    expected: dict[str, int] = {}
+    for entry in header.layers:
+        for kind, shape in entry.params.items():
+            expected[kind] = expected.get(kind, 0) + int(torch.Size(shape).numel())
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise PayloadError(
+            f"payload tensors do not match the layer table: missing {missing}, unexpected {extra}"
+        )
+    dtype = PAYLOAD_DTYPES[header.payload_dtype]
+    for kind, t in tensors.items():
+        if t.dtype != dtype or t.dim() != 1:
+            raise PayloadError(
+                f"tensor {kind} is {t.dtype} with shape {tuple(t.shape)}; expected 1-D {dtype}"
+            )
+        if t.numel() != expected[kind]:
+            raise PayloadError(
+                f"tensor {kind} has {t.numel()} values; the layer table needs {expected[kind]}"
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise PayloadError(f"tensor {kind} holds NaN or Inf values")
+
+
+def split_payload(adapter_file: AdapterFile) -> dict[str, torch.Tensor]:
+    """Flat tensors back to ``"<layer>.<kind>" -> tensor`` in each layer's shape."""
+    offsets = dict.fromkeys(adapter_file.tensors, 0)
+    out = {}
+    for entry in adapter_file.header.layers:
+        for kind, shape in entry.params.items():
+            n = int(torch.Size(shape).numel())
+            start = offsets[kind]
+            out[f"{entry.name}.{kind}"] = adapter_file.tensors[kind][start : start + n].view(shape)
+            offsets[kind] = start + n
+    return out
+
+
+# ----- base checks ------------------------------------------------------------------------------
+def check_shapes(adapter_file: AdapterFile, model: AdapterModel) -> None:
+    known = model.fingerprint.layers
+    for entry in adapter_file.header.layers:
+        if entry.name not in known:
+            raise LayerShapeMismatch(
+                f"layer {entry.name} of the adapter does not exist in this base model"
+            )
+        d_out, d_in = model._target_info(entry.name).weight.shape
+        if (d_out, d_in) != (entry.d_out, entry.d_in):
+            raise LayerShapeMismatch(
+                f"layer {entry.name} is {d_out}×{d_in} in this base, {entry.d_out}×{entry.d_in} in the adapter"
+            )
+
+
+def check_base(adapter_file: AdapterFile, model: AdapterModel) -> None:
+    header = adapter_file.header
+    if header.base_fingerprint != model.fingerprint.whole:
+        raise BaseMismatch(
+            f"adapter {header.name!r} was trained on base {header.base_fingerprint[:16]}…, "
+            f"but this base is {model.fingerprint.whole[:16]}…; load it onto the base it was made for"
+        )
+    for entry in header.layers:
+        if not model.fingerprint.layers[entry.name].startswith(entry.fingerprint):
+            raise BaseMismatch(f"layer {entry.name} of this base differs from the adapter's base")
+
+
+def adapter_config(adapter_file: AdapterFile):
+    return config_from_dict(adapter_file.header.config)
