@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, __version__
+from transformers.models.auto import modeling_auto as auto
 
 from .errors import BaseModelError
 from .paths import svda_home
@@ -74,28 +76,21 @@ def load_base_model(
 
 
 def _check_folder(folder: Path) -> Path:
+    hint = "pass a Hugging Face model folder (config.json + *.safetensors), or no path"
     if not folder.exists():
-        raise BaseModelError(
-            f"base model folder {folder} does not exist; pass a local Hugging Face model folder "
-            "(config.json + *.safetensors), or no path for the embedded SmolLM2-135M"
-        )
+        raise BaseModelError(f"base model folder {folder} does not exist; {hint}")
     if not folder.is_dir():
-        raise BaseModelError(
-            f"base model path {folder} is not a folder; pass the folder holding config.json "
-            "and the *.safetensors weights"
-        )
+        raise BaseModelError(f"base model path {folder} is not a folder; {hint}")
     if not (folder / "config.json").is_file():
         raise BaseModelError(
-            f"{folder} has no config.json: it is not a Hugging Face model folder; save one "
-            "with model.save_pretrained(folder)"
+            f"{folder} has no config.json, so it is not a Hugging Face model folder; {hint} "
+            "(write one with model.save_pretrained(folder))"
         )
     return folder
 
 
 def _read_config(folder: Path) -> Any:
     """The folder's config, after checking that it describes a decoder-only causal LM."""
-    from transformers import AutoConfig
-
     path = folder / "config.json"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -103,44 +98,36 @@ def _read_config(folder: Path) -> Any:
         raise BaseModelError(
             f"cannot read {path}: {exc}; re-download or re-save the model"
         ) from exc
-    if not isinstance(raw, dict) or not raw.get("model_type"):
-        raise BaseModelError(f"cannot read {path}: it has no model_type; re-save the model")
-    _check_architecture(folder, raw["model_type"])
+    if not isinstance(raw, dict):
+        raise BaseModelError(f"cannot read {path}: it is not a JSON object; re-save the model")
+    _check_architecture(folder, raw)
     try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # transformers raises many types for a bad config
         raise BaseModelError(f"cannot read {path}: {exc}; re-save the model") from exc
-    if getattr(config, "is_encoder_decoder", False) or (
-        raw["model_type"] in _encoder_families() and not getattr(config, "is_decoder", False)
-    ):
-        _check_architecture(folder, raw["model_type"], encoder=True)
-    return config
 
 
-def _encoder_families() -> set[str]:
-    """Model types that are encoders or encoder-decoders unless a checkpoint says is_decoder."""
-    from transformers.models.auto import modeling_auto as auto
-
-    return set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) | set(
+def _check_architecture(folder: Path, raw: dict[str, Any]) -> None:
+    """Refuse model types AutoModelForCausalLM does not know, and encoder(-decoder) checkpoints
+    of families it knows only as decoders (a BERT config without ``is_decoder``, BART, T5...)."""
+    model_type = raw.get("model_type")
+    encoder_like = set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) | set(
         auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    )
+    is_encoder = raw.get("is_encoder_decoder") or (
+        model_type in encoder_like and not raw.get("is_decoder")
+    )
+    if model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not is_encoder:
+        return
+    kind = "an encoder (or encoder-decoder) checkpoint" if is_encoder else "an architecture"
+    raise BaseModelError(
+        f"{folder}: model_type {model_type!r} is {kind} that is not a causal language model "
+        "transformers' AutoModelForCausalLM can use as a base; use a decoder-only model such as "
+        "Llama, Qwen, GPT-2 or SmolLM"
     )
 
 
-def _check_architecture(folder: Path, model_type: str, encoder: bool = False) -> None:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if encoder or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        kind = "an encoder (or encoder-decoder) checkpoint" if encoder else "an architecture"
-        raise BaseModelError(
-            f"{folder}: {model_type!r} is {kind} that is not a causal language model "
-            "transformers' AutoModelForCausalLM can use as a base; use a decoder-only model "
-            "such as Llama, Qwen, GPT-2 or SmolLM"
-        )
-
-
 def _load_model(folder: Path, dtype: torch.dtype) -> Any:
-    from transformers import AutoModelForCausalLM
-
     config = _read_config(folder)
     try:
         return AutoModelForCausalLM.from_pretrained(
@@ -154,8 +141,6 @@ def _load_model(folder: Path, dtype: torch.dtype) -> Any:
 
 
 def _load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
     if not any((folder / f).exists() for f in TOKENIZER_FILES):
         return None
     try:
@@ -168,7 +153,7 @@ def _load_tokenizer(folder: Path) -> Any:
 
 
 def _cache_hint(folder: Path) -> str:
-    inside = (svda_home() / "models") in folder.resolve().parents
+    inside = (svda_home() / "models").resolve() in folder.resolve().parents
     return f"; or delete {folder} so svda converts it again" if inside else ""
 
 
@@ -204,18 +189,21 @@ def default_model_path() -> Path:
     gguf = default_gguf_path()
     key = gguf_key(gguf)
     folder = svda_home() / "models" / f"{DEFAULT_NAME}-{key}"
-    if not (folder / MARKER).is_file():
-        try:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise BaseModelError(
-                f"cannot create {folder.parent}: {exc}; set SVDA_HOME to a writable folder"
-            ) from exc
+    if (folder / MARKER).is_file():
+        return folder
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
         with _conversion_lock(folder) as locked:
             if not (folder / MARKER).is_file():  # another process may have finished meanwhile
-                if locked:  # no other conversion is writing: clear what killed ones left
-                    _remove_leftovers(folder)
+                if locked:  # no other conversion is running: clear what killed ones left
+                    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):
+                        shutil.rmtree(stale, ignore_errors=True)
                 convert_gguf(gguf, folder, key)
+    except OSError as exc:
+        raise BaseModelError(
+            f"cannot write the converted default model into {folder.parent}: {exc}; free some "
+            "disk space (it needs about 550 MB) or set SVDA_HOME to a writable folder"
+        ) from exc
     return folder
 
 
@@ -225,20 +213,15 @@ def _conversion_lock(folder: Path) -> Iterator[bool]:
     (then concurrent conversions may both run, and the rename race is tolerated)."""
     with open(folder.parent / f".{folder.name}.lock", "a+b") as fh:
         try:
-            if fcntl is None:
-                raise OSError("fcntl.flock is not available")
             fcntl.flock(fh, fcntl.LOCK_EX)
             locked = True
-        except OSError as exc:  # e.g. a file system without locks
-            log.debug("no lock for %s (%s); converting without one", folder, exc)
+        except (AttributeError, OSError):  # no fcntl (Windows), or a file system without locks
             locked = False
         yield locked  # closing the file releases the lock
 
 
 def _dequantise(gguf: Path) -> tuple[Any, Any]:
     """Model (float32, dequantised) and tokenizer read from ``gguf`` by transformers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -253,8 +236,6 @@ def _dequantise(gguf: Path) -> tuple[Any, Any]:
 
 def convert_gguf(gguf: Path, folder: Path, key: str) -> None:
     """Dequantise ``gguf`` with transformers and save it as a safetensors folder at ``folder``."""
-    from transformers import AutoModelForCausalLM, __version__
-
     log.warning("converting %s to safetensors once (about 20 s) into %s", gguf.name, folder)
     loaded, tokenizer = _dequantise(gguf)
     config = loaded.config  # save_pretrained refuses a GGUF-"quantised" model: use a fresh one
@@ -272,19 +253,8 @@ def convert_gguf(gguf: Path, folder: Path, key: str) -> None:
         marker = {"source": gguf.name, "key": key, "transformers": __version__}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
         _publish(tmp, folder)
-    except OSError as exc:
-        raise BaseModelError(
-            f"cannot write the converted model to {folder.parent}: {exc}; free some disk space "
-            "(it needs about 550 MB) or set SVDA_HOME to another folder"
-        ) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_leftovers(folder: Path) -> None:
-    """Remove the temporary folders of killed conversions (only with the lock held)."""
-    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _publish(tmp: Path, folder: Path) -> None:
