@@ -93,6 +93,7 @@ def export_adapter(
         payload_dtype=dtype,
         recipe=[Recipe(**r) for r in _recipe(model, adapter)],
         probe=PROBE,
+        frozen_sha256=frozen_sha256(model, adapter),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         tags=list(tags),
         user_metadata=dict(user_metadata or {}),
@@ -171,6 +172,15 @@ def _recipe(model: AdapterModel, adapter: str) -> list[dict]:
     spec = get_method(config.method)
     targets = [model._target_info(n) for n in model.layers if adapter in model.layers[n].adapters]
     return spec.weights_cls.regeneration_recipe(config, targets)
+
+
+def frozen_sha256(model: AdapterModel, adapter: str) -> str:
+    """Identity of the frozen tensors ``adapter`` uses on ``model`` ('' if one is unknown)."""
+    layers = [model.layers[n] for n in model.layers if adapter in model.layers[n].adapters]
+    identities = [f"{layer.layer_name}={layer.frozen_identity(adapter)}" for layer in layers]
+    if any(i.endswith("=") for i in identities):
+        return ""
+    return hashlib.sha256("\n".join(identities).encode()).hexdigest()
 
 
 def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:

@@ -4,8 +4,10 @@ The safetensors header carries three string entries:
 
 * ``svda.format``: ``"svda-adapter"``;
 * ``svda.header``: readable JSON of :class:`AdapterHeader` without its layer table;
-* ``svda.layers``: the layer table (names, shapes, per-layer fingerprints, probes), JSON
-  compressed with zlib and base64-encoded, so that a 210-layer adapter's header stays a few KiB.
+* ``svda.layers``: the layer table (names, shapes, per-layer fingerprint prefixes, tensor
+  shapes) as JSON columns, zlib-compressed and base64-encoded;
+* ``svda.probes``: per layer the probe sketches and ``‖ΔW‖_F``, little-endian float32, base64;
+  so that a 210-layer adapter's header stays under 10 KiB.
 """
 
 from __future__ import annotations
@@ -13,10 +15,18 @@ from __future__ import annotations
 import base64
 import json
 import re
+import struct
 import zlib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import AdapterMetadataError, UnsupportedFormatVersion
 
@@ -73,6 +83,11 @@ class AdapterHeader(BaseModel):
     payload_dtype: Literal["float32", "bfloat16", "float16"]
     recipe: list[Recipe]
     probe: ProbeSpec
+    frozen_sha256: str = Field(
+        default="",
+        pattern=r"^([0-9a-f]{64})?$",
+        description="identity of the exporter's frozen tensors ('' if unknown)",
+    )
     created: str
     tags: list[str] = Field(default_factory=list)
     user_metadata: dict[str, str] = Field(default_factory=dict)
@@ -85,16 +100,20 @@ class AdapterHeader(BaseModel):
             raise ValueError("must be 64 lowercase hex digits (a SHA-256)")
         return value
 
+    @model_validator(mode="after")
+    def _probes_fit(self) -> AdapterHeader:
+        if any(len(entry.probe) != self.probe.count for entry in self.layers):
+            raise ValueError(f"every layer needs {self.probe.count} probe values")
+        if not self.layers:
+            raise ValueError("the adapter adapts no layer")
+        return self
+
     def to_safetensors_metadata(self) -> dict[str, str]:
         head = self.model_dump(exclude={"layers"})
-        layers = [entry.model_dump() for entry in self.layers]
-        packed = base64.b64encode(
-            zlib.compress(json.dumps(layers, separators=(",", ":")).encode(), 9)
-        )
         return {
             "svda.format": FORMAT_NAME,
             "svda.header": json.dumps(head, separators=(",", ":"), ensure_ascii=False),
-            "svda.layers": packed.decode("ascii"),
+            **_pack_layers(self.layers, self.probe.count),
         }
 
     @classmethod
@@ -106,8 +125,8 @@ class AdapterHeader(BaseModel):
             )
         try:
             head = json.loads(metadata["svda.header"])
-            layers = _unpack_layers(metadata["svda.layers"])
-        except (KeyError, ValueError, zlib.error) as exc:
+            layers = _unpack_layers(metadata["svda.layers"], metadata["svda.probes"])
+        except (KeyError, ValueError, TypeError, zlib.error, struct.error) as exc:
             raise AdapterMetadataError(f"adapter metadata is unreadable: {exc}") from exc
         if not isinstance(head, dict):
             raise AdapterMetadataError("adapter metadata svda.header is not a JSON object")
@@ -123,7 +142,26 @@ class AdapterHeader(BaseModel):
             raise AdapterMetadataError(f"adapter metadata is invalid: {_first_error(exc)}") from exc
 
 
-def _unpack_layers(packed: str) -> Any:
+def _pack_layers(layers: list[LayerEntry], count: int) -> dict[str, str]:
+    """The layer table as compressed columns, and the probe floats as raw float32."""
+    table = {
+        "name": [e.name for e in layers],
+        "d_out": [e.d_out for e in layers],
+        "d_in": [e.d_in for e in layers],
+        "fingerprint": [e.fingerprint for e in layers],
+        "params": [e.params for e in layers],
+    }
+    text = json.dumps(table, separators=(",", ":")).encode()
+    floats = [x for e in layers for x in (*e.probe, e.delta_norm)]
+    if any(len(e.probe) != count for e in layers):
+        raise ValueError(f"every layer needs {count} probe values")
+    return {
+        "svda.layers": base64.b64encode(zlib.compress(text, 9)).decode("ascii"),
+        "svda.probes": base64.b64encode(struct.pack(f"<{len(floats)}f", *floats)).decode("ascii"),
+    }
+
+
+def _unpack_layers(packed: str, probes: str) -> list[dict[str, Any]]:
     raw = base64.b64decode(packed.encode("ascii"), validate=True)
     if len(raw) > MAX_LAYERS_FIELD:
         raise ValueError("layer table is too large")
@@ -131,7 +169,26 @@ def _unpack_layers(packed: str) -> Any:
     text = inflater.decompress(raw, 64 * MAX_LAYERS_FIELD)
     if inflater.unconsumed_tail:
         raise ValueError("layer table inflates beyond the limit")
-    return json.loads(text)
+    table = json.loads(text)
+    columns = ("name", "d_out", "d_in", "fingerprint", "params")
+    if not isinstance(table, dict) or any(not isinstance(table.get(c), list) for c in columns):
+        raise ValueError("layer table lacks its columns")
+    n = len(table["name"])
+    if any(len(table[c]) != n for c in columns):
+        raise ValueError("layer table columns differ in length")
+    blob = base64.b64decode(probes.encode("ascii"), validate=True)
+    floats = struct.unpack(f"<{len(blob) // 4}f", blob[: len(blob) // 4 * 4])
+    if n == 0 or len(blob) % 4 or len(floats) % n:
+        raise ValueError("probe values do not fit the layer table")
+    width = len(floats) // n  # count sketches + delta_norm per layer
+    return [
+        {
+            **{c: table[c][i] for c in columns},
+            "probe": list(floats[i * width : (i + 1) * width - 1]),
+            "delta_norm": floats[(i + 1) * width - 1],
+        }
+        for i in range(n)
+    ]
 
 
 def _first_error(exc: ValidationError) -> str:

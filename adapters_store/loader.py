@@ -19,6 +19,7 @@ from .format import (
     adapter_config,
     check_base,
     check_shapes,
+    frozen_sha256,
     read_adapter,
     split_payload,
 )
@@ -43,9 +44,12 @@ def load_adapter(
     name: str | None = None,
     *,
     verify: bool = True,
+    probe: str = "auto",
 ) -> AdapterHeader:
     """Check and attach an adapter file as ``name`` (default: the name in the file). On any
-    failure nothing stays attached."""
+    failure nothing stays attached. ``probe="auto"`` skips the regeneration probe when this
+    model's frozen tensors are bit-identical to the exporter's (then ΔW is identical by
+    construction); ``"always"`` runs it anyway; ``verify=False`` skips it."""
     adapter_file = source if isinstance(source, AdapterFile) else read_adapter(source)
     check_shapes(adapter_file, model)
     check_base(adapter_file, model)
@@ -57,7 +61,7 @@ def load_adapter(
     model.add_adapter(name, config)
     try:
         _load_tensors(adapter_file, model, name)
-        if verify:
+        if verify and not (probe == "auto" and frozen_identical(adapter_file, model, name)):
             check_probe(adapter_file, model, name)
     except BaseException:
         model.delete_adapter(name)
@@ -70,6 +74,11 @@ def _load_tensors(adapter_file: AdapterFile, model: AdapterModel, name: str) -> 
         model.load_adapter_state_dict(name, split_payload(adapter_file))
     except AdapterConfigError as exc:
         raise LayerShapeMismatch(f"the adapter's tensors do not fit this base: {exc}") from exc
+
+
+def frozen_identical(adapter_file: AdapterFile, model: AdapterModel, name: str) -> bool:
+    expected = adapter_file.header.frozen_sha256
+    return bool(expected) and frozen_sha256(model, name) == expected
 
 
 def check_probe(adapter_file: AdapterFile, model: AdapterModel, name: str) -> None:
@@ -127,7 +136,7 @@ def verify_adapter(
 
 def _attach_and_detach(adapter_file: AdapterFile, model: AdapterModel) -> None:
     name = "svda-verify"
-    load_adapter(adapter_file, model, name)
+    load_adapter(adapter_file, model, name, probe="always")
     model.delete_adapter(name)
 
 

@@ -93,6 +93,13 @@ class AdapterLinear(nn.Module):
             del self.shared[key]
         self._layout_version += 1
 
+    def frozen_identity(self, name: str) -> str:
+        """Bit-level identity of the frozen tensors adapter ``name`` uses here ("none" if it
+        uses none, "" if unknown)."""
+        shared = self.shared[self.adapter_keys[name]]
+        has_frozen = any(True for _ in shared.buffers())
+        return getattr(shared, "identity", "") if has_frozen else "none"
+
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """ΔW of adapter ``name`` on this layer as ``(d1, d2)`` (the reference formula)."""
         return self.adapters[name].get_delta_weight(self.shared[self.adapter_keys[name]])

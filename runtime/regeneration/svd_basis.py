@@ -10,13 +10,18 @@ The cache holds one safetensors file per layer, named by the layer fingerprint (
 weight bytes, :mod:`svda.runtime.fingerprint`), so a base's SVD runs once per machine and layers
 shared by two bases are computed once. A cached file is used only if its metadata names the same
 fingerprint, shape and algorithm and a random probe reproduces ``W0 p``; otherwise (truncated,
-corrupted, or another weight's file under the name) it is recomputed and rewritten.
+corrupted, or another weight's file under the name) it is recomputed and rewritten. Each file
+also records the SHA-256 of its tensors (computed when written), the basis' bit-level identity:
+adapter files carry the identity of the bases they were exported with, so a loader whose bases
+are bit-identical can skip the regeneration probe (see ``svda.adapters_store.loader``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SVD_ALGORITHM = "torch.linalg.svd/cpu/float64/thin/canonical-sign-max-abs-u/v1"
 PROBE_TOLERANCE = 1e-4
+HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -41,9 +47,19 @@ class SvdBasis:
     U: torch.Tensor
     sigma: torch.Tensor
     V: torch.Tensor
+    identity: str = ""  # SHA-256 of the tensors' bytes as cached ("" until known)
 
     def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> SvdBasis:
         return SvdBasis(*(t.to(dtype=dtype, device=device) for t in (self.U, self.sigma, self.V)))
+
+    def content_sha256(self) -> str:
+        """SHA-256 of U, sigma, V (dtype, shape and bytes), the basis' bit-level identity."""
+        h = hashlib.sha256()
+        for t in (self.U, self.sigma, self.V):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def reconstruct(self) -> torch.Tensor:
         return (self.U * self.sigma) @ self.V.T
@@ -88,6 +104,7 @@ class SvdBasisCache:
             return cached
         self.misses += 1
         basis = compute_svd_basis(weight_oi).to(self.dtype)
+        basis.identity = basis.content_sha256()
         self._store(basis, fingerprint, tuple(weight_oi.shape))
         return basis
 
@@ -98,8 +115,10 @@ class SvdBasisCache:
         reason = None
         try:
             tensors, meta = _read(path)
-            basis = SvdBasis(tensors["U"], tensors["sigma"], tensors["V"])
+            basis = SvdBasis(tensors["U"], tensors["sigma"], tensors["V"], meta.get("sha256", ""))
             reason = _validation_error(basis, meta, weight_oi, fingerprint, self.dtype)
+            if reason is None and not HEX64.fullmatch(basis.identity):
+                reason = "metadata has no content hash"
         except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
             reason = f"unreadable ({exc})"
         if reason is None:
@@ -113,6 +132,7 @@ class SvdBasisCache:
             "fingerprint": fingerprint,
             "shape": f"{shape[0]}x{shape[1]}",
             "algorithm": SVD_ALGORITHM,
+            "sha256": basis.identity,
         }
         tensors = {"U": basis.U.contiguous(), "sigma": basis.sigma, "V": basis.V.contiguous()}
         fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")

@@ -193,20 +193,39 @@ def test_wrong_architecture_is_a_shape_error(good, svd_cache):
         load_adapter(good, fresh(svd_cache, arch="gpt2"))
 
 
-def test_probe_detects_frozen_tensors_that_do_not_reproduce(good, svd_cache):
-    def skew(meta):
-        layers = read_adapter(good).header.layers
-        layers[0].probe[0] += 10 * max(layers[0].delta_norm, 1.0) * 1e-3
-        meta.update(
-            read_adapter(good)
-            .header.model_copy(update={"layers": layers})
-            .to_safetensors_metadata()
-        )
+def with_header(data: bytes, **update) -> bytes:
+    header = read_adapter(data).header.model_copy(update=update)
+    return rewrite(data, edit_meta=lambda meta: meta.update(header.to_safetensors_metadata()))
 
+
+def test_probe_detects_frozen_tensors_that_do_not_reproduce(good, svd_cache):
+    """An exporter whose frozen tensors were not bit-identical to ours (another machine), and
+    whose ΔW differs from what we regenerate: the probe refuses it."""
+    layers = read_adapter(good).header.layers
+    layers[0].probe[0] += 10 * max(layers[0].delta_norm, 1.0) * 1e-3
+    skewed = with_header(good, layers=layers, frozen_sha256="0" * 64)
     target = fresh(svd_cache)
     with pytest.raises(RegenerationMismatch, match="could not be reproduced"):
-        load_adapter(rewrite(good, edit_meta=skew), target)
+        load_adapter(skewed, target)
     assert target.adapter_names() == []
+
+
+@pytest.mark.parametrize(
+    ("identity", "probe", "probes_run"),
+    [("same", "auto", 0), ("same", "always", 1), ("other", "auto", 1), ("", "auto", 1)],
+)
+def test_probe_is_skipped_only_for_bit_identical_frozen_tensors(
+    identity, probe, probes_run, good, svd_cache, monkeypatch
+):
+    from svda.adapters_store import loader
+
+    calls = []
+    real = loader.check_probe
+    monkeypatch.setattr(loader, "check_probe", lambda *a: calls.append(1) or real(*a))
+    frozen = {"same": read_adapter(good).header.frozen_sha256, "other": "1" * 64, "": ""}[identity]
+    assert len(read_adapter(good).header.frozen_sha256) == 64
+    load_adapter(with_header(good, frozen_sha256=frozen), fresh(svd_cache), probe=probe)
+    assert len(calls) == probes_run
 
 
 def test_verify_reports_every_check(good, svd_cache):

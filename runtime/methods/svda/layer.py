@@ -17,6 +17,7 @@ where some adapter in the batch has δ ≠ 0 are touched (none after training th
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,8 +33,9 @@ from .config import SvdaConfig
 class SvdBasisBuffers(nn.Module):
     """The layer's frozen SVD basis as buffers in the layer's dtype and device."""
 
-    def __init__(self, u: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor):
+    def __init__(self, u: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, identity: str = ""):
         super().__init__()
+        self.identity = identity  # bit-level identity of the frozen tensors ("" if unknown)
         self.register_buffer("U", u, persistent=False)  # (d1, m)
         self.register_buffer("sigma", sigma, persistent=False)  # (m,)
         self.register_buffer("V", v, persistent=False)  # (d2, m)
@@ -70,9 +72,9 @@ class SvdaWeights(ScaledOutputWeights):
     ) -> nn.Module:
         basis = ctx.svd_cache.get(target.weight, target.fingerprint)
         dtype, device = target.dtype, target.weight.device
-        return SvdBasisBuffers(
-            *(t.to(dtype=dtype, device=device) for t in (basis.U, basis.sigma, basis.V))
-        )
+        identity = hashlib.sha256(f"{basis.identity}:{dtype}".encode()).hexdigest()
+        tensors = (t.to(dtype=dtype, device=device) for t in (basis.U, basis.sigma, basis.V))
+        return SvdBasisBuffers(*tensors, identity=identity if basis.identity else "")
 
     def delta(self, shared: nn.Module) -> torch.Tensor:
         """δ = s − σ on the trained components (k,)."""

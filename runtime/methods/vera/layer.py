@@ -7,6 +7,7 @@ shared projections are applied once to the whole batch; only d and b are gathere
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,8 +23,9 @@ from .config import VeraConfig
 class VeraProjections(nn.Module):
     """This layer's slices of the shared pair: A[:, :d2] and B[:d1, :] (frozen buffers)."""
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, identity: str = ""):
         super().__init__()
+        self.identity = identity  # bit-level identity: the seed recipe, slice and dtype
         self.register_buffer("A", a, persistent=False)  # (r, d2)
         self.register_buffer("B", b, persistent=False)  # (d1, r)
 
@@ -77,9 +79,12 @@ class VeraWeights(ScaledOutputWeights):
             )
         a, b = pair
         dtype, device = target.dtype, target.weight.device
+        # seeded generation is bit-identical everywhere (SPEC.md §4): the recipe is the identity
+        recipe = f"{key}:A[:, :{target.d_in}]:B[:{target.d_out}]:{dtype}"
         return VeraProjections(
             a[:, : target.d_in].to(device=device, dtype=dtype),
             b[: target.d_out, :].to(device=device, dtype=dtype),
+            identity=hashlib.sha256(recipe.encode()).hexdigest(),
         )
 
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
