@@ -1,0 +1,434 @@
+"""The adapter store: versions, dedup, filters, tenants, ids, gc, crashes and concurrent writers."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import types
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from svda.adapters_store.storage import InvalidObjectKey, LocalStorage
+from svda.adapters_store.store import (
+    AdapterNotFound,
+    AdapterStore,
+    CorruptObjectError,
+    InvalidAdapterId,
+    InvalidMetadata,
+    StoreError,
+    StorePermissionError,
+    default_store_root,
+    validate_id,
+)
+
+from . import store_workers
+from .store_workers import KILLED_EXIT, META
+
+WORKERS = Path(store_workers.__file__)
+
+
+@pytest.fixture
+def store(tmp_path) -> AdapterStore:
+    return AdapterStore(tmp_path / "store")
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def object_files(store: AdapterStore) -> set[str]:
+    return {p.name for p in (store.root / "objects").iterdir()}
+
+
+def assert_clean(store: AdapterStore) -> None:
+    """Every row's object is intact, and objects/ holds exactly the referenced objects."""
+    assert store.verify() == []
+    assert object_files(store) == {e.key for e in store.list()}
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+# -- publishing, versions, dedup ----------------------------------------------------------------
+
+
+def test_publish_get_and_read_round_trip(store):
+    entry = store.publish(b"adapter-1", "my-adapter", tags=["a", "b", "a"], name="Mine", **META)
+    assert (entry.id, entry.version, entry.tenant, entry.name) == ("my-adapter", 1, None, "Mine")
+    assert (entry.method, entry.base_fingerprint, entry.tags) == ("svda", "fp-test", ("a", "b"))
+    assert (entry.size, entry.sha256) == (9, sha(b"adapter-1"))
+    assert Path(entry.path) == store.root / "objects" / f"{sha(b'adapter-1')}.svda"
+    assert datetime.fromisoformat(entry.created.replace("Z", "+00:00")).utcoffset().seconds == 0
+    assert store.get("my-adapter") == entry
+    assert store.read_bytes(entry) == b"adapter-1"
+    assert entry.to_dict()["tags"] == ["a", "b"]
+    assert AdapterStore(store.root).get("my-adapter", 1) == entry  # reopened
+
+
+def test_publish_from_a_file_path(store, tmp_path):
+    data = random.Random(0).randbytes(3 << 20)  # several copy chunks
+    source = tmp_path / "adapter.svda"
+    source.write_bytes(data)
+    entry = store.publish(source, "from-file", **META)
+    assert (entry.size, entry.sha256) == (len(data), sha(data))
+    assert store.read_bytes(entry) == data
+    with pytest.raises(TypeError, match="Path"):
+        store.publish(str(source), "from-str", **META)
+
+
+def test_republishing_adds_versions_and_keeps_old_ones(store):
+    for k in range(1, 4):
+        assert store.publish(f"v{k}".encode(), "x", **META).version == k
+    assert store.get("x").version == 3
+    assert [store.read_bytes(store.get("x", k)) for k in (1, 2, 3)] == [b"v1", b"v2", b"v3"]
+    with pytest.raises(AdapterNotFound, match="no version 4; available versions: 1, 2, 3"):
+        store.get("x", 4)
+
+
+def test_version_numbers_are_not_reused_until_the_id_is_gone(store):
+    store.publish(b"one", "x", **META)
+    store.publish(b"two", "x", **META)
+    store.delete("x", 2)
+    assert store.publish(b"three", "x", **META).version == 3
+    assert [e.version for e in store.list(id="x")] == [1, 3]
+    assert [e.ref for e in store.delete("x")] == ["x@1", "x@3"]
+    with pytest.raises(AdapterNotFound):
+        store.get("x")
+    assert store.publish(b"again", "x", **META).version == 1
+
+
+def test_identical_bytes_share_one_object_until_the_last_reference_goes(store):
+    first = store.publish(b"same", "first", **META)
+    second = store.publish(b"same", "second", **META)
+    assert first.path == second.path and object_files(store) == {first.key}
+    store.delete("first")
+    assert store.read_bytes(store.get("second")) == b"same"
+    store.delete("second")
+    assert object_files(store) == set()
+    assert_clean(store)
+
+
+# -- listing and lookup -------------------------------------------------------------------------
+
+
+def test_list_filters(store):
+    store.publish(b"1", "a", tags=["chat"], method="svda", base_fingerprint="base-1")
+    store.publish(b"2", "a", tags=["code"], method="svda", base_fingerprint="base-1")
+    store.publish(b"3", "b", tags=["chat"], method="lora", base_fingerprint="base-2")
+    store.publish(b"4", "c", tenant="acme", method="vera", base_fingerprint="base-1")
+    refs = lambda **kw: [e.ref for e in store.list(**kw)]  # noqa: E731
+    assert refs() == ["a@1", "a@2", "b@1", "c@1"]
+    assert refs(base="base-1") == ["a@1", "a@2", "c@1"]
+    assert refs(method="lora") == ["b@1"]
+    assert refs(tag="chat") == ["a@1", "b@1"]
+    assert refs(base="base-1", tag="code") == ["a@2"]
+    assert refs(id="a", latest_only=True) == ["a@2"]
+    assert refs(latest_only=True) == ["a@2", "b@1", "c@1"]
+    assert refs(tenant="acme", include_shared=False) == ["c@1"]
+    assert refs(tenant="other") == ["a@1", "a@2", "b@1"]
+
+
+def test_missing_ids_raise_adapter_not_found(store):
+    with pytest.raises(AdapterNotFound, match="no adapter 'ghost'") as info:
+        store.get("ghost")
+    assert isinstance(info.value, KeyError) and isinstance(info.value, StoreError)
+    with pytest.raises(LookupError):
+        store.delete("ghost")
+    with pytest.raises(InvalidMetadata, match="version"):
+        store.get("ghost", 0)
+
+
+# -- ids, tenants, paths ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "../etc",
+        "a/b",
+        "a..b",
+        "..",
+        ".hidden",
+        "-x",
+        "_x",
+        "a b",
+        "a\n",
+        "a\\b",
+        "é",
+        "a" * 129,
+    ],
+)
+def test_invalid_ids_are_refused_everywhere(store, bad):
+    for call in (
+        lambda: store.publish(b"x", bad, **META),
+        lambda: store.get(bad),
+        lambda: store.delete(bad),
+    ):
+        with pytest.raises(InvalidAdapterId, match="invalid adapter id") as info:
+            call()
+        assert isinstance(info.value, ValueError)
+    assert object_files(store) == set()
+
+
+ID_LIKE = st.text(st.sampled_from("aZ09._-/\\ \n\x00é"), max_size=140)
+
+
+@given(ID_LIKE | st.text(max_size=140))
+@settings(max_examples=150, deadline=None)
+def test_accepted_ids_are_plain_names(text):
+    try:
+        validate_id(text)
+    except InvalidAdapterId:
+        return
+    assert "/" not in text and "\\" not in text and ".." not in text
+    assert text[0].isascii() and text[0].isalnum() and len(text) <= 128
+    assert Path(text).name == text and not Path(text).is_absolute()
+
+
+def test_storage_keys_cannot_escape_the_object_area(tmp_path):
+    storage = LocalStorage(tmp_path / "s")
+    for key in ("../x", "a/b", "..", "", "/abs"):
+        with pytest.raises(InvalidObjectKey):
+            storage.put_atomic(key, b"data")
+        with pytest.raises(InvalidObjectKey):
+            storage.exists(key)
+    assert list((tmp_path / "s" / "tmp").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_tenants_see_and_change_only_their_own_ids(store):
+    mine = store.publish(b"acme", "acme-adapter", tenant="acme", **META)
+    assert mine.tenant == "acme"
+    assert store.get("acme-adapter", tenant="acme") == mine
+    for call in (
+        lambda: store.get("acme-adapter", tenant="globex"),
+        lambda: store.delete("acme-adapter", tenant="globex"),
+        lambda: store.publish(b"hijack", "acme-adapter", tenant="globex", **META),
+        lambda: store.publish(b"admin", "acme-adapter", **META),  # admin writes shared only
+    ):
+        with pytest.raises(StorePermissionError) as info:
+            call()
+        assert isinstance(info.value, PermissionError)
+    assert store.list(tenant="globex") == []
+    assert store.publish(b"acme 2", "acme-adapter", tenant="acme", **META).version == 2
+    assert len(store.delete("acme-adapter", 1, tenant="acme")) == 1
+    assert [e.ref for e in store.delete("acme-adapter")] == ["acme-adapter@2"]  # admin
+
+
+def test_shared_namespace_is_readable_by_all_writable_by_admin_only(store):
+    shared = store.publish(b"public", "public-adapter", **META)
+    assert shared.tenant is None
+    assert store.get("public-adapter", tenant="acme") == shared
+    assert [e.ref for e in store.list(tenant="acme")] == ["public-adapter@1"]
+    with pytest.raises(StorePermissionError, match="shared namespace"):
+        store.publish(b"mine now", "public-adapter", tenant="acme", **META)
+    with pytest.raises(StorePermissionError, match="shared namespace"):
+        store.delete("public-adapter", tenant="acme")
+    assert store.publish(b"public 2", "public-adapter", **META).version == 2
+
+
+@pytest.mark.parametrize("bad", ["", "../acme", "a/b", "x" * 200])
+def test_invalid_tenants_are_refused(store, bad):
+    with pytest.raises(InvalidMetadata, match="tenant"):
+        store.publish(b"x", "x", tenant=bad, **META)
+    with pytest.raises(InvalidMetadata, match="tenant"):
+        store.list(tenant=bad)
+
+
+def test_invalid_metadata_is_refused_before_anything_is_written(store):
+    bad_calls = [
+        {"method": ""},
+        {"base_fingerprint": "x" * 300},
+        {"tags": "chat"},
+        {"tags": ["ok", ""]},
+        {"name": "line\nbreak"},
+    ]
+    for bad in bad_calls:
+        with pytest.raises(InvalidMetadata):
+            store.publish(b"x", "x", **{**META, **bad})
+    assert store.list() == [] and object_files(store) == set()
+
+
+# -- integrity, gc, default root ----------------------------------------------------------------
+
+
+def test_read_bytes_detects_corrupt_and_missing_objects(store):
+    entry = store.publish(b"precious", "p", **META)
+    Path(entry.path).write_bytes(b"tampered")
+    with pytest.raises(CorruptObjectError, match=r"corrupt.*publish it again"):
+        store.read_bytes(entry)
+    assert len(store.verify()) == 1
+    Path(entry.path).unlink()
+    with pytest.raises(AdapterNotFound, match="missing"):
+        store.read_bytes(entry)
+
+
+def test_republishing_repairs_a_truncated_object(store):
+    entry = store.publish(b"precious bytes", "p", **META)
+    Path(entry.path).write_bytes(b"prec")
+    store.publish(b"precious bytes", "p", **META)
+    assert store.read_bytes(entry) == b"precious bytes"
+
+
+def test_gc_removes_orphans_and_stale_temp_files_only(store):
+    kept = store.publish(b"kept", "kept", **META)
+    orphan = store.root / "objects" / f"{sha(b'orphan')}.svda"
+    orphan.write_bytes(b"orphan")
+    stale, fresh = store.root / "tmp" / "1-stale.part", store.root / "tmp" / "2-fresh.part"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"in flight")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+
+    report = store.gc(dry_run=True)
+    assert (report.removed_objects, report.removed_temp) == ([orphan.name], [stale.name])
+    assert orphan.exists() and stale.exists()
+
+    report = store.gc()
+    assert (report.removed_objects, report.removed_temp) == ([orphan.name], [stale.name])
+    assert (report.freed_bytes, report.kept_objects) == (6, 1)
+    assert not orphan.exists() and not stale.exists() and fresh.exists()
+    assert store.read_bytes(kept) == b"kept"
+    assert store.gc(temp_max_age_s=0).removed_temp == [fresh.name]
+    assert_clean(store)
+
+
+def test_default_root_comes_from_svda_store_then_svda_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SVDA_STORE", str(tmp_path / "env-store"))
+    assert default_store_root() == tmp_path / "env-store"
+    assert AdapterStore().root == (tmp_path / "env-store").resolve()
+    monkeypatch.delenv("SVDA_STORE")
+    # Stand-ins for svda.runtime(.paths): the real package imports torch, which is slow.
+    paths = types.SimpleNamespace(svda_home=lambda: tmp_path / "home")
+    monkeypatch.setitem(sys.modules, "svda.runtime", types.ModuleType("svda.runtime"))
+    monkeypatch.setitem(sys.modules, "svda.runtime.paths", paths)
+    assert default_store_root() == tmp_path / "home" / "store"
+
+
+def test_a_file_that_is_not_an_index_gives_a_store_error(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "index.sqlite").write_bytes(b"not a database" * 100)
+    with pytest.raises(StoreError, match="index"):
+        AdapterStore(tmp_path / "bad")
+
+
+# -- crashes ------------------------------------------------------------------------------------
+
+
+def run_worker(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(WORKERS), *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("action", "sql_prefix", "nth", "b_survives", "leftover"),
+    [
+        ("publish", "BEGIN IMMEDIATE", 1, True, "temp"),  # staged, lock not yet taken
+        ("publish", "INSERT INTO ADAPTERS", 1, True, "object"),  # object renamed in, no row
+        ("publish", "COMMIT", 1, True, "object"),  # row inserted, never committed
+        ("delete", "COMMIT", 1, True, None),  # rows deleted, never committed
+        ("delete", "BEGIN IMMEDIATE", 2, False, "object"),  # rows gone, object not yet removed
+    ],
+)
+def test_a_crash_at_each_step_leaves_the_store_intact(
+    tmp_path, action, sql_prefix, nth, b_survives, leftover
+):
+    store = AdapterStore(tmp_path / "store")
+    a1 = store.publish(b"a bytes", "a", **META)
+    store.publish(b"b bytes", "b", **META)
+    done = run_worker("crash", str(store.root), action, sql_prefix, str(nth))
+    assert done.returncode == KILLED_EXIT, done.stderr
+
+    reopened = AdapterStore(store.root)
+    assert reopened.verify() == []
+    assert reopened.get("a") == a1
+    assert [e.ref for e in reopened.list(id="b")] == (["b@1"] if b_survives else [])
+    if b_survives:
+        assert reopened.read_bytes(reopened.get("b")) == b"b bytes"
+    report = reopened.gc(temp_max_age_s=0)
+    found = ("temp",) * len(report.removed_temp) + ("object",) * len(report.removed_objects)
+    assert found == ((leftover,) if leftover else ())
+    assert_clean(reopened)
+    assert reopened.publish(b"new bytes", "a", **META).version == 2
+
+
+def test_sigkill_at_random_moments_never_loses_a_published_adapter(tmp_path):
+    root = tmp_path / "store"
+    rng = random.Random(1234)
+    acknowledged: dict[tuple[str, int], str] = {}
+    for round_ in range(6):
+        lines = kill_publish_loop(root, seed=round_, lines_before_kill=rng.randint(0, 6), rng=rng)
+        for line in lines:
+            if line.startswith("pub "):
+                _, adapter_id, version, digest = line.split()
+                acknowledged[(adapter_id, int(version))] = digest
+        store = AdapterStore(root)
+        assert store.verify() == []
+        rows = {(e.id, e.version): e.sha256 for e in store.list()}
+        assert acknowledged.items() <= rows.items()
+        for adapter_id in {"keep-0", "keep-1", "keep-2"}:
+            versions = [e.version for e in store.list(id=adapter_id)]
+            assert versions == list(range(1, len(versions) + 1))
+    assert acknowledged, "the publisher never got to publish"
+    store.gc(temp_max_age_s=0)
+    assert_clean(store)
+
+
+def kill_publish_loop(root: Path, seed: int, lines_before_kill: int, rng: random.Random) -> list:
+    """Start the publishing loop, let it print some lines, SIGKILL it; return all full lines."""
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKERS), "loop", str(root), str(seed)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = [proc.stdout.readline() for _ in range(lines_before_kill)]
+        time.sleep(rng.uniform(0, 0.05))  # only to vary where the kill lands
+        proc.send_signal(signal.SIGKILL)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, err
+    output = "".join(lines) + rest
+    return [line for line in output.splitlines(keepends=True) if line.endswith("\n")]
+
+
+# -- concurrent writers -------------------------------------------------------------------------
+
+
+def test_concurrent_writers_from_several_processes(tmp_path):
+    root, processes, count = str(tmp_path / "store"), 4, 10
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(processes), ctx.Queue()
+    workers = [
+        ctx.Process(target=store_workers.concurrent_worker, args=(root, i, count, barrier, queue))
+        for i in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    published = [row for _ in workers for row in queue.get(timeout=120)]
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+
+    store = AdapterStore(root)
+    rows = {(e.id, e.version, e.sha256) for e in store.list()}
+    assert rows == set(published) and len(rows) == processes * count
+    assert [e.version for e in store.list(id="common")] == list(
+        range(1, processes * count // 2 + 1)
+    )
+    for i in range(processes):
+        assert [e.version for e in store.list(id=f"own-{i}")] == list(range(1, count // 2 + 1))
+        assert len(store.list(tag=f"worker-{i}")) == count
+    assert_clean(store)
