@@ -170,7 +170,7 @@ class _params_as_stored:
 def _recipe(model: AdapterModel, adapter: str) -> list[dict]:
     config = model.configs[adapter]
     spec = get_method(config.method)
-    targets = [model._target_info(n) for n in model.layers if adapter in model.layers[n].adapters]
+    targets = [model.target_info(n) for n in model.layers if adapter in model.layers[n].adapters]
     return spec.weights_cls.regeneration_recipe(config, targets)
 
 
@@ -296,7 +296,7 @@ def check_shapes(adapter_file: AdapterFile, model: AdapterModel) -> None:
             raise LayerShapeMismatch(
                 f"layer {entry.name} of the adapter does not exist in this base model"
             )
-        d_out, d_in = model._target_info(entry.name).weight.shape
+        d_out, d_in = model.target_info(entry.name).weight.shape
         if (d_out, d_in) != (entry.d_out, entry.d_in):
             raise LayerShapeMismatch(
                 f"layer {entry.name} is {d_out}×{d_in} in this base, {entry.d_out}×{entry.d_in} in the adapter"

@@ -61,7 +61,7 @@ class AdapterModel(nn.Module):
         """Attach a new adapter with freshly initialised trainable tensors."""
         self._check_new_name(name)
         spec = get_method(config.method)
-        targets = [self._target_info(n) for n in select_targets(self.model, config.targets)]
+        targets = [self.target_info(n) for n in select_targets(self.model, config.targets)]
         key = spec.weights_cls.shared_key(config, targets)
         for target in targets:
             layer = self._wrap(target.name)
@@ -97,7 +97,8 @@ class AdapterModel(nn.Module):
                 f"an adapter named {name!r} is already attached; delete it first"
             )
 
-    def _target_info(self, layer_name: str) -> TargetInfo:
+    def target_info(self, layer_name: str) -> TargetInfo:
+        """What a method needs to know about target layer ``layer_name`` (wrapped or not)."""
         module = (
             self.layers[layer_name].base_layer
             if layer_name in self.layers
