@@ -23,6 +23,8 @@ from torch import nn
 from .methods.base import AdapterWeights
 from .targets import weight_out_in
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 
 @dataclass
 class AdapterState:
@@ -66,6 +68,7 @@ class AdapterLinear(nn.Module):
         self.adapter_keys: dict[str, str] = {}  # adapter name -> shared key
         self._state = state
         self._cache = _GroupCache()
+        self._original_weight: torch.Tensor | None = None  # half-precision weight while merged
         self._layout_version = 0
 
     @property
@@ -106,13 +109,22 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        """Fold adapter ``name`` into the base weight (float64 arithmetic)."""
-        self.adapters[name].merge_into(self.weight_out_in(), self.shared[self.adapter_keys[name]])
+        """Fold adapter ``name`` into the base weight (float64 arithmetic). A half-precision
+        weight is copied first: subtracting ΔW again would not restore it within its rounding."""
+        weight = self.weight_out_in()
+        if weight.dtype in HALF_DTYPES:
+            self._original_weight = weight.detach().clone()
+        self.adapters[name].merge_into(weight, self.shared[self.adapter_keys[name]])
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
-        """Take adapter ``name`` out of the base weight again."""
-        self.adapters[name].unmerge_from(self.weight_out_in(), self.shared[self.adapter_keys[name]])
+        """Take adapter ``name`` out of the base weight again (bit-exact for half precision)."""
+        weight = self.weight_out_in()
+        if self._original_weight is not None:
+            weight.copy_(self._original_weight)
+            self._original_weight = None
+            return
+        self.adapters[name].unmerge_from(weight, self.shared[self.adapter_keys[name]])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self._state

@@ -24,13 +24,12 @@ from torch import nn
 
 from .errors import AdapterConfigError, AdapterStateError
 from .fingerprint import BaseFingerprint, base_fingerprint
-from .layer import AdapterLinear, AdapterState
+from .layer import HALF_DTYPES, AdapterLinear, AdapterState
 from .methods import AdapterConfig, TargetInfo, get_method
 from .regeneration.svd_basis import SvdBasisCache
 from .targets import select_targets, weight_out_in
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass

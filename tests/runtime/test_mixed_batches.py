@@ -126,3 +126,21 @@ def test_mixing_rows_while_merged_is_refused(model):
 def test_unknown_adapter_in_rows_is_refused(model):
     with pytest.raises(ValueError, match="no adapter named 'nope'"):
         model(batch_ids(), adapter_rows=["nope", *ROWS[1:]])
+
+
+@torch.no_grad()
+def test_half_precision_base_mixes_and_unmerges_bit_exactly(svd_cache):
+    model = AdapterModel(tiny_llama().to(torch.bfloat16), svd_cache=svd_cache)
+    model.add_adapter("s", SvdaConfig(targets="all-linear"))
+    model.add_adapter("l", LoraConfig(targets="q_proj,v_proj", r=2))
+    perturb(model, "s")
+    perturb(model, "l", seed=1)
+    assert all(p.dtype == torch.float32 for p in model.adapter_parameters("s").values())
+    weights = {n: layer.weight.detach().clone() for n, layer in model.layers.items()}
+    ids = batch_ids()[:2]
+    mixed = model(ids, adapter_rows=["s", "l"]).logits
+    model.set_adapter("s")
+    torch.testing.assert_close(mixed[:1], model(ids[:1]).logits, rtol=0, atol=1e-2)
+    model.merge("s")
+    model.unmerge()
+    assert all(torch.equal(layer.weight, weights[n]) for n, layer in model.layers.items())
