@@ -80,9 +80,9 @@ def export_adapter(
         raise SvdaError(
             f"no adapter named {adapter!r} is attached; attached: {model.adapter_names()}"
         )
-    layers = [model.layers[n] for n in model.layers if adapter in model.layers[n].adapters]
-    flat = _flatten_params(model, adapter, layers, PAYLOAD_DTYPES[dtype])
-    entries = _layer_entries(model, adapter, layers, flat, PAYLOAD_DTYPES[dtype])
+    layers = model.layers_of(adapter)
+    flat = _flatten_params(adapter, layers, PAYLOAD_DTYPES[dtype])
+    entries = _layer_entries(model, adapter, layers, PAYLOAD_DTYPES[dtype])
     header = AdapterHeader(
         format_version=FORMAT_VERSION,
         name=name or adapter,
@@ -114,7 +114,7 @@ def save_adapter_file(data: bytes, path: str | os.PathLike) -> Path:
     return path
 
 
-def _flatten_params(model, adapter, layers, dtype) -> dict[str, torch.Tensor]:
+def _flatten_params(adapter, layers, dtype) -> dict[str, torch.Tensor]:
     kinds: dict[str, list[torch.Tensor]] = {}
     for layer in layers:
         for kind, p in layer.adapters[adapter].named_parameters():
@@ -122,7 +122,7 @@ def _flatten_params(model, adapter, layers, dtype) -> dict[str, torch.Tensor]:
     return {kind: torch.cat(parts).to(dtype).contiguous() for kind, parts in kinds.items()}
 
 
-def _layer_entries(model, adapter, layers, flat, dtype) -> list[LayerEntry]:
+def _layer_entries(model, adapter, layers, dtype) -> list[LayerEntry]:
     """Layer table; probes are computed from the tensors as stored (rounded to ``dtype``)."""
     entries = []
     with _params_as_stored(model, adapter, dtype):
@@ -170,13 +170,13 @@ class _params_as_stored:
 def _recipe(model: AdapterModel, adapter: str) -> list[dict]:
     config = model.configs[adapter]
     spec = get_method(config.method)
-    targets = [model.target_info(n) for n in model.layers if adapter in model.layers[n].adapters]
+    targets = [model.target_info(layer.layer_name) for layer in model.layers_of(adapter)]
     return spec.weights_cls.regeneration_recipe(config, targets)
 
 
 def frozen_sha256(model: AdapterModel, adapter: str) -> str:
     """Identity of the frozen tensors ``adapter`` uses on ``model`` ('' if one is unknown)."""
-    layers = [model.layers[n] for n in model.layers if adapter in model.layers[n].adapters]
+    layers = model.layers_of(adapter)
     identities = [f"{layer.layer_name}={layer.frozen_identity(adapter)}" for layer in layers]
     if any(i.endswith("=") for i in identities):
         return ""

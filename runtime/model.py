@@ -79,7 +79,7 @@ class AdapterModel(nn.Module):
             raise AdapterStateError(
                 f"adapter {name!r} is merged; call unmerge() before deleting it"
             )
-        for layer in self._layers_of(name):
+        for layer in self.layers_of(name):
             layer.remove(name)
         del self.configs[name]
         if name in self.state.names:
@@ -175,7 +175,7 @@ class AdapterModel(nn.Module):
         base model's alone. Only one adapter can be merged at a time."""
         self._require(name)
         self._require_unmerged("merge")
-        for layer in self._layers_of(name):
+        for layer in self.layers_of(name):
             layer.merge(name)
         self.state.set((name,), None)
         self.state.merged = name
@@ -187,7 +187,7 @@ class AdapterModel(nn.Module):
         name = self.state.merged
         if name is None:
             return
-        for layer in self._layers_of(name):
+        for layer in self.layers_of(name):
             layer.unmerge(name)
         self.state.merged = None
         self.state.set((name,), None)
@@ -200,7 +200,7 @@ class AdapterModel(nn.Module):
         """``"<layer>.<param>" -> parameter`` for every trainable tensor of ``name``."""
         self._require(name)
         params = {}
-        for layer in self._layers_of(name):
+        for layer in self.layers_of(name):
             for pname, p in layer.adapters[name].named_parameters():
                 params[f"{layer.layer_name}.{pname}"] = p
         return params
@@ -232,7 +232,7 @@ class AdapterModel(nn.Module):
     def get_delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         """``layer -> ΔW`` (d1, d2) by the reference formula."""
         self._require(name)
-        return {layer.layer_name: layer.get_delta_weight(name) for layer in self._layers_of(name)}
+        return {layer.layer_name: layer.get_delta_weight(name) for layer in self.layers_of(name)}
 
     def shared_frozen_bytes(self) -> int:
         """Bytes held by frozen shared tensors (SVD bases, VeRA projections) on all layers."""
@@ -244,7 +244,8 @@ class AdapterModel(nn.Module):
         return sum(storages.values())
 
     # ----- helpers ----------------------------------------------------------------------------
-    def _layers_of(self, name: str) -> list[AdapterLinear]:
+    def layers_of(self, name: str) -> list[AdapterLinear]:
+        """The wrapped layers adapter ``name`` is attached to, in model order."""
         return [layer for layer in self.layers.values() if name in layer.adapters]
 
     def _require(self, name: str) -> None:

@@ -231,3 +231,13 @@ def gather_rows(table: torch.Tensor, row_index: torch.Tensor, ndim: int) -> torc
     of ``ndim`` dimensions: (B, 1, ..., 1, k)."""
     picked = table[row_index]
     return picked.view(picked.shape[0], *([1] * (ndim - 2)), picked.shape[-1])
+
+
+def per_row(
+    vectors: Sequence[torch.Tensor], row_index: torch.Tensor | None, ndim: int
+) -> torch.Tensor:
+    """Each row's member vector, broadcastable over an activation of ``ndim`` dimensions (zeros
+    for rows at -1); with ``row_index`` None, every row uses ``vectors[0]`` as it is."""
+    if row_index is None:
+        return vectors[0]
+    return gather_rows(stack_with_zero_row(vectors), row_index, ndim)

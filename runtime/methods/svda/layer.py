@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...regeneration.svd_basis import SVD_ALGORITHM
-from ..base import ScaledOutputWeights, TargetInfo, gather_rows, stack_with_zero_row
+from ..base import ScaledOutputWeights, TargetInfo, per_row
 from .config import SvdaConfig
 
 
@@ -101,22 +101,13 @@ class SvdaWeights(ScaledOutputWeights):
         k = max(m.k for m in members)
         deltas = [F.pad(m.delta(shared), (0, k - m.k)) for m in members]  # each (k,)
         cols = _active_columns(deltas, k, needs_grad=any(m.svda_s.requires_grad for m in members))
-        b_rows = _per_row([m.svda_b for m in members], row_index, x.dim())
+        b_rows = per_row([m.svda_b for m in members], row_index, x.dim())
         inner = out0
         if cols is not None:
-            delta_rows = _per_row(deltas, row_index, x.dim())
+            delta_rows = per_row(deltas, row_index, x.dim())
             projected = F.linear(x, shared.V[:, cols].T)  # (B, ..., |cols|): once per batch
             inner = out0 + F.linear(projected * delta_rows[..., cols], shared.U[:, cols])
         return b_rows, inner
-
-
-def _per_row(
-    vectors: list[torch.Tensor], row_index: torch.Tensor | None, ndim: int
-) -> torch.Tensor:
-    """Each row's vector, broadcastable over the activation (the only one if row_index is None)."""
-    if row_index is None:
-        return vectors[0]
-    return gather_rows(stack_with_zero_row(vectors), row_index, ndim)
 
 
 def _active_columns(

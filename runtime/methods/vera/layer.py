@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...regeneration.seeded import vera_projections
-from ..base import ScaledOutputWeights, TargetInfo, gather_rows, stack_with_zero_row
+from ..base import ScaledOutputWeights, TargetInfo, per_row
 from .config import VeraConfig
 
 
@@ -105,6 +105,6 @@ class VeraWeights(ScaledOutputWeights):
             m = members[0]
             return m.vera_b, F.linear(m.vera_d * F.linear(m.dropout(x), shared.A), shared.B)
         hidden = F.linear(x, shared.A)  # (B, ..., r): once for the whole batch
-        d_rows = gather_rows(stack_with_zero_row([m.vera_d for m in members]), row_index, x.dim())
-        b_rows = gather_rows(stack_with_zero_row([m.vera_b for m in members]), row_index, x.dim())
+        d_rows = per_row([m.vera_d for m in members], row_index, x.dim())
+        b_rows = per_row([m.vera_b for m in members], row_index, x.dim())
         return b_rows, F.linear(hidden * d_rows, shared.B)
