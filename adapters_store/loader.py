@@ -106,46 +106,28 @@ class CheckResult:
 def verify_adapter(
     source: bytes | str | os.PathLike, model: AdapterModel | None
 ) -> list[CheckResult]:
-    """Run every load check and report each (checks after the first failure are 'skipped')."""
-    results: list[CheckResult] = []
-
-    def record(check: str, fn) -> bool:
-        try:
-            fn()
-        except AdapterFormatError as exc:
-            results.append(
-                CheckResult(exc.check if exc.check in CHECKS else check, False, str(exc))
-            )
-            return False
-        results.append(CheckResult(check, True, "ok"))
-        return True
-
-    holder: dict[str, AdapterFile] = {}
-    if not record("payload-hash", lambda: holder.setdefault("file", read_adapter(source))):
-        return _with_skipped(results)
-    results[-1:] = [CheckResult(c, True, "ok") for c in CHECKS[:5]]
-    if model is None:
-        return results
-    adapter_file = holder["file"]
-    if record("shapes", lambda: check_shapes(adapter_file, model)) and record(
-        "base-fingerprint", lambda: check_base(adapter_file, model)
-    ):
-        record("regeneration-probe", lambda: _attach_and_detach(adapter_file, model))
-    return _with_skipped(results)
+    """Run every load check and report each: passed ones 'ok', the first failure with its
+    message, the ones after it 'skipped'. Without a model only the file checks run."""
+    passed = 0
+    try:
+        adapter_file = read_adapter(source)  # readable .. payload-hash
+        passed = CHECKS.index("payload-hash") + 1
+        if model is None:
+            return [CheckResult(c, True, "ok") for c in CHECKS[:passed]]
+        for check in (check_shapes, check_base, _attach_and_detach):
+            check(adapter_file, model)
+            passed += 1
+    except AdapterFormatError as exc:
+        failed = CHECKS.index(exc.check) if exc.check in CHECKS else passed
+        return (
+            [CheckResult(c, True, "ok") for c in CHECKS[:failed]]
+            + [CheckResult(CHECKS[failed], False, str(exc))]
+            + [CheckResult(c, False, "skipped") for c in CHECKS[failed + 1 :]]
+        )
+    return [CheckResult(c, True, "ok") for c in CHECKS]
 
 
 def _attach_and_detach(adapter_file: AdapterFile, model: AdapterModel) -> None:
     name = "svda-verify"
     load_adapter(adapter_file, model, name, probe="always")
     model.delete_adapter(name)
-
-
-def _with_skipped(results: list[CheckResult]) -> list[CheckResult]:
-    done = {r.check for r in results}
-    failed_at = next((CHECKS.index(r.check) for r in results if not r.ok), len(CHECKS))
-    skipped = [
-        CheckResult(c, False, "skipped")
-        for c in CHECKS
-        if c not in done and CHECKS.index(c) > failed_at
-    ]
-    return results + skipped

@@ -237,6 +237,14 @@ def test_verify_reports_every_check(good, svd_cache):
         ("regeneration-probe", False),
     ]
     assert bad[-1].message == "skipped"
+    unknown = BROKEN["unknown-version"][0](good)
+    early = [(r.check, r.ok) for r in verify_adapter(unknown, fresh(svd_cache))][:4]
+    assert early == [
+        ("readable", True),
+        ("metadata", True),
+        ("format-version", False),
+        ("payload", False),
+    ]
 
 
 def test_missing_file_is_unreadable(tmp_path):
