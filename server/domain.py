@@ -1,0 +1,162 @@
+"""Domain objects of the serving layer: what the gRPC servicer hands the engine and gets back.
+
+The servicer (``svda.server.servicer``) converts protobuf messages to these and back; the engine
+(``svda.server.engine``) never sees protobuf. Errors raised by the engine are the classes below
+(or the store's / format's own errors); one interceptor maps them to gRPC status codes
+(``svda.server.interceptor``).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+
+
+# ----- errors (mapped to gRPC status codes by the interceptor) -----------------------------------
+class ServingError(Exception):
+    """Base class of errors the server reports to a client."""
+
+
+class InvalidRequest(ServingError, ValueError):
+    """Bad sampling parameters, an empty prompt, a prompt over the context length (INVALID_ARGUMENT)."""
+
+
+class UnknownAdapter(ServingError, KeyError):
+    """The adapter id is in neither memory nor the store, or the caller may not see it (NOT_FOUND)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AdapterBaseMismatch(ServingError):
+    """The adapter was made for another base model (FAILED_PRECONDITION)."""
+
+
+class Overloaded(ServingError):
+    """Queue full, or adapter memory full of pinned adapters (RESOURCE_EXHAUSTED)."""
+
+
+class Unauthenticated(ServingError):
+    """Missing or unknown bearer token (UNAUTHENTICATED)."""
+
+
+class PermissionDenied(ServingError):
+    """The caller's tenant may not do this (PERMISSION_DENIED)."""
+
+
+# ----- requests ---------------------------------------------------------------------------------
+class MergeMode(str, enum.Enum):
+    AUTO = "auto"  # the server decides (see the merge policy in the README)
+    UNMERGED = "unmerged"  # always the batched, unmerged path
+    MERGED = "merged"  # merge this request's adapter into the weights while it runs
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings. ``temperature == 0`` is greedy decoding (top_p/top_k then unused)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filtering
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def validate(self, max_new_tokens_limit: int) -> None:
+        checks = [
+            (1 <= self.max_new_tokens <= max_new_tokens_limit,
+             f"max_new_tokens must be between 1 and {max_new_tokens_limit}, got {self.max_new_tokens}"),
+            (math.isfinite(self.temperature) and 0 <= self.temperature <= 100,
+             f"temperature must be in [0, 100], got {self.temperature}"),
+            (math.isfinite(self.top_p) and 0 < self.top_p <= 1,
+             f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,
+             f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}"),
+            (len(self.stop) <= 16 and all(0 < len(s) <= 256 for s in self.stop),
+             "stop: at most 16 non-empty strings of at most 256 characters"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequest(message)
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation. Exactly one of ``prompt`` and ``messages`` is given; ``messages`` go
+    through the base tokenizer's chat template on the server."""
+
+    adapter_id: str | None  # None or "": the base model
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    mode: MergeMode = MergeMode.AUTO
+    tenant: str | None = None  # None: admin / no auth
+    deadline: float | None = None  # time.monotonic() value after which the request is dropped
+    request_id: str = ""
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now or time.monotonic()) >= self.deadline
+
+
+# ----- results -------------------------------------------------------------------------------
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"  # max_new_tokens reached
+    STOP = "stop"  # a stop string was produced (it is not part of the text)
+    EOS = "eos"  # the model produced its end-of-sequence token
+    CANCELLED = "cancelled"  # the client cancelled or its deadline passed
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """New text since the previous chunk (token ids included)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The last event of every request."""
+
+    text: str  # the whole generated text (stop string removed)
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    adapter_id: str | None
+    merged: bool  # served on the merged path
+    latency_s: float
+    time_to_first_token_s: float
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    adapter_id: str
+    version: int
+    method: str
+    bytes: int  # memory the adapter's tensors take in the engine
+    pinned: bool
+    last_used: float  # time.time()
+    uses: int
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    base_model: str
+    base_fingerprint: str
+    methods: tuple[str, ...]
+    max_context_tokens: int
+    max_new_tokens: int
+    max_batch_size: int
+    adapter_memory_bytes: int
+    max_upload_bytes: int
+    version: str
