@@ -117,7 +117,7 @@ def save_adapter_file(data: bytes, path: str | os.PathLike) -> Path:
 def _flatten_params(adapter, layers, dtype) -> dict[str, torch.Tensor]:
     kinds: dict[str, list[torch.Tensor]] = {}
     for layer in layers:
-        for kind, p in layer.adapters[adapter].named_parameters():
+        for kind, p in layer.tensors_of(adapter).items():
             kinds.setdefault(kind, []).append(p.detach().to("cpu", torch.float32).flatten())
     return {kind: torch.cat(parts).to(dtype).contiguous() for kind, parts in kinds.items()}
 
@@ -137,9 +137,7 @@ def _layer_entries(model, adapter, layers, dtype) -> list[LayerEntry]:
                     d_out=d_out,
                     d_in=d_in,
                     fingerprint=model.fingerprint.layers[layer.layer_name][:16],
-                    params={
-                        k: list(p.shape) for k, p in layer.adapters[adapter].named_parameters()
-                    },
+                    params={k: list(p.shape) for k, p in layer.tensors_of(adapter).items()},
                     probe=sketches,
                     delta_norm=norm,
                 )
@@ -176,11 +174,7 @@ def _recipe(model: AdapterModel, adapter: str) -> list[dict]:
 
 def frozen_sha256(model: AdapterModel, adapter: str) -> str:
     """Identity of the frozen tensors ``adapter`` uses on ``model`` ('' if one is unknown)."""
-    layers = model.layers_of(adapter)
-    identities = [f"{layer.layer_name}={layer.frozen_identity(adapter)}" for layer in layers]
-    if any(i.endswith("=") for i in identities):
-        return ""
-    return hashlib.sha256("\n".join(identities).encode()).hexdigest()
+    return model.frozen_sha256(adapter)
 
 
 def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:

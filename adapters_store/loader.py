@@ -45,11 +45,16 @@ def load_adapter(
     *,
     verify: bool = True,
     probe: str = "auto",
+    trainable: bool = False,
 ) -> AdapterHeader:
     """Check and attach an adapter file as ``name`` (default: the name in the file). On any
     failure nothing stays attached. ``probe="auto"`` skips the regeneration probe when this
     model's frozen tensors are bit-identical to the exporter's (then ΔW is identical by
-    construction); ``"always"`` runs it anyway; ``verify=False`` skips it."""
+    construction); ``"always"`` runs it anyway; ``verify=False`` skips it.
+
+    By default the adapter is attached frozen, into the model's slot bank for its layout (one
+    copy per tensor kind: the serving path); ``trainable=True`` attaches it as modules with
+    parameters, to train further."""
     adapter_file = source if isinstance(source, AdapterFile) else read_adapter(source)
     check_shapes(adapter_file, model)
     check_base(adapter_file, model)
@@ -58,9 +63,9 @@ def load_adapter(
     except AdapterConfigError as exc:
         raise AdapterMetadataError(f"adapter config is invalid: {exc}") from exc
     name = name or adapter_file.header.name
-    model.add_adapter(name, config)
+    model.check_new_name(name)
+    _attach(adapter_file, model, name, config, trainable)
     try:
-        _load_tensors(adapter_file, model, name)
         if verify and not (probe == "auto" and frozen_identical(adapter_file, model, name)):
             check_probe(adapter_file, model, name)
     except BaseException:
@@ -69,9 +74,20 @@ def load_adapter(
     return adapter_file.header
 
 
-def _load_tensors(adapter_file: AdapterFile, model: AdapterModel, name: str) -> None:
+def _attach(
+    adapter_file: AdapterFile, model: AdapterModel, name: str, config, trainable: bool
+) -> None:
+    layers = [(entry.name, entry.params) for entry in adapter_file.header.layers]
     try:
-        model.load_adapter_state_dict(name, split_payload(adapter_file))
+        if not trainable:
+            model.add_packed_adapter(name, config, adapter_file.tensors, layers)
+            return
+        model.add_adapter(name, config)
+        try:
+            model.load_adapter_state_dict(name, split_payload(adapter_file))
+        except BaseException:
+            model.delete_adapter(name)
+            raise
     except AdapterConfigError as exc:
         raise LayerShapeMismatch(f"the adapter's tensors do not fit this base: {exc}") from exc
 

@@ -29,8 +29,8 @@ def layer_sketches(
     layer: AdapterLinear, adapter: str, seed: int, index: int, count: int, exact_norm: bool = False
 ) -> tuple[list[float], float]:
     """Sketches of ``adapter``'s ΔW on ``layer`` and, if asked, ``‖ΔW‖_F`` (else 0)."""
-    weights = layer.adapters[adapter]
-    shared = layer.shared[layer.adapter_keys[adapter]]
+    weights = layer.weights_of(adapter)
+    shared = layer.shared_of(adapter)
     w0 = layer.weight_out_in()
     p, q = probe_vectors(seed, index, count, *w0.shape)
     dtype = next(weights.parameters()).dtype

@@ -6,9 +6,11 @@ an :class:`AdapterState` shared by all wrappers of one model (vLLM's per-row ada
 means the base model):
 
     out0   = W0 x                      (once, no bias)
-    result = out0 + bias + Σ_groups batched_delta(x, out0, members, row_index, shared)
+    result = out0 + bias + Σ_groups add_table_delta(x, out0, tables, row_index, shared)
 
-where a group is the adapters present in the batch that share one frozen ``shared`` module.
+where a group is the adapters present in the batch that share one frozen ``shared`` module and
+one storage: attached modules (tables stacked per forward) or a slot bank (``runtime.bank``,
+tables are views made once).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bank import AdapterBank
 from .methods.base import AdapterWeights
 from .targets import weight_out_in
 
@@ -47,9 +50,11 @@ class AdapterState:
 
 @dataclass
 class _Group:
-    key: str
-    members: list[AdapterWeights]
-    row_index: torch.Tensor | None  # positions in members, or -1
+    key: str  # shared key
+    cls: type[AdapterWeights]
+    row_index: torch.Tensor | None  # rows of the tables, -1 for the zero row; None: row 0
+    members: list[AdapterWeights] = field(default_factory=list)  # module groups
+    tables: dict[str, torch.Tensor] | None = None  # bank groups: views of the bank
 
 
 @dataclass
@@ -63,9 +68,10 @@ class AdapterLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.layer_name = layer_name
-        self.adapters = nn.ModuleDict()  # adapter name -> AdapterWeights
+        self.adapters = nn.ModuleDict()  # attached (trainable) adapters: name -> AdapterWeights
         self.shared = nn.ModuleDict()  # shared key -> frozen module (or empty nn.Module)
-        self.adapter_keys: dict[str, str] = {}  # adapter name -> shared key
+        self.adapter_keys: dict[str, str] = {}  # attached adapter name -> shared key
+        self.banks: list[tuple[AdapterBank, int]] = []  # slot banks on this layer, our index
         self._state = state
         self._cache = _GroupCache()
         self._original_weight: torch.Tensor | None = None  # half-precision weight while merged
@@ -82,30 +88,91 @@ class AdapterLinear(nn.Module):
     def weight_out_in(self) -> torch.Tensor:
         return weight_out_in(self.base_layer)
 
+    # ----- membership -----------------------------------------------------------------------
     def add(self, name: str, weights: AdapterWeights, key: str, shared: nn.Module | None) -> None:
-        if key not in self.shared:
-            self.shared[key] = shared if shared is not None else nn.Module()
+        self._add_shared(key, shared)
         self.adapters[name] = weights
         self.adapter_keys[name] = key
         self._layout_version += 1
 
     def remove(self, name: str) -> None:
         del self.adapters[name]
-        key = self.adapter_keys.pop(name)
-        if key not in self.adapter_keys.values():
-            del self.shared[key]
+        self._drop_shared(self.adapter_keys.pop(name))
         self._layout_version += 1
+
+    def add_bank(self, bank: AdapterBank, index: int, shared: nn.Module | None) -> None:
+        self._add_shared(bank.shared_key, shared)
+        self.banks.append((bank, index))
+        self._layout_version += 1
+
+    def remove_bank(self, bank: AdapterBank) -> None:
+        self.banks = [(b, i) for b, i in self.banks if b is not bank]
+        self._drop_shared(bank.shared_key)
+        self._layout_version += 1
+
+    def _add_shared(self, key: str, shared: nn.Module | None) -> None:
+        if key not in self.shared:
+            self.shared[key] = shared if shared is not None else nn.Module()
+
+    def _drop_shared(self, key: str) -> None:
+        if key not in self.adapter_keys.values() and all(
+            b.shared_key != key for b, _ in self.banks
+        ):
+            del self.shared[key]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.adapters or self._bank_of(name) is not None
+
+    def _bank_of(self, name: str) -> tuple[AdapterBank, int] | None:
+        for bank, index in self.banks:
+            if name in bank.slots:
+                return bank, index
+        return None
+
+    def shared_of(self, name: str) -> nn.Module:
+        if name in self.adapters:
+            return self.shared[self.adapter_keys[name]]
+        bank, _ = self._require_bank(name)
+        return self.shared[bank.shared_key]
+
+    def weights_of(self, name: str) -> AdapterWeights:
+        """Adapter ``name``'s weights on this layer: the attached module, or for a banked
+        adapter a module holding a copy of its slot (reference formula, merge, export)."""
+        if name in self.adapters:
+            return self.adapters[name]
+        bank, index = self._require_bank(name)
+        return bank.materialize(name, index, self.shared[bank.shared_key])
+
+    def tensors_of(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s trainable tensors here (parameters, or views of its bank slot)."""
+        if name in self.adapters:
+            return dict(self.adapters[name].named_parameters())
+        bank, index = self._require_bank(name)
+        return bank.layer_tensors(name, index)
+
+    def _require_bank(self, name: str) -> tuple[AdapterBank, int]:
+        found = self._bank_of(name)
+        if found is None:
+            raise KeyError(f"adapter {name!r} is not on layer {self.layer_name}")
+        return found
 
     def frozen_identity(self, name: str) -> str:
         """Bit-level identity of the frozen tensors adapter ``name`` uses here ("none" if it
         uses none, "" if unknown)."""
-        shared = self.shared[self.adapter_keys[name]]
+        return self._identity(self.shared_of(name))
+
+    def frozen_identity_of_key(self, key: str) -> str:
+        return self._identity(self.shared[key])
+
+    @staticmethod
+    def _identity(shared: nn.Module) -> str:
         has_frozen = any(True for _ in shared.buffers())
         return getattr(shared, "identity", "") if has_frozen else "none"
 
+    # ----- reference, merge ---------------------------------------------------------------
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """ΔW of adapter ``name`` on this layer as ``(d1, d2)`` (the reference formula)."""
-        return self.adapters[name].get_delta_weight(self.shared[self.adapter_keys[name]])
+        return self.weights_of(name).get_delta_weight(self.shared_of(name))
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
@@ -114,7 +181,7 @@ class AdapterLinear(nn.Module):
         weight = self.weight_out_in()
         if weight.dtype in HALF_DTYPES:
             self._original_weight = weight.detach().clone()
-        self.adapters[name].merge_into(weight, self.shared[self.adapter_keys[name]])
+        self.weights_of(name).merge_into(weight, self.shared_of(name))
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
@@ -124,8 +191,9 @@ class AdapterLinear(nn.Module):
             weight.copy_(self._original_weight)
             self._original_weight = None
             return
-        self.adapters[name].unmerge_from(weight, self.shared[self.adapter_keys[name]])
+        self.weights_of(name).unmerge_from(weight, self.shared_of(name))
 
+    # ----- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self._state
         if not state.names or state.merged is not None:
@@ -142,39 +210,70 @@ class AdapterLinear(nn.Module):
     def _add_group_delta(
         self, result: torch.Tensor, group: _Group, x: torch.Tensor, out0: torch.Tensor
     ) -> torch.Tensor:
-        cls = type(group.members[0])
-        dtype = next(group.members[0].parameters()).dtype  # adapters may be float32 on a half base
         shared = self.shared[group.key]
-        return cls.add_delta(
-            result, x.to(dtype), out0.to(dtype), group.members, group.row_index, shared
+        dropout = None
+        if group.tables is not None:
+            tables = group.tables
+        else:
+            tables = group.cls.member_tables(group.members, shared)
+            if group.row_index is None:
+                dropout = getattr(group.members[0], "dropout", None)
+        dtype = next(iter(tables.values())).dtype  # adapters may be float32 on a half base
+        return group.cls.add_table_delta(
+            result, x.to(dtype), out0.to(dtype), tables, group.row_index, shared, dropout
         )
 
     def _groups(self, state: AdapterState) -> list[_Group]:
-        stamp = (id(state), state.version, self._layout_version)
+        stamp = (
+            id(state),
+            state.version,
+            self._layout_version,
+            *(b.version for b, _ in self.banks),
+        )
         if self._cache.stamp != stamp:
             self._cache = _GroupCache(stamp, self._build_groups(state))
         return self._cache.groups
 
     def _build_groups(self, state: AdapterState) -> list[_Group]:
         if state.row_index is None:
-            name = state.names[0]
-            if name not in self.adapters:
-                return []
-            return [_Group(self.adapter_keys[name], [self.adapters[name]], None)]
+            return self._single_group(state.names[0])
         by_key: dict[str, list[tuple[int, str]]] = {}
         for position, name in enumerate(state.names):
             if name in self.adapters:
                 by_key.setdefault(self.adapter_keys[name], []).append((position, name))
         groups = []
         for key, entries in by_key.items():
-            # lookup table: global position -> local member index; the extra last slot maps -1
-            lut = torch.full(
-                (len(state.names) + 1,), -1, dtype=torch.long, device=state.row_index.device
-            )
-            for local, (position, _) in enumerate(entries):
-                lut[position] = local
-            local_index = lut[state.row_index]
-            if bool((local_index >= 0).any()):  # skip groups no row of this batch uses
+            local_index = _local_rows(state, {pos: i for i, (pos, _) in enumerate(entries)})
+            if local_index is not None:
                 members = [self.adapters[name] for _, name in entries]
-                groups.append(_Group(key, members, local_index))
+                groups.append(_Group(key, type(members[0]), local_index, members=members))
+        for bank, index in self.banks:
+            slots = {pos: bank.slots[n] for pos, n in enumerate(state.names) if n in bank.slots}
+            local_index = _local_rows(state, slots) if slots else None
+            if local_index is not None:
+                tables = bank.layer_tables[index]
+                groups.append(_Group(bank.shared_key, bank.weights_cls, local_index, tables=tables))
         return groups
+
+    def _single_group(self, name: str) -> list[_Group]:
+        if name in self.adapters:
+            weights = self.adapters[name]
+            return [_Group(self.adapter_keys[name], type(weights), None, members=[weights])]
+        found = self._bank_of(name)
+        if found is None:
+            return []
+        bank, index = found
+        slot = bank.slots[name]
+        tables = {k: t[slot : slot + 1] for k, t in bank.layer_tables[index].items()}
+        return [_Group(bank.shared_key, bank.weights_cls, None, tables=tables)]
+
+
+def _local_rows(state: AdapterState, local: dict[int, int]) -> torch.Tensor | None:
+    """Batch rows mapped to table rows: ``local`` maps positions in ``state.names`` to table
+    rows; rows of other adapters or the base get -1. None if no row of the batch uses any."""
+    # lookup table: global position -> table row; the extra last slot maps the base's -1
+    lut = torch.full((len(state.names) + 1,), -1, dtype=torch.long, device=state.row_index.device)
+    for position, row in local.items():
+        lut[position] = row
+    rows = lut[state.row_index]
+    return rows if bool((rows >= 0).any()) else None

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bank import AdapterBank, BankLayout, frozen_identity_sha256
 from .errors import AdapterConfigError, AdapterStateError
 from .fingerprint import BaseFingerprint, base_fingerprint
 from .layer import HALF_DTYPES, AdapterLinear, AdapterState
@@ -53,12 +54,14 @@ class AdapterModel(nn.Module):
         self.state = AdapterState()
         self.configs: dict[str, AdapterConfig] = {}
         self.layers: dict[str, AdapterLinear] = {}  # target layer name -> wrapper
+        self.banks: dict[BankLayout, AdapterBank] = {}  # slot banks of frozen adapters
+        self._banked: dict[str, AdapterBank] = {}  # frozen adapter name -> its bank
         self._ctx = RegenerationContext(self.svd_cache)
 
     # ----- adding and removing adapters ------------------------------------------------------
     def add_adapter(self, name: str, config: AdapterConfig) -> None:
         """Attach a new adapter with freshly initialised trainable tensors."""
-        self._check_new_name(name)
+        self.check_new_name(name)
         spec = get_method(config.method)
         targets = [self.target_info(n) for n in select_targets(self.model, config.targets)]
         key = spec.weights_cls.shared_key(config, targets)
@@ -73,19 +76,92 @@ class AdapterModel(nn.Module):
         self.configs[name] = config
         self._ctx.memo.clear()
 
+    def add_packed_adapter(
+        self,
+        name: str,
+        config: AdapterConfig,
+        tensors: dict[str, torch.Tensor],
+        layers: Sequence[tuple[str, dict[str, Sequence[int]]]],
+    ) -> None:
+        """Attach a frozen adapter from its packed tensors (one flat tensor per kind, every
+        layer's tensor of that kind concatenated in ``layers`` order: the ``.svda`` payload).
+        It goes into the slot bank of its layout (made on first use), so attaching costs one
+        copy per kind. ``layers``: ``(layer name, {kind: shape})`` in payload order."""
+        self.check_new_name(name)
+        if not layers:
+            raise AdapterConfigError(f"adapter {name!r} has no target layers")
+        first = weight_out_in(self._base_module(layers[0][0]))
+        dtype = torch.float32 if first.dtype in HALF_DTYPES else first.dtype
+        layout = BankLayout.of(config, dtype, layers)
+        bank = self.banks.get(layout) or self._new_bank(layout, config)
+        try:
+            bank.add(name, tensors)
+        except AdapterConfigError:
+            if not bank.slots:
+                self._dispose_bank(bank)
+            raise
+        self._banked[name] = bank
+        self.configs[name] = config
+
+    def _new_bank(self, layout: BankLayout, config: AdapterConfig) -> AdapterBank:
+        spec = get_method(config.method)
+        targets = [self.target_info(layer_name) for layer_name, _ in layout.layers]
+        key = spec.weights_cls.shared_key(config, targets)
+        bank = AdapterBank(layout, config, spec.weights_cls, targets, key, self._device())
+        shared_modules = []
+        for target, (_, params) in zip(targets, layout.layers, strict=True):
+            layer = self.layers.get(target.name)
+            if layer is not None and key in layer.shared:
+                shared = layer.shared[key]
+            else:
+                shared = spec.weights_cls.build_shared(config, target, targets, self._ctx)
+            _check_layer_shapes(spec.weights_cls(config, target, shared), target.name, params)
+            shared_modules.append(shared)
+        self._ctx.memo.clear()
+        for index, (target, shared) in enumerate(zip(targets, shared_modules, strict=True)):
+            self._wrap(target.name).add_bank(bank, index, shared)
+        identities = [(t.name, self.layers[t.name].frozen_identity_of_key(key)) for t in targets]
+        bank.frozen_sha256 = frozen_identity_sha256(identities)
+        self.banks[layout] = bank
+        return bank
+
+    def _dispose_bank(self, bank: AdapterBank) -> None:
+        del self.banks[bank.layout]
+        for layer_name, _ in bank.layout.layers:
+            self.layers[layer_name].remove_bank(bank)
+
     def delete_adapter(self, name: str) -> None:
         self._require(name)
         if self.state.merged == name:
             raise AdapterStateError(
                 f"adapter {name!r} is merged; call unmerge() before deleting it"
             )
-        for layer in self.layers_of(name):
-            layer.remove(name)
+        bank = self._banked.pop(name, None)
+        if bank is not None:
+            bank.remove(name)
+            if not bank.slots:  # free the bank's memory and the frozen tensors it used
+                self._dispose_bank(bank)
+        else:
+            for layer in self.layers_of(name):
+                layer.remove(name)
         del self.configs[name]
         if name in self.state.names:
             self.state.set((), None)
 
-    def _check_new_name(self, name: str) -> None:
+    def is_frozen(self, name: str) -> bool:
+        """True for adapters attached with :meth:`add_packed_adapter` (not trainable)."""
+        self._require(name)
+        return name in self._banked
+
+    def frozen_sha256(self, name: str) -> str:
+        """Identity of the frozen tensors adapter ``name`` uses ('' if one is unknown)."""
+        self._require(name)
+        if name in self._banked:
+            return self._banked[name].frozen_sha256
+        layers = self.layers_of(name)
+        return frozen_identity_sha256([(la.layer_name, la.frozen_identity(name)) for la in layers])
+
+    def check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not ADAPTER_NAME.match(name):
             raise AdapterConfigError(
                 f"adapter name {name!r} is invalid: use 1-128 letters, digits, '_' or '-', "
@@ -98,12 +174,7 @@ class AdapterModel(nn.Module):
 
     def target_info(self, layer_name: str) -> TargetInfo:
         """What a method needs to know about target layer ``layer_name`` (wrapped or not)."""
-        module = (
-            self.layers[layer_name].base_layer
-            if layer_name in self.layers
-            else self.model.get_submodule(layer_name)
-        )
-        weight = weight_out_in(module)
+        weight = weight_out_in(self._base_module(layer_name))
         return TargetInfo(
             name=layer_name,
             d_out=weight.shape[0],
@@ -112,6 +183,11 @@ class AdapterModel(nn.Module):
             fingerprint=self.fingerprint.layers[layer_name],
             dtype=torch.float32 if weight.dtype in HALF_DTYPES else weight.dtype,
         )
+
+    def _base_module(self, layer_name: str) -> nn.Module:
+        if layer_name in self.layers:
+            return self.layers[layer_name].base_layer
+        return self.model.get_submodule(layer_name)
 
     def _wrap(self, layer_name: str) -> AdapterLinear:
         if layer_name not in self.layers:
@@ -197,11 +273,12 @@ class AdapterModel(nn.Module):
         return list(self.configs)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
-        """``"<layer>.<param>" -> parameter`` for every trainable tensor of ``name``."""
+        """``"<layer>.<param>" -> parameter`` for every trainable tensor of ``name`` (for a frozen
+        adapter: views of its bank slot)."""
         self._require(name)
         params = {}
         for layer in self.layers_of(name):
-            for pname, p in layer.adapters[name].named_parameters():
+            for pname, p in layer.tensors_of(name).items():
                 params[f"{layer.layer_name}.{pname}"] = p
         return params
 
@@ -245,7 +322,10 @@ class AdapterModel(nn.Module):
 
     # ----- helpers ----------------------------------------------------------------------------
     def layers_of(self, name: str) -> list[AdapterLinear]:
-        """The wrapped layers adapter ``name`` is attached to, in model order."""
+        """The wrapped layers adapter ``name`` is attached to, in model order (for a frozen
+        adapter: its file's layer order)."""
+        if name in self._banked:
+            return [self.layers[layer_name] for layer_name, _ in self._banked[name].layout.layers]
         return [layer for layer in self.layers.values() if name in layer.adapters]
 
     def _require(self, name: str) -> None:
@@ -262,3 +342,12 @@ class AdapterModel(nn.Module):
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def _check_layer_shapes(weights: nn.Module, layer_name: str, params: tuple) -> None:
+    """The packed tensors of a layer must have the shapes the method gives that layer."""
+    expected = {kind: tuple(p.shape) for kind, p in weights.named_parameters()}
+    if expected != dict(params):
+        raise AdapterConfigError(
+            f"layer {layer_name}: tensors {dict(params)} do not match the method's {expected}"
+        )

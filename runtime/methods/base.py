@@ -6,10 +6,13 @@ multi-LoRA path (a per-row adapter index, -1 for the base model). A method is th
 * an :class:`AdapterConfig` subclass: hyperparameters, validated, JSON-serialisable;
 * an :class:`AdapterWeights` subclass: one adapter's trainable tensors on one target layer, with
   the reference ``get_delta_weight`` (ΔW as ``(d1, d2)``), merge and unmerge;
-* a ``batched_delta`` classmethod: the contribution of several adapters of the method to a batch
-  whose row ``i`` uses member ``row_index[i]`` (or none for -1), given the layer input ``x`` and the
-  base output without bias ``out0 = W0 x``. Adapters that share frozen tensors (the same
-  ``shared_key``) go through one call, so shared matrices are applied once per batch.
+* an ``add_table_delta`` classmethod, the fast path: the contribution of several adapters of the
+  method to a batch whose row ``i`` uses table row ``row_index[i]`` (the zero row for -1), given
+  the layer input ``x`` and the base output without bias ``out0 = W0 x``. Tables stack the
+  adapters' tensors: built per forward from attached modules (``member_tables``, differentiable),
+  or views of a preallocated slot bank (``runtime.bank``) for adapters loaded for serving.
+  Adapters that share frozen tensors (the same ``shared_key``) go through one call, so shared
+  matrices are applied once per batch.
 
 Frozen tensors that several adapters share (VeRA's random projections, SvdA's singular vectors)
 live in a per-layer *shared* module built by ``build_shared``; they are never trainable and never
@@ -143,6 +146,50 @@ class AdapterWeights(nn.Module):
 
     # ----- batched forward -----------------------------------------------------------------
     @classmethod
+    def row_constants(cls, config: AdapterConfig) -> dict[str, float]:
+        """Per-adapter scalars the forward reads from tables beside the tensors (e.g. LoRA's
+        α/r); a slot bank fills them from the config."""
+        return {}
+
+    def constants(self) -> dict[str, float]:
+        """This adapter's values of :meth:`row_constants`."""
+        return {}
+
+    @classmethod
+    def member_tables(
+        cls, members: Sequence[AdapterWeights], shared: nn.Module | None
+    ) -> dict[str, torch.Tensor]:
+        """Members' trainable tensors (and constants) stacked into tables ``(n + 1, *shape)``
+        whose last row is zeros (selected by row index -1). Differentiable. Methods whose members
+        may differ in shape (LoRA ranks, SvdA top-k) override it to pad."""
+        tables = {
+            kind: stack_with_zero_row([getattr(m, kind) for m in members])
+            for kind, _ in members[0].named_parameters()
+        }
+        for kind in members[0].constants():
+            values = [m.constants()[kind] for m in members] + [0.0]
+            tables[kind] = torch.tensor(values, dtype=next(members[0].parameters()).dtype)
+        return tables
+
+    @classmethod
+    def add_table_delta(
+        cls,
+        result: torch.Tensor,
+        x: torch.Tensor,
+        out0: torch.Tensor,
+        tables: dict[str, torch.Tensor],
+        row_index: torch.Tensor | None,
+        shared: nn.Module | None,
+        dropout: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """The fast path: ``result + ΔW_{row} x`` for every batch row. ``x``: (B, ..., d2);
+        ``out0 = W0 x``: (B, ..., d1); ``tables`` as :meth:`member_tables` (or a slot bank's
+        views) in the adapter dtype; ``row_index``: (B,) rows of the tables (-1: the zero row), or
+        None when every batch row uses table row 0. ``dropout`` applies to the adapter's input
+        (training). Frozen tensors shared by the tables' adapters are applied once per batch."""
+        raise NotImplementedError
+
+    @classmethod
     def batched_delta(
         cls,
         x: torch.Tensor,
@@ -151,23 +198,9 @@ class AdapterWeights(nn.Module):
         row_index: torch.Tensor | None,
         shared: nn.Module | None,
     ) -> torch.Tensor:
-        """Fast path. ``x``: (B, ..., d2); ``out0 = W0 x``: (B, ..., d1); ``row_index``: (B,) of
-        member positions or -1, or None when every row uses ``members[0]``. Returns (B, ..., d1)."""
-        return cls.reference_delta(x, out0, members, row_index, shared)
-
-    @classmethod
-    def add_delta(
-        cls,
-        result: torch.Tensor,
-        x: torch.Tensor,
-        out0: torch.Tensor,
-        members: Sequence[AdapterWeights],
-        row_index: torch.Tensor | None,
-        shared: nn.Module | None,
-    ) -> torch.Tensor:
-        """``result + batched_delta(...)``; methods override it to fuse the addition."""
-        delta = cls.batched_delta(x, out0, members, row_index, shared)
-        return result + delta.to(result.dtype)
+        """The fast path on attached modules: ``ΔW_{members[row_index[i]]} x_i`` (zeros for -1)."""
+        tables = cls.member_tables(members, shared)
+        return cls.add_table_delta(torch.zeros_like(out0), x, out0, tables, row_index, shared)
 
     @classmethod
     def reference_delta(
@@ -193,33 +226,6 @@ class AdapterWeights(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
-class ScaledOutputWeights(AdapterWeights):
-    """Methods whose delta is an output scale times an inner term, ``b ⊙ inner`` (VeRA, SvdA):
-    subclasses give both factors and the sum into the layer output is one fused ``addcmul``."""
-
-    @classmethod
-    def scale_and_inner(
-        cls,
-        x: torch.Tensor,
-        out0: torch.Tensor,
-        members: Sequence[AdapterWeights],
-        row_index: torch.Tensor | None,
-        shared: nn.Module | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b per row, broadcastable over the output; the inner term (B, ..., d1))."""
-        raise NotImplementedError
-
-    @classmethod
-    def batched_delta(cls, x, out0, members, row_index, shared) -> torch.Tensor:
-        scale, inner = cls.scale_and_inner(x, out0, members, row_index, shared)
-        return scale * inner
-
-    @classmethod
-    def add_delta(cls, result, x, out0, members, row_index, shared) -> torch.Tensor:
-        scale, inner = cls.scale_and_inner(x, out0, members, row_index, shared)
-        return torch.addcmul(result, scale.to(result.dtype), inner.to(result.dtype))
-
-
 def stack_with_zero_row(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack per-member vectors (n, k) and append a zero row, so that index -1 selects zeros."""
     stacked = torch.stack(list(vectors))
@@ -233,11 +239,9 @@ def gather_rows(table: torch.Tensor, row_index: torch.Tensor, ndim: int) -> torc
     return picked.view(picked.shape[0], *([1] * (ndim - 2)), picked.shape[-1])
 
 
-def per_row(
-    vectors: Sequence[torch.Tensor], row_index: torch.Tensor | None, ndim: int
-) -> torch.Tensor:
-    """Each row's member vector, broadcastable over an activation of ``ndim`` dimensions (zeros
-    for rows at -1); with ``row_index`` None, every row uses ``vectors[0]`` as it is."""
+def table_rows(table: torch.Tensor, row_index: torch.Tensor | None, ndim: int) -> torch.Tensor:
+    """Each batch row's entry of a vector table ``(n, k)``, broadcastable over an activation of
+    ``ndim`` dimensions: ``(B, 1, ..., 1, k)``; with ``row_index`` None, ``table[0]`` as it is."""
     if row_index is None:
-        return vectors[0]
-    return gather_rows(stack_with_zero_row(vectors), row_index, ndim)
+        return table[0]
+    return gather_rows(table, row_index, ndim)

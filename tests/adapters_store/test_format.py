@@ -65,6 +65,21 @@ def test_round_trip_gives_identical_outputs(method, arch, svd_cache):
     torch.testing.assert_close(logits(target, "acme"), logits(source, "a"), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method", list(METHOD_CONFIGS))
+def test_loaded_adapters_are_frozen_unless_trainable_and_export_identically(method, svd_cache):
+    data = export_adapter(trained(method, svd_cache), "a")
+    payload_hash = read_adapter(data).header.payload_sha256
+    target = fresh(svd_cache)
+    load_adapter(data, target, "served")
+    load_adapter(data, target, "tuned", trainable=True)
+    assert target.is_frozen("served") and not target.is_frozen("tuned")
+    assert not any(p.requires_grad for p in target.adapter_parameters("served").values())
+    assert all(p.requires_grad for p in target.adapter_parameters("tuned").values())
+    for name in ("served", "tuned"):
+        assert read_adapter(export_adapter(target, name)).header.payload_sha256 == payload_hash
+    torch.testing.assert_close(logits(target, "served"), logits(target, "tuned"), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_payload_loads_and_verifies(dtype, svd_cache):
     source = trained("svda", svd_cache)

@@ -49,17 +49,17 @@ def test_only_b_trained_skips_the_singular_vectors(svd_cache):
     layer = next(iter(model.layers.values()))
     weights = layer.adapters["a"]
     weights.svda_b.normal_()
-    assert (
-        _active_columns([weights.delta(layer.shared["svd"])], weights.k, needs_grad=False) is None
-    )
+    delta = weights.delta(layer.shared["svd"])[None]  # one row: (1, k)
+    assert _active_columns(delta, None, weights.k, needs_grad=False) is None
     weights.svda_s[3] += 0.5
-    cols = _active_columns([weights.delta(layer.shared["svd"])], weights.k, needs_grad=False)
-    assert cols.tolist() == [3]
+    delta = weights.delta(layer.shared["svd"])[None]
+    assert _active_columns(delta, None, weights.k, needs_grad=False).tolist() == [3]
+    # rows of the base (-1) do not count, whatever their table row holds
+    rows = torch.tensor([-1, -1])
+    assert _active_columns(delta.expand(2, -1), rows, weights.k, needs_grad=False) is None
     # while training s, every component is touched so every s gets a gradient
     with torch.enable_grad():
-        assert _active_columns(
-            [weights.delta(layer.shared["svd"])], weights.k, needs_grad=True
-        ) == slice(0, weights.k)
+        assert _active_columns(delta, None, weights.k, needs_grad=True) == slice(0, weights.k)
 
 
 @torch.no_grad()

@@ -2,19 +2,17 @@
 
 Shapes: A (r, d2), B (d1, r). The batched path gathers each row's A and B (vLLM's
 ``bgmv`` in plain torch): rows of the same batch may use adapters of different rank, padded with
-zeros to the largest rank present.
+zeros to the largest rank present; α/r is a per-row constant beside the tables.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...regeneration.seeded import kaiming_uniform, seeded_generator
-from ..base import AdapterWeights, TargetInfo
+from ..base import AdapterWeights, TargetInfo, stack_with_zero_row
 from .config import LoraConfig
 
 
@@ -34,34 +32,37 @@ class LoraWeights(AdapterWeights):
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (d1, d2)
 
+    def constants(self) -> dict[str, float]:
+        return {"scaling": self.scaling}
+
     @classmethod
-    def batched_delta(
-        cls,
-        x: torch.Tensor,
-        out0: torch.Tensor,
-        members: Sequence[AdapterWeights],
-        row_index: torch.Tensor | None,
-        shared: nn.Module | None,
-    ) -> torch.Tensor:
+    def row_constants(cls, config: LoraConfig) -> dict[str, float]:
+        return {"scaling": config.scaling}
+
+    @classmethod
+    def member_tables(cls, members, shared) -> dict[str, torch.Tensor]:
+        """A (n+1, r_max, d2), B (n+1, d1, r_max), scaling (n+1,); ranks padded with zeros."""
+        r_max = max(m.r for m in members)
+        a = [F.pad(m.lora_A, (0, 0, 0, r_max - m.r)) for m in members]
+        b = [F.pad(m.lora_B, (0, r_max - m.r)) for m in members]
+        scaling = [m.scaling for m in members] + [0.0]
+        return {
+            "lora_A": stack_with_zero_row(a),
+            "lora_B": stack_with_zero_row(b),
+            "scaling": torch.tensor(scaling, dtype=members[0].lora_A.dtype),
+        }
+
+    @classmethod
+    def add_table_delta(cls, result, x, out0, tables, row_index, shared, dropout=None):
+        a_table, b_table, scaling = tables["lora_A"], tables["lora_B"], tables["scaling"]
+        if dropout is not None:
+            x = dropout(x)
         if row_index is None:
-            m = members[0]
-            return F.linear(F.linear(m.dropout(x), m.lora_A), m.lora_B) * m.scaling
-        a_table, b_table = _padded_tables(members)  # (n+1, r, d2), (n+1, d1, r); last row zero
+            out = F.linear(F.linear(x, a_table[0]), b_table[0] * scaling[0])
+            return result + out.to(result.dtype)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, d2)
         a_rows = a_table[row_index]  # (B, r, d2)
-        b_rows = b_table[row_index]  # (B, d1, r), scaling folded in
+        b_rows = b_table[row_index] * scaling[row_index, None, None]  # (B, d1, r)
         hidden = torch.bmm(x3, a_rows.transpose(1, 2))  # (B, T, r)
         out = torch.bmm(hidden, b_rows.transpose(1, 2))  # (B, T, d1)
-        return out.reshape(out0.shape)
-
-
-def _padded_tables(members: Sequence[LoraWeights]) -> tuple[torch.Tensor, torch.Tensor]:
-    r_max = max(m.r for m in members)
-    first = members[0].lora_A
-    n, d_out, d_in = len(members), members[0].d_out, members[0].d_in
-    a_table = first.new_zeros(n + 1, r_max, d_in)
-    b_table = first.new_zeros(n + 1, d_out, r_max)
-    for i, m in enumerate(members):
-        a_table[i, : m.r] = m.lora_A
-        b_table[i, :, : m.r] = m.lora_B * m.scaling
-    return a_table, b_table
+        return result + out.reshape(out0.shape).to(result.dtype)

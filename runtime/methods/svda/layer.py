@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...regeneration.svd_basis import SVD_ALGORITHM
-from ..base import ScaledOutputWeights, TargetInfo, per_row
+from ..base import AdapterWeights, TargetInfo, stack_with_zero_row, table_rows
 from .config import SvdaConfig
 
 
@@ -41,7 +41,7 @@ class SvdBasisBuffers(nn.Module):
         self.register_buffer("V", v, persistent=False)  # (d2, m)
 
 
-class SvdaWeights(ScaledOutputWeights):
+class SvdaWeights(AdapterWeights):
     method = "svda"
 
     def __init__(self, config: SvdaConfig, target: TargetInfo, shared: nn.Module | None):
@@ -86,38 +86,45 @@ class SvdaWeights(ScaledOutputWeights):
         return self.svda_b[:, None] * ((u * s_full) @ v.T)  # (d1, d2), the plain formula
 
     @classmethod
-    def scale_and_inner(
-        cls,
-        x: torch.Tensor,
-        out0: torch.Tensor,
-        members: Sequence[SvdaWeights],
-        row_index: torch.Tensor | None,
-        shared: nn.Module,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b per row, W0 x + U (δ ⊙ Vᵀ x)): the delta is their product. With δ = 0 the adapter
-        costs one fused kernel on the base output."""
-        if row_index is None:
-            members = members[:1]
+    def member_tables(cls, members, shared) -> dict[str, torch.Tensor]:
+        """s (n+1, k_max) — a member with smaller k is padded with σ, so its δ is 0 there — and
+        b (n+1, d1)."""
         k = max(m.k for m in members)
-        deltas = [F.pad(m.delta(shared), (0, k - m.k)) for m in members]  # each (k,)
-        cols = _active_columns(deltas, k, needs_grad=any(m.svda_s.requires_grad for m in members))
-        b_rows = per_row([m.svda_b for m in members], row_index, x.dim())
+        sigma = shared.sigma[:k].to(members[0].svda_s.dtype)
+        s = [torch.cat([m.svda_s, sigma[m.k :]]) for m in members]
+        return {
+            "svda_s": stack_with_zero_row(s),
+            "svda_b": stack_with_zero_row([m.svda_b for m in members]),
+        }
+
+    @classmethod
+    def add_table_delta(cls, result, x, out0, tables, row_index, shared, dropout=None):
+        """``result + b ⊙ (W0 x + U (δ ⊙ Vᵀ x))`` per row, δ = s − σ. With δ = 0 the adapter
+        costs one fused kernel on the base output; otherwise only the columns of U, V where some
+        row's δ ≠ 0 are touched, once for the whole batch."""
+        s_table, b_table = tables["svda_s"], tables["svda_b"]
+        k = s_table.shape[1]
+        b_rows = table_rows(b_table, row_index, x.dim())
+        delta_rows = table_rows(s_table, row_index, x.dim()) - shared.sigma[:k].to(s_table.dtype)
         inner = out0
+        cols = _active_columns(delta_rows, row_index, k, needs_grad=s_table.requires_grad)
         if cols is not None:
-            delta_rows = per_row(deltas, row_index, x.dim())
             projected = F.linear(x, shared.V[:, cols].T)  # (B, ..., |cols|): once per batch
             inner = out0 + F.linear(projected * delta_rows[..., cols], shared.U[:, cols])
-        return b_rows, inner
+        return torch.addcmul(result, b_rows.to(result.dtype), inner.to(result.dtype))
 
 
 def _active_columns(
-    deltas: list[torch.Tensor], k: int, needs_grad: bool
+    delta_rows: torch.Tensor, row_index: torch.Tensor | None, k: int, needs_grad: bool
 ) -> slice | torch.Tensor | None:
-    """Columns of U, V the batch needs: all k while training s, else those where some δ ≠ 0
-    (None if δ = 0 everywhere)."""
+    """Columns of U, V the batch needs: all k while training s, else those where the δ of some
+    row that uses an adapter (row index ≠ -1) is non-zero (None if there are none)."""
     if needs_grad and torch.is_grad_enabled():
         return slice(0, k)
-    nonzero = torch.stack(deltas).ne(0).any(dim=0)
+    used = delta_rows.reshape(-1, k)
+    if row_index is not None:
+        used = used[row_index >= 0]
+    nonzero = used.ne(0).any(dim=0)
     count = int(nonzero.sum())
     if count == 0:
         return None

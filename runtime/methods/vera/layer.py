@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...regeneration.seeded import vera_projections
-from ..base import ScaledOutputWeights, TargetInfo, per_row
+from ..base import AdapterWeights, TargetInfo, table_rows
 from .config import VeraConfig
 
 
@@ -34,7 +34,7 @@ def _max_dims(targets: Sequence[TargetInfo]) -> tuple[int, int]:
     return max(t.d_out for t in targets), max(t.d_in for t in targets)
 
 
-class VeraWeights(ScaledOutputWeights):
+class VeraWeights(AdapterWeights):
     method = "vera"
 
     def __init__(self, config: VeraConfig, target: TargetInfo, shared: nn.Module | None):
@@ -92,19 +92,13 @@ class VeraWeights(ScaledOutputWeights):
         return self.vera_b[:, None] * (b * self.vera_d[None, :]) @ a  # (d1, d2)
 
     @classmethod
-    def scale_and_inner(
-        cls,
-        x: torch.Tensor,
-        out0: torch.Tensor,
-        members: Sequence[VeraWeights],
-        row_index: torch.Tensor | None,
-        shared: nn.Module,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b per row, B · (d ⊙ A x)): the delta is their product."""
-        if row_index is None:
-            m = members[0]
-            return m.vera_b, F.linear(m.vera_d * F.linear(m.dropout(x), shared.A), shared.B)
-        hidden = F.linear(x, shared.A)  # (B, ..., r): once for the whole batch
-        d_rows = per_row([m.vera_d for m in members], row_index, x.dim())
-        b_rows = per_row([m.vera_b for m in members], row_index, x.dim())
-        return b_rows, F.linear(hidden * d_rows, shared.B)
+    def add_table_delta(cls, result, x, out0, tables, row_index, shared, dropout=None):
+        """``result + b ⊙ B (d ⊙ A x)`` per row: A and B are applied once to the whole batch,
+        only d and b are gathered per row."""
+        if dropout is not None:
+            x = dropout(x)
+        hidden = F.linear(x, shared.A)  # (B, ..., r)
+        d_rows = table_rows(tables["vera_d"], row_index, x.dim())
+        b_rows = table_rows(tables["vera_b"], row_index, x.dim())
+        inner = F.linear(hidden * d_rows, shared.B)  # (B, ..., d1)
+        return torch.addcmul(result, b_rows.to(result.dtype), inner.to(result.dtype))
