@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -183,7 +184,8 @@ def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 
@@ -249,7 +251,7 @@ def _check_payload(header: AdapterHeader, tensors: dict[str, torch.Tensor]) -> N
     expected: dict[str, int] = {}
     for entry in header.layers:
         for kind, shape in entry.params.items():
-            expected[kind] = expected.get(kind, 0) + int(torch.Size(shape).numel())
+            expected[kind] = expected.get(kind, 0) + math.prod(shape)
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
         raise PayloadError(
@@ -265,8 +267,15 @@ def _check_payload(header: AdapterHeader, tensors: dict[str, torch.Tensor]) -> N
             raise PayloadError(
                 f"tensor {kind} has {t.numel()} values; the layer table needs {expected[kind]}"
             )
-        if not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):
             raise PayloadError(f"tensor {kind} holds NaN or Inf values")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """One reduction instead of a mask: a sum is finite when every value is (unless finite
+    values overflow it, which the exact check then settles)."""
+    total = float(t.float().sum()) if t.numel() else 0.0
+    return math.isfinite(total) or bool(torch.isfinite(t).all())
 
 
 def split_payload(adapter_file: AdapterFile) -> dict[str, torch.Tensor]:
@@ -284,13 +293,13 @@ def split_payload(adapter_file: AdapterFile) -> dict[str, torch.Tensor]:
 
 # ----- base checks ------------------------------------------------------------------------------
 def check_shapes(adapter_file: AdapterFile, model: AdapterModel) -> None:
-    known = model.fingerprint.layers
+    shapes = model.layer_shapes()
     for entry in adapter_file.header.layers:
-        if entry.name not in known:
+        if entry.name not in shapes:
             raise LayerShapeMismatch(
                 f"layer {entry.name} of the adapter does not exist in this base model"
             )
-        d_out, d_in = model.target_info(entry.name).weight.shape
+        d_out, d_in = shapes[entry.name]
         if (d_out, d_in) != (entry.d_out, entry.d_in):
             raise LayerShapeMismatch(
                 f"layer {entry.name} is {d_out}×{d_in} in this base, {entry.d_out}×{entry.d_in} in the adapter"

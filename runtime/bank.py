@@ -26,8 +26,6 @@ from torch import nn
 from .errors import AdapterConfigError
 from .methods import AdapterConfig, AdapterWeights, TargetInfo
 
-LayerShapes = tuple[tuple[str, tuple[tuple[str, tuple[int, ...]], ...]], ...]
-
 
 @dataclass(frozen=True)
 class BankLayout:
@@ -36,17 +34,22 @@ class BankLayout:
     method: str
     config: str  # canonical JSON of the config: every field equal
     dtype: torch.dtype
-    layers: LayerShapes  # ((layer name, ((kind, shape), ...)), ...) in file order
+    layer_table: str  # JSON of [[layer name, {kind: shape}], ...] in file order (a cheap key)
 
     @classmethod
     def of(
         cls, config: AdapterConfig, dtype: torch.dtype, layers: Sequence[tuple[str, dict]]
     ) -> BankLayout:
-        frozen = tuple(
-            (name, tuple((kind, tuple(shape)) for kind, shape in params.items()))
-            for name, params in layers
-        )
-        return cls(config.method, json.dumps(config.to_dict(), sort_keys=True), dtype, frozen)
+        table = json.dumps([[name, params] for name, params in layers])
+        return cls(config.method, json.dumps(config.to_dict(), sort_keys=True), dtype, table)
+
+    @property
+    def layers(self) -> list[tuple[str, list[tuple[str, tuple[int, ...]]]]]:
+        """``[(layer name, [(kind, shape), ...]), ...]`` in file order."""
+        return [
+            (name, [(kind, tuple(shape)) for kind, shape in params.items()])
+            for name, params in json.loads(self.layer_table)
+        ]
 
     def kind_sizes(self) -> dict[str, int]:
         sizes: dict[str, int] = {}
@@ -70,12 +73,13 @@ class AdapterBank:
         capacity: int = 4,
     ):
         self.layout, self.config, self.weights_cls = layout, config, weights_cls
+        self.layers = layout.layers  # parsed once
         self.targets = list(targets)  # in layout order
         self.shared_key = shared_key
         self.device = device
         self.slots: dict[str, int] = {}  # adapter name -> slot
         self.frozen_sha256 = ""  # identity of the frozen tensors, set by the model
-        self.version = 0  # bumped when the storage is reallocated (views change)
+        self.version = 0  # bumped when slots or storage change (layers rebuild their groups)
         self._constants = weights_cls.row_constants(config)
         self._sizes = layout.kind_sizes()
         self._allocate(capacity)
@@ -92,7 +96,7 @@ class AdapterBank:
         if old is not None:  # keep the used slots (the zero row stays last)
             for kind, table in old.items():
                 self.storage[kind][: table.shape[0] - 1] = table[:-1]
-        self.layer_tables = [self._views(i) for i in range(len(self.layout.layers))]
+        self.layer_tables = [self._views(i) for i in range(len(self.layers))]
         self.version += 1
 
     def _views(self, index: int) -> dict[str, torch.Tensor]:
@@ -109,7 +113,7 @@ class AdapterBank:
         if not hasattr(self, "_offset_cache"):
             running: dict[str, int] = {}
             self._offset_cache = []
-            for _, params in self.layout.layers:
+            for _, params in self.layers:
                 entry = {}
                 for kind, shape in params:
                     entry[kind] = (running.get(kind, 0), shape)
@@ -133,6 +137,7 @@ class AdapterBank:
         for kind, value in self._constants.items():
             self.storage[kind][slot, 0] = value
         self.slots[name] = slot
+        self.version += 1
         return slot
 
     def _free_slot(self) -> int:
@@ -143,11 +148,11 @@ class AdapterBank:
         self._allocate(self.capacity * 2)
         return len(used)
 
-    @torch.no_grad()
     def remove(self, name: str) -> None:
-        slot = self.slots.pop(name)
-        for table in self.storage.values():
-            table[slot].zero_()
+        """Free ``name``'s slot (its row is overwritten by the next adapter; no batch row can
+        select a free slot)."""
+        del self.slots[name]
+        self.version += 1
 
     def layer_tensors(self, name: str, index: int) -> dict[str, torch.Tensor]:
         """Adapter ``name``'s tensors on layer ``index`` (views of its slot, not constants)."""

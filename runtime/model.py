@@ -57,6 +57,7 @@ class AdapterModel(nn.Module):
         self.banks: dict[BankLayout, AdapterBank] = {}  # slot banks of frozen adapters
         self._banked: dict[str, AdapterBank] = {}  # frozen adapter name -> its bank
         self._ctx = RegenerationContext(self.svd_cache)
+        self._layer_shapes: dict[str, tuple[int, int]] | None = None
 
     # ----- adding and removing adapters ------------------------------------------------------
     def add_adapter(self, name: str, config: AdapterConfig) -> None:
@@ -105,11 +106,11 @@ class AdapterModel(nn.Module):
 
     def _new_bank(self, layout: BankLayout, config: AdapterConfig) -> AdapterBank:
         spec = get_method(config.method)
-        targets = [self.target_info(layer_name) for layer_name, _ in layout.layers]
+        targets = [self.target_info(layer_name) for layer_name, _ in layout.layers]  # once
         key = spec.weights_cls.shared_key(config, targets)
         bank = AdapterBank(layout, config, spec.weights_cls, targets, key, self._device())
         shared_modules = []
-        for target, (_, params) in zip(targets, layout.layers, strict=True):
+        for target, (_, params) in zip(targets, bank.layers, strict=True):
             layer = self.layers.get(target.name)
             if layer is not None and key in layer.shared:
                 shared = layer.shared[key]
@@ -127,7 +128,7 @@ class AdapterModel(nn.Module):
 
     def _dispose_bank(self, bank: AdapterBank) -> None:
         del self.banks[bank.layout]
-        for layer_name, _ in bank.layout.layers:
+        for layer_name, _ in bank.layers:
             self.layers[layer_name].remove_bank(bank)
 
     def delete_adapter(self, name: str) -> None:
@@ -183,6 +184,15 @@ class AdapterModel(nn.Module):
             fingerprint=self.fingerprint.layers[layer_name],
             dtype=torch.float32 if weight.dtype in HALF_DTYPES else weight.dtype,
         )
+
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        """``(d_out, d_in)`` of every layer an adapter may target (computed once)."""
+        if self._layer_shapes is None:
+            self._layer_shapes = {
+                name: tuple(weight_out_in(self._base_module(name)).shape)
+                for name in self.fingerprint.layers
+            }
+        return self._layer_shapes
 
     def _base_module(self, layer_name: str) -> nn.Module:
         if layer_name in self.layers:
@@ -325,7 +335,7 @@ class AdapterModel(nn.Module):
         """The wrapped layers adapter ``name`` is attached to, in model order (for a frozen
         adapter: its file's layer order)."""
         if name in self._banked:
-            return [self.layers[layer_name] for layer_name, _ in self._banked[name].layout.layers]
+            return [self.layers[layer_name] for layer_name, _ in self._banked[name].layers]
         return [layer for layer in self.layers.values() if name in layer.adapters]
 
     def _require(self, name: str) -> None:
