@@ -46,6 +46,7 @@ def load_adapter(
     verify: bool = True,
     probe: str = "auto",
     trainable: bool = False,
+    prune_tolerance: float = 0.0,
 ) -> AdapterHeader:
     """Check and attach an adapter file as ``name`` (default: the name in the file). On any
     failure nothing stays attached. ``probe="auto"`` skips the regeneration probe when this
@@ -54,7 +55,9 @@ def load_adapter(
 
     By default the adapter is attached frozen, into the model's slot bank for its layout (one
     copy per tensor kind: the serving path); ``trainable=True`` attaches it as modules with
-    parameters, to train further."""
+    parameters, to train further. ``prune_tolerance`` ε > 0 lets a frozen adapter serve with
+    ΔW within ε·‖ΔW‖_F of the exact one per layer, where its method can make that cheaper
+    (SvdA: components of δ dropped; applied after the checks)."""
     adapter_file = source if isinstance(source, AdapterFile) else read_adapter(source)
     check_shapes(adapter_file, model)
     check_base(adapter_file, model)
@@ -68,6 +71,9 @@ def load_adapter(
     try:
         if verify and not (probe == "auto" and frozen_identical(adapter_file, model, name)):
             check_probe(adapter_file, model, name)
+        if prune_tolerance and not trainable:
+            norms = [entry.delta_norm for entry in adapter_file.header.layers]
+            model.prune_adapter(name, prune_tolerance, norms)
     except BaseException:
         model.delete_adapter(name)
         raise

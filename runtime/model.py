@@ -149,6 +149,29 @@ class AdapterModel(nn.Module):
         if name in self.state.names:
             self.state.set((), None)
 
+    @torch.no_grad()
+    def prune_adapter(
+        self, name: str, tolerance: float, delta_norms: Sequence[float]
+    ) -> dict[str, int]:
+        """Let frozen adapter ``name`` serve with ΔW within ``tolerance · ‖ΔW‖_F`` of the exact
+        one per layer, where its method can make that cheaper (SvdA drops components of δ;
+        SPEC.md §3). ``delta_norms``: exact ‖ΔW‖_F per layer, in the adapter's layer order.
+        Changes the adapter's tensors in place; returns the method's counts."""
+        if not tolerance >= 0:
+            raise AdapterConfigError(f"tolerance must be >= 0, got {tolerance}")
+        if not self.is_frozen(name):
+            raise AdapterStateError(f"adapter {name!r} is trainable; only frozen ones are pruned")
+        bank = self._banked[name]
+        norms = torch.as_tensor(list(delta_norms), dtype=torch.float64)
+        if norms.shape != (len(bank.layers),):
+            raise AdapterConfigError(
+                f"need one ‖ΔW‖ per layer ({len(bank.layers)}), got {tuple(norms.shape)}"
+            )
+        slot = bank.slots[name]
+        tensors = {kind: table[slot] for kind, table in bank.storage.items()}
+        shared = [self.layers[layer].shared[bank.shared_key] for layer, _ in bank.layers]
+        return bank.weights_cls.prune_packed(tensors, bank.layers, shared, norms, tolerance)
+
     def is_frozen(self, name: str) -> bool:
         """True for adapters attached with :meth:`add_packed_adapter` (not trainable)."""
         self._require(name)

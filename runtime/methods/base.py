@@ -156,6 +156,21 @@ class AdapterWeights(nn.Module):
         return {}
 
     @classmethod
+    def prune_packed(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        layers: Sequence[tuple[str, Sequence[tuple[str, tuple[int, ...]]]]],
+        shared: Sequence[nn.Module | None],
+        delta_norms: torch.Tensor,
+        tolerance: float,
+    ) -> dict[str, int]:
+        """Serve a cheaper adapter whose ΔW is within ``tolerance · ‖ΔW‖_F`` of the exact one on
+        every layer, by editing its packed tensors in place (one flat tensor per kind, as in a
+        slot bank). ``delta_norms``: (L,) exact ‖ΔW‖_F per layer (from the adapter file).
+        Returns counts for reports, e.g. components kept / total. Default: nothing to prune."""
+        return {}
+
+    @classmethod
     def member_tables(
         cls, members: Sequence[AdapterWeights], shared: nn.Module | None
     ) -> dict[str, torch.Tensor]:

@@ -80,6 +80,18 @@ def test_loaded_adapters_are_frozen_unless_trainable_and_export_identically(meth
     torch.testing.assert_close(logits(target, "served"), logits(target, "tuned"), rtol=0, atol=0)
 
 
+def test_pruning_applies_after_the_probe_check(svd_cache):
+    source = trained("svda", svd_cache)
+    data = export_adapter(source, "a")
+    target = fresh(svd_cache)
+    load_adapter(data, target, "exact", probe="always")
+    load_adapter(data, target, "pruned", probe="always", prune_tolerance=0.3)
+    exact, pruned = target.get_delta_weights("exact"), target.get_delta_weights("pruned")
+    assert any(not torch.equal(exact[k], pruned[k]) for k in exact)
+    for k, delta in exact.items():
+        assert torch.linalg.norm(pruned[k] - delta) <= 0.3 * torch.linalg.norm(delta) + 1e-6
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_payload_loads_and_verifies(dtype, svd_cache):
     source = trained("svda", svd_cache)

@@ -44,3 +44,14 @@ def perturb(model: AdapterModel, name: str, scale: float = 0.1, seed: int = 0) -
     generator = torch.Generator().manual_seed(seed)
     for _, p in sorted(model.adapter_parameters(name).items()):
         p.add_(torch.randn(p.shape, generator=generator) * scale)
+
+
+def packed(model: AdapterModel, name: str):
+    """The adapter's tensors as a ``.svda`` payload holds them: one flat tensor per kind."""
+    layers, kinds = [], {}
+    for layer in model.layers_of(name):
+        tensors = layer.tensors_of(name)
+        layers.append((layer.layer_name, {k: list(t.shape) for k, t in tensors.items()}))
+        for kind, t in tensors.items():
+            kinds.setdefault(kind, []).append(t.detach().flatten())
+    return {k: torch.cat(v) for k, v in kinds.items()}, layers

@@ -7,18 +7,7 @@ import torch
 
 from svda.runtime import AdapterConfigError, AdapterModel
 
-from .helpers import METHOD_CONFIGS, perturb, tiny_llama
-
-
-def packed(model: AdapterModel, name: str):
-    """The adapter's tensors as a ``.svda`` payload holds them: one flat tensor per kind."""
-    layers, kinds = [], {}
-    for layer in model.layers_of(name):
-        tensors = layer.tensors_of(name)
-        layers.append((layer.layer_name, {k: list(t.shape) for k, t in tensors.items()}))
-        for kind, t in tensors.items():
-            kinds.setdefault(kind, []).append(t.detach().flatten())
-    return {k: torch.cat(v) for k, v in kinds.items()}, layers
+from .helpers import METHOD_CONFIGS, packed, perturb, tiny_llama
 
 
 def with_modules(svd_cache, method: str, count: int) -> AdapterModel:

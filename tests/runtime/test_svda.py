@@ -8,7 +8,7 @@ import torch
 from svda.runtime import AdapterConfigError, AdapterModel, SvdaConfig
 from svda.runtime.methods.svda.layer import _active_columns
 
-from .helpers import perturb, tiny_llama
+from .helpers import packed, perturb, tiny_llama
 
 
 def svda_model(svd_cache, **config) -> AdapterModel:
@@ -96,3 +96,20 @@ def test_top_k_trains_only_k_components(svd_cache, input_ids):
 def test_bad_config_is_refused_with_a_clear_message(kwargs, message):
     with pytest.raises(AdapterConfigError, match=message):
         SvdaConfig(**kwargs)
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.05, 0.3])
+@torch.no_grad()
+def test_pruned_serving_stays_within_the_declared_bound(tolerance, svd_cache):
+    model = svda_model(svd_cache)
+    perturb(model, "a", scale=0.05)
+    exact = model.get_delta_weights("a")
+    norms = [float(torch.linalg.norm(exact[layer.layer_name])) for layer in model.layers_of("a")]
+    model.add_packed_adapter("p", model.configs["a"], *packed(model, "a"))
+    counts = model.prune_adapter("p", tolerance, norms)
+    pruned = model.get_delta_weights("p")
+    for layer_name, norm in zip(exact, norms, strict=True):
+        error = float(torch.linalg.norm(pruned[layer_name] - exact[layer_name]))
+        assert error <= tolerance * norm + 1e-6
+    kept, total = counts["components_kept"], counts["components_total"]
+    assert kept == total if tolerance == 0 else kept < total

@@ -98,6 +98,37 @@ class SvdaWeights(AdapterWeights):
         }
 
     @classmethod
+    def prune_packed(cls, tensors, layers, shared, delta_norms, tolerance) -> dict[str, int]:
+        """SPEC.md §3: dropping component i changes ΔW by ``|δ_i| · ‖b ⊙ u_i‖`` in Frobenius
+        norm, orthogonally across i, and ``‖b ⊙ u_i‖ ≤ max|b|`` (u_i has unit norm). Per layer,
+        the components with the smallest bounds ``|δ_i| · max|b|`` are dropped (δ_i := 0, i.e.
+        s_i := σ_i) while the sum of their squares stays within ``(tolerance · ‖ΔW‖_F)²``: an
+        exact bound, computed for all layers at once without touching U."""
+        s, b = tensors["svda_s"], tensors["svda_b"]
+        k_sizes = [shape[0] for _, params in layers for kind, shape in params if kind == "svda_s"]
+        d_sizes = [shape[0] for _, params in layers for kind, shape in params if kind == "svda_b"]
+        sigma = torch.cat([m.sigma[:k].to(s) for m, k in zip(shared, k_sizes, strict=True)])
+        layer_of_k = torch.repeat_interleave(torch.arange(len(k_sizes)), torch.tensor(k_sizes))
+        layer_of_b = torch.repeat_interleave(torch.arange(len(d_sizes)), torch.tensor(d_sizes))
+        b_max = torch.zeros(len(d_sizes), dtype=b.dtype).scatter_reduce(
+            0, layer_of_b, b.abs(), "amax", include_self=False
+        )
+        delta = s - sigma
+        bound_sq = (delta.double() * b_max.double()[layer_of_k]) ** 2  # (Σk,)
+        # sort by bound, then (stably) by layer: each layer's components in ascending bound
+        order = bound_sq.argsort(stable=True)
+        order = order[layer_of_k[order].argsort(stable=True)]
+        cumulative = bound_sq[order].cumsum(0)
+        starts = torch.tensor([0, *k_sizes[:-1]]).cumsum(0)
+        before = torch.cat([cumulative.new_zeros(1), cumulative])[starts]  # per layer offset
+        within = cumulative - before[layer_of_k[order]]
+        budget = (tolerance * delta_norms.double()) ** 2
+        drop = order[within <= budget[layer_of_k[order]]]
+        s[drop] = sigma[drop]
+        nonzero = int((s != sigma).sum())
+        return {"components_kept": nonzero, "components_total": int(s.numel())}
+
+    @classmethod
     def add_table_delta(cls, result, x, out0, tables, row_index, shared, dropout=None):
         """``result + b ⊙ (W0 x + U (δ ⊙ Vᵀ x))`` per row, δ = s − σ. With δ = 0 the adapter
         costs one fused kernel on the base output; otherwise only the columns of U, V where some
