@@ -44,7 +44,16 @@ class AdapterState:
     version: int = 0
 
     def set(self, names: Sequence[str], row_index: torch.Tensor | None) -> None:
-        self.names, self.row_index = tuple(names), row_index
+        """Choose the adapters; unchanged choices keep the layers' cached groups (decode)."""
+        names = tuple(names)
+        same_rows = (
+            row_index is None
+            if self.row_index is None
+            else row_index is not None and torch.equal(row_index, self.row_index)
+        )
+        if names == self.names and same_rows:
+            return
+        self.names, self.row_index = names, row_index
         self.version += 1
 
 
@@ -55,6 +64,8 @@ class _Group:
     row_index: torch.Tensor | None  # rows of the tables, -1 for the zero row; None: row 0
     members: list[AdapterWeights] = field(default_factory=list)  # module groups
     tables: dict[str, torch.Tensor] | None = None  # bank groups: views of the bank
+    prepared: dict | None = None  # bank groups: ``cls.prepare`` output, kept for a decode loop
+    prepared_ndim: int = 0
 
 
 @dataclass
@@ -210,18 +221,21 @@ class AdapterLinear(nn.Module):
     def _add_group_delta(
         self, result: torch.Tensor, group: _Group, x: torch.Tensor, out0: torch.Tensor
     ) -> torch.Tensor:
-        shared = self.shared[group.key]
-        dropout = None
-        if group.tables is not None:
-            tables = group.tables
-        else:
-            tables = group.cls.member_tables(group.members, shared)
-            if group.row_index is None:
-                dropout = getattr(group.members[0], "dropout", None)
-        dtype = next(iter(tables.values())).dtype  # adapters may be float32 on a half base
-        return group.cls.add_table_delta(
-            result, x.to(dtype), out0.to(dtype), tables, group.row_index, shared, dropout
-        )
+        shared, cls = self.shared[group.key], group.cls
+        if group.tables is None:  # attached modules: fresh tables (they may be training)
+            tables = cls.member_tables(group.members, shared)
+            dtype = next(iter(tables.values())).dtype  # float32 adapters on a half base
+            dropout = (
+                getattr(group.members[0], "dropout", None) if group.row_index is None else None
+            )
+            return cls.add_table_delta(
+                result, x.to(dtype), out0.to(dtype), tables, group.row_index, shared, dropout
+            )
+        if group.prepared is None or group.prepared_ndim != x.dim():
+            group.prepared = cls.prepare(group.tables, group.row_index, shared, x.dim())
+            group.prepared_ndim = x.dim()
+        dtype = next(iter(group.tables.values())).dtype
+        return cls.add_prepared(result, x.to(dtype), out0.to(dtype), group.prepared, shared)
 
     def _groups(self, state: AdapterState) -> list[_Group]:
         stamp = (

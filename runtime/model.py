@@ -170,7 +170,9 @@ class AdapterModel(nn.Module):
         slot = bank.slots[name]
         tensors = {kind: table[slot] for kind, table in bank.storage.items()}
         shared = [self.layers[layer].shared[bank.shared_key] for layer, _ in bank.layers]
-        return bank.weights_cls.prune_packed(tensors, bank.layers, shared, norms, tolerance)
+        counts = bank.weights_cls.prune_packed(tensors, bank.layers, shared, norms, tolerance)
+        bank.version += 1  # layers drop what they prepared from the old values
+        return counts
 
     def is_frozen(self, name: str) -> bool:
         """True for adapters attached with :meth:`add_packed_adapter` (not trainable)."""
@@ -335,6 +337,8 @@ class AdapterModel(nn.Module):
                 )
         for key, p in params.items():
             p.copy_(tensors[key].to(dtype=p.dtype, device=p.device))
+        if name in self._banked:
+            self._banked[name].version += 1  # layers drop what they prepared from old values
 
     def trainable_parameter_count(self, name: str) -> int:
         return sum(p.numel() for p in self.adapter_parameters(name).values())

@@ -187,6 +187,35 @@ class AdapterWeights(nn.Module):
         return tables
 
     @classmethod
+    def prepare(
+        cls,
+        tables: dict[str, torch.Tensor],
+        row_index: torch.Tensor | None,
+        shared: nn.Module | None,
+        ndim: int,
+    ) -> dict[str, Any]:
+        """What the forward needs for one batch composition: each row's tensors gathered from
+        ``tables`` (rows of the tables, -1: the zero row; None: every batch row uses row 0),
+        shaped to broadcast over an activation of ``ndim`` dimensions. A layer caches it while
+        the composition and the tables stay the same (a decode loop), unless it is training."""
+        raise NotImplementedError
+
+    @classmethod
+    def add_prepared(
+        cls,
+        result: torch.Tensor,
+        x: torch.Tensor,
+        out0: torch.Tensor,
+        prepared: dict[str, Any],
+        shared: nn.Module | None,
+        dropout: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """The fast path: ``result + ΔW_{row} x`` for every batch row. ``x``: (B, ..., d2);
+        ``out0 = W0 x``: (B, ..., d1), both in the adapter dtype. ``dropout`` applies to the
+        adapter's input (training). Frozen tensors in ``shared`` are applied once per batch."""
+        raise NotImplementedError
+
+    @classmethod
     def add_table_delta(
         cls,
         result: torch.Tensor,
@@ -197,12 +226,10 @@ class AdapterWeights(nn.Module):
         shared: nn.Module | None,
         dropout: nn.Module | None = None,
     ) -> torch.Tensor:
-        """The fast path: ``result + ΔW_{row} x`` for every batch row. ``x``: (B, ..., d2);
-        ``out0 = W0 x``: (B, ..., d1); ``tables`` as :meth:`member_tables` (or a slot bank's
-        views) in the adapter dtype; ``row_index``: (B,) rows of the tables (-1: the zero row), or
-        None when every batch row uses table row 0. ``dropout`` applies to the adapter's input
-        (training). Frozen tensors shared by the tables' adapters are applied once per batch."""
-        raise NotImplementedError
+        """:meth:`prepare` then :meth:`add_prepared`, for tables as :meth:`member_tables`
+        builds them (or a slot bank's views)."""
+        prepared = cls.prepare(tables, row_index, shared, x.dim())
+        return cls.add_prepared(result, x, out0, prepared, shared, dropout)
 
     @classmethod
     def batched_delta(

@@ -7,6 +7,8 @@ zeros to the largest rank present; α/r is a per-row constant beside the tables.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,16 +55,23 @@ class LoraWeights(AdapterWeights):
         }
 
     @classmethod
-    def add_table_delta(cls, result, x, out0, tables, row_index, shared, dropout=None):
+    def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:
         a_table, b_table, scaling = tables["lora_A"], tables["lora_B"], tables["scaling"]
+        if row_index is None:
+            return {"A": a_table[0], "B": b_table[0] * scaling[0]}  # (r, d2), (d1, r)
+        return {
+            "A": a_table[row_index],  # (B, r, d2)
+            "B": b_table[row_index] * scaling[row_index, None, None],  # (B, d1, r)
+        }
+
+    @classmethod
+    def add_prepared(cls, result, x, out0, prepared, shared, dropout=None):
         if dropout is not None:
             x = dropout(x)
-        if row_index is None:
-            out = F.linear(F.linear(x, a_table[0]), b_table[0] * scaling[0])
-            return result + out.to(result.dtype)
+        a, b = prepared["A"], prepared["B"]
+        if a.dim() == 2:
+            return result + F.linear(F.linear(x, a), b).to(result.dtype)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, d2)
-        a_rows = a_table[row_index]  # (B, r, d2)
-        b_rows = b_table[row_index] * scaling[row_index, None, None]  # (B, d1, r)
-        hidden = torch.bmm(x3, a_rows.transpose(1, 2))  # (B, T, r)
-        out = torch.bmm(hidden, b_rows.transpose(1, 2))  # (B, T, d1)
+        hidden = torch.bmm(x3, a.transpose(1, 2))  # (B, T, r)
+        out = torch.bmm(hidden, b.transpose(1, 2))  # (B, T, d1)
         return result + out.reshape(out0.shape).to(result.dtype)

@@ -129,20 +129,33 @@ class SvdaWeights(AdapterWeights):
         return {"components_kept": nonzero, "components_total": int(s.numel())}
 
     @classmethod
-    def add_table_delta(cls, result, x, out0, tables, row_index, shared, dropout=None):
-        """``result + b ⊙ (W0 x + U (δ ⊙ Vᵀ x))`` per row, δ = s − σ. With δ = 0 the adapter
-        costs one fused kernel on the base output; otherwise only the columns of U, V where some
-        row's δ ≠ 0 are touched, once for the whole batch."""
+    def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:
+        """Each row's b and δ = s − σ, and the columns of U, V some row needs (δ ≠ 0), copied
+        contiguous when they are a subset (a decode loop then reads only those)."""
         s_table, b_table = tables["svda_s"], tables["svda_b"]
         k = s_table.shape[1]
-        b_rows = table_rows(b_table, row_index, x.dim())
-        delta_rows = table_rows(s_table, row_index, x.dim()) - shared.sigma[:k].to(s_table.dtype)
+        delta = table_rows(s_table, row_index, ndim) - shared.sigma[:k].to(s_table.dtype)
+        prepared = {"b": table_rows(b_table, row_index, ndim), "delta": None}
+        cols = _active_columns(delta, row_index, k, needs_grad=s_table.requires_grad)
+        if isinstance(cols, slice):
+            prepared.update(delta=delta, V_t=shared.V[:, :k].T, U=shared.U[:, :k])
+        elif cols is not None:
+            prepared.update(
+                delta=delta[..., cols],
+                V_t=shared.V[:, cols].T.contiguous(),  # (|cols|, d2)
+                U=shared.U[:, cols].contiguous(),  # (d1, |cols|)
+            )
+        return prepared
+
+    @classmethod
+    def add_prepared(cls, result, x, out0, prepared, shared, dropout=None):
+        """``result + b ⊙ (W0 x + U (δ ⊙ Vᵀ x))`` per row. With δ = 0 the adapter costs one
+        fused kernel on the base output; otherwise U, V are applied once for the whole batch."""
         inner = out0
-        cols = _active_columns(delta_rows, row_index, k, needs_grad=s_table.requires_grad)
-        if cols is not None:
-            projected = F.linear(x, shared.V[:, cols].T)  # (B, ..., |cols|): once per batch
-            inner = out0 + F.linear(projected * delta_rows[..., cols], shared.U[:, cols])
-        return torch.addcmul(result, b_rows.to(result.dtype), inner.to(result.dtype))
+        if prepared["delta"] is not None:
+            projected = F.linear(x, prepared["V_t"])  # (B, ..., |cols|)
+            inner = out0 + F.linear(projected * prepared["delta"], prepared["U"])
+        return torch.addcmul(result, prepared["b"].to(result.dtype), inner.to(result.dtype))
 
 
 def _active_columns(

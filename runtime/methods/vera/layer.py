@@ -92,13 +92,18 @@ class VeraWeights(AdapterWeights):
         return self.vera_b[:, None] * (b * self.vera_d[None, :]) @ a  # (d1, d2)
 
     @classmethod
-    def add_table_delta(cls, result, x, out0, tables, row_index, shared, dropout=None):
+    def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:
+        return {
+            "d": table_rows(tables["vera_d"], row_index, ndim),  # (B, 1.., r) or (r,)
+            "b": table_rows(tables["vera_b"], row_index, ndim),  # (B, 1.., d1) or (d1,)
+        }
+
+    @classmethod
+    def add_prepared(cls, result, x, out0, prepared, shared, dropout=None):
         """``result + b ⊙ B (d ⊙ A x)`` per row: A and B are applied once to the whole batch,
-        only d and b are gathered per row."""
+        only d and b differ per row."""
         if dropout is not None:
             x = dropout(x)
         hidden = F.linear(x, shared.A)  # (B, ..., r)
-        d_rows = table_rows(tables["vera_d"], row_index, x.dim())
-        b_rows = table_rows(tables["vera_b"], row_index, x.dim())
-        inner = F.linear(hidden * d_rows, shared.B)  # (B, ..., d1)
-        return torch.addcmul(result, b_rows.to(result.dtype), inner.to(result.dtype))
+        inner = F.linear(hidden * prepared["d"], shared.B)  # (B, ..., d1)
+        return torch.addcmul(result, prepared["b"].to(result.dtype), inner.to(result.dtype))
