@@ -185,6 +185,10 @@ class AdapterLinear(nn.Module):
         """ΔW of adapter ``name`` on this layer as ``(d1, d2)`` (the reference formula)."""
         return self.weights_of(name).get_delta_weight(self.shared_of(name))
 
+    def get_delta_bias(self, name: str) -> torch.Tensor | None:
+        """Change of this layer's bias by adapter ``name`` (None for most methods)."""
+        return self.weights_of(name).get_delta_bias(self.shared_of(name))
+
     @torch.no_grad()
     def merge(self, name: str) -> None:
         """Fold adapter ``name`` into the base weight (float64 arithmetic). A half-precision
@@ -192,17 +196,50 @@ class AdapterLinear(nn.Module):
         weight = self.weight_out_in()
         if weight.dtype in HALF_DTYPES:
             self._original_weight = weight.detach().clone()
-        self.weights_of(name).merge_into(weight, self.shared_of(name))
+        weights, shared = self.weights_of(name), self.shared_of(name)
+        weights.merge_into(weight, shared)
+        self._merge_bias(weights.get_delta_bias(shared))
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
         """Take adapter ``name`` out of the base weight again (bit-exact for half precision)."""
+        weights, shared = self.weights_of(name), self.shared_of(name)
+        self._unmerge_bias(weights.get_delta_bias(shared))
         weight = self.weight_out_in()
         if self._original_weight is not None:
             weight.copy_(self._original_weight)
             self._original_weight = None
             return
-        self.weights_of(name).unmerge_from(weight, self.shared_of(name))
+        weights.unmerge_from(weight, shared)
+
+    def _merge_bias(self, delta: torch.Tensor | None) -> None:
+        """``bias += Δb``; a layer without bias gets one (removed again on unmerge)."""
+        self._created_bias = False
+        self._original_bias = None
+        if delta is None:
+            return
+        bias = self.base_layer.bias
+        if bias is None:
+            weight = self.base_layer.weight
+            new = delta.detach().to(device=weight.device, dtype=weight.dtype).clone()
+            self.base_layer.bias = nn.Parameter(new, requires_grad=False)
+            self._created_bias = True
+            return
+        if bias.dtype in HALF_DTYPES:
+            self._original_bias = bias.detach().clone()
+        bias.copy_((bias.double() + delta.double()).to(bias.dtype))
+
+    def _unmerge_bias(self, delta: torch.Tensor | None) -> None:
+        if delta is None:
+            return
+        if getattr(self, "_created_bias", False):
+            self.base_layer.bias = None
+        elif getattr(self, "_original_bias", None) is not None:
+            self.base_layer.bias.copy_(self._original_bias)
+        else:
+            bias = self.base_layer.bias
+            bias.copy_((bias.double() - delta.double()).to(bias.dtype))
+        self._created_bias, self._original_bias = False, None
 
     # ----- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -251,16 +288,18 @@ class AdapterLinear(nn.Module):
     def _build_groups(self, state: AdapterState) -> list[_Group]:
         if state.row_index is None:
             return self._single_group(state.names[0])
-        by_key: dict[str, list[tuple[int, str]]] = {}
+        # one group per (shared key, method): methods may share frozen tensors (SVD bases)
+        by_key: dict[tuple[str, type], list[tuple[int, str]]] = {}
         for position, name in enumerate(state.names):
             if name in self.adapters:
-                by_key.setdefault(self.adapter_keys[name], []).append((position, name))
+                key = (self.adapter_keys[name], type(self.adapters[name]))
+                by_key.setdefault(key, []).append((position, name))
         groups = []
-        for key, entries in by_key.items():
+        for (key, cls), entries in by_key.items():
             local_index = _local_rows(state, {pos: i for i, (pos, _) in enumerate(entries)})
             if local_index is not None:
                 members = [self.adapters[name] for _, name in entries]
-                groups.append(_Group(key, type(members[0]), local_index, members=members))
+                groups.append(_Group(key, cls, local_index, members=members))
         for bank, index in self.banks:
             slots = {pos: bank.slots[n] for pos, n in enumerate(state.names) if n in bank.slots}
             local_index = _local_rows(state, slots) if slots else None

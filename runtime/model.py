@@ -319,7 +319,10 @@ class AdapterModel(nn.Module):
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """Detached CPU copies of ``name``'s trainable tensors (what an adapter file stores)."""
-        return {k: p.detach().cpu().clone() for k, p in self.adapter_parameters(name).items()}
+        return {
+            k: p.detach().cpu().clone().contiguous()
+            for k, p in self.adapter_parameters(name).items()
+        }
 
     @torch.no_grad()
     def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -1,7 +1,10 @@
 """Adapter methods, one folder each, registered in :mod:`.registry`."""
 
 from .base import AdapterConfig, AdapterWeights, TargetInfo
+from .bitfit import BitFitConfig, BitFitWeights
 from .lora import LoraConfig, LoraWeights
+from .lora_ga import LoraGaConfig, LoraGaWeights
+from .pissa import PissaConfig, PissaWeights
 from .registry import (
     MethodSpec,
     available_methods,
@@ -15,13 +18,26 @@ from .vera import VeraConfig, VeraWeights
 register_method(SvdaConfig, SvdaWeights, "SVD-based adaptation: ΔW = diag(b)·U·diag(s)·Vᵀ")
 register_method(VeraConfig, VeraWeights, "Vector-based random matrices: ΔW = diag(b)·B·diag(d)·A")
 register_method(LoraConfig, LoraWeights, "Low-rank adaptation: ΔW = (α/r)·B·A")
+register_method(
+    PissaConfig, PissaWeights, "LoRA from the principal SVD part: ΔW = B·A − B0·A0 (A0, B0 from W0)"
+)
+register_method(
+    LoraGaConfig, LoraGaWeights, "LoRA from gradient SVD: ΔW = (α/r)·(B·A − B0·A0), A0, B0 stored"
+)
+register_method(BitFitConfig, BitFitWeights, "Bias only: ΔW = 0, bias' = bias + β")
 
 __all__ = [
     "AdapterConfig",
     "AdapterWeights",
+    "BitFitConfig",
+    "BitFitWeights",
     "LoraConfig",
+    "LoraGaConfig",
+    "LoraGaWeights",
     "LoraWeights",
     "MethodSpec",
+    "PissaConfig",
+    "PissaWeights",
     "SvdaConfig",
     "SvdaWeights",
     "TargetInfo",

@@ -134,6 +134,10 @@ class AdapterWeights(nn.Module):
         """ΔW as ``(d1, d2)`` in the parameters' dtype: the plain formula of SPEC.md §3."""
         raise NotImplementedError
 
+    def get_delta_bias(self, shared: nn.Module | None) -> torch.Tensor | None:
+        """Change of the layer's bias (d1,), or None: most methods leave the bias alone."""
+        return None
+
     def merge_into(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
         """``W0 ← W0 + ΔW`` in place (computed in float64, cast back)."""
         delta = self.get_delta_weight(shared).to(torch.float64)
@@ -254,13 +258,18 @@ class AdapterWeights(nn.Module):
         shared: nn.Module | None,
     ) -> torch.Tensor:
         """Plain implementation the fast path is tested against: ``ΔW_a x`` row by row."""
+
+        def delta_of(member: AdapterWeights, x_rows: torch.Tensor) -> torch.Tensor:
+            bias = member.get_delta_bias(shared)
+            bias = None if bias is None else bias.to(x.dtype)
+            return nn.functional.linear(x_rows, member.get_delta_weight(shared).to(x.dtype), bias)
+
         if row_index is None:
-            return nn.functional.linear(x, members[0].get_delta_weight(shared).to(x.dtype))
+            return delta_of(members[0], x)
         out = torch.zeros_like(out0)
         for position, member in enumerate(members):
-            delta = member.get_delta_weight(shared).to(x.dtype)
             rows = row_index == position
-            out[rows] = nn.functional.linear(x[rows], delta)
+            out[rows] = delta_of(member, x[rows])
         return out
 
     # ----- bookkeeping ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from svda.runtime import AdapterModel, LoraConfig, SvdaConfig, VeraConfig
+from svda.runtime.methods import BitFitConfig, LoraGaConfig, PissaConfig
 
 VOCAB = 96
 
@@ -35,6 +36,9 @@ METHOD_CONFIGS = {
     "lora": lambda targets: LoraConfig(targets=targets, r=4, alpha=8.0),
     "vera": lambda targets: VeraConfig(targets=targets, r=16, projection_seed=7),
     "svda": lambda targets: SvdaConfig(targets=targets),
+    "pissa": lambda targets: PissaConfig(targets=targets, r=3),
+    "lora_ga": lambda targets: LoraGaConfig(targets=targets, r=2, alpha=4.0),
+    "bitfit": lambda targets: BitFitConfig(targets=targets),
 }
 
 

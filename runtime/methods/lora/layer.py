@@ -56,22 +56,40 @@ class LoraWeights(AdapterWeights):
 
     @classmethod
     def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:
-        a_table, b_table, scaling = tables["lora_A"], tables["lora_B"], tables["scaling"]
-        if row_index is None:
-            return {"A": a_table[0], "B": b_table[0] * scaling[0]}  # (r, d2), (d1, r)
-        return {
-            "A": a_table[row_index],  # (B, r, d2)
-            "B": b_table[row_index] * scaling[row_index, None, None],  # (B, d1, r)
-        }
+        return lora_rows(tables["lora_A"], tables["lora_B"], tables["scaling"], row_index)
 
     @classmethod
     def add_prepared(cls, result, x, out0, prepared, shared, dropout=None):
         if dropout is not None:
             x = dropout(x)
-        a, b = prepared["A"], prepared["B"]
-        if a.dim() == 2:
-            return result + F.linear(F.linear(x, a), b).to(result.dtype)
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, d2)
-        hidden = torch.bmm(x3, a.transpose(1, 2))  # (B, T, r)
-        out = torch.bmm(hidden, b.transpose(1, 2))  # (B, T, d1)
-        return result + out.reshape(out0.shape).to(result.dtype)
+        return add_lora_rows(result, x, out0, prepared)
+
+
+def lora_rows(
+    a_table: torch.Tensor,
+    b_table: torch.Tensor,
+    scaling: torch.Tensor | None,
+    row_index: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """Each row's A (B, r, d2) and scaled B (B, d1, r); with ``row_index`` None, table row 0 as
+    (r, d2), (d1, r). ``scaling``: (n,) per table row, or None for 1."""
+    if row_index is None:
+        b = b_table[0] if scaling is None else b_table[0] * scaling[0]
+        return {"A": a_table[0], "B": b}
+    b = b_table[row_index]
+    if scaling is not None:
+        b = b * scaling[row_index, None, None]
+    return {"A": a_table[row_index], "B": b}
+
+
+def add_lora_rows(
+    result: torch.Tensor, x: torch.Tensor, out0: torch.Tensor, rows: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """``result + B_row (A_row x_row)`` (vLLM's bgmv in plain torch: two batched products)."""
+    a, b = rows["A"], rows["B"]
+    if a.dim() == 2:
+        return result + F.linear(F.linear(x, a), b).to(result.dtype)
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, d2)
+    hidden = torch.bmm(x3, a.transpose(1, 2))  # (B, T, r)
+    out = torch.bmm(hidden, b.transpose(1, 2))  # (B, T, d1)
+    return result + out.reshape(out0.shape).to(result.dtype)

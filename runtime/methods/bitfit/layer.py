@@ -1,0 +1,44 @@
+"""BitFit on one layer: only a bias offset β (d1,) is trained; ΔW = 0 (SPEC.md §3).
+
+The batched path gathers each row's β; merging adds β into the base bias, or creates the bias
+where the base layer has none (and removes it again on unmerge).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..base import AdapterWeights, TargetInfo, table_rows
+from .config import BitFitConfig
+
+
+class BitFitWeights(AdapterWeights):
+    method = "bitfit"
+
+    def __init__(self, config: BitFitConfig, target: TargetInfo, shared: nn.Module | None):
+        super().__init__(config, target, shared)
+        device, dtype = target.weight.device, target.dtype
+        self.bitfit_bias = nn.Parameter(torch.zeros(target.d_out, device=device, dtype=dtype))
+
+    def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
+        return self.bitfit_bias.new_zeros(self.d_out, self.d_in)
+
+    def get_delta_bias(self, shared: nn.Module | None) -> torch.Tensor:
+        return self.bitfit_bias
+
+    def merge_into(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
+        """ΔW = 0: the weight is untouched; the layer merges the bias (see ``get_delta_bias``)."""
+
+    def unmerge_from(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
+        """Nothing to undo in the weight."""
+
+    @classmethod
+    def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:
+        return {"bias": table_rows(tables["bitfit_bias"], row_index, ndim)}  # (B, 1.., d1)
+
+    @classmethod
+    def add_prepared(cls, result, x, out0, prepared, shared, dropout=None):
+        return result + prepared["bias"].to(result.dtype)

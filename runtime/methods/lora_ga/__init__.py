@@ -1,0 +1,4 @@
+from .config import LoraGaConfig
+from .layer import LoraGaWeights
+
+__all__ = ["LoraGaConfig", "LoraGaWeights"]

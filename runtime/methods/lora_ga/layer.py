@@ -1,0 +1,96 @@
+"""LoRA-GA weights on one layer (SPEC.md §3).
+
+    ΔW = (α/r) · (B·A − B0·A0),   A, A0 (r, d2),   B, B0 (d1, r)
+
+Before training, A0, B0 are set from the SVD of the loss gradient G = ∂L/∂W0 (``G = U S Vᵀ``):
+``A0 = Vᵀ[:r]``, ``B0 = U[:, r:2r]``, both times the stable scale ``d1^(1/4) / √γ``, and A, B
+start equal to them, so ΔW = 0 at step 0 while the first step moves along the gradient's
+principal directions. A0, B0 are frozen but data-dependent: they are stored (as LoRA-GA's
+published checkpoints are), and the adapter serves on the unmodified base as the rank-2r LoRA
+``[B, −B0][A; A0]``. Without a gradient initialisation, A = A0 (Kaiming) and B = B0 = 0, i.e.
+plain LoRA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...regeneration.seeded import kaiming_uniform, seeded_generator
+from ..base import AdapterWeights, TargetInfo, stack_with_zero_row
+from ..lora.layer import add_lora_rows, lora_rows
+from .config import LoraGaConfig
+
+KINDS = ("lora_A", "lora_B", "lora_A0", "lora_B0")
+
+
+class LoraGaWeights(AdapterWeights):
+    method = "lora_ga"
+
+    def __init__(self, config: LoraGaConfig, target: TargetInfo, shared: nn.Module | None):
+        super().__init__(config, target, shared)
+        self.r, self.scaling, self.gamma = config.r, config.scaling, config.stable_gamma
+        device, dtype = target.weight.device, target.dtype
+        a = kaiming_uniform((config.r, target.d_in), seeded_generator(config.init_seed))
+        a = a.to(device=device, dtype=dtype)
+        b = torch.zeros(target.d_out, config.r, device=device, dtype=dtype)
+        self.lora_A, self.lora_B = nn.Parameter(a.clone()), nn.Parameter(b.clone())
+        self.lora_A0 = nn.Parameter(a, requires_grad=False)  # frozen, stored
+        self.lora_B0 = nn.Parameter(b, requires_grad=False)
+
+    @torch.no_grad()
+    def initialise_from_gradient(self, grad_oi: torch.Tensor) -> None:
+        """Set A0, B0 (and A, B to them) from the gradient ∂L/∂W0 as (d1, d2)."""
+        r = self.r
+        if 2 * r > min(grad_oi.shape):
+            raise ValueError(
+                f"lora_ga needs 2r ≤ min(d1, d2) = {min(grad_oi.shape)}; use r ≤ {min(grad_oi.shape) // 2}"
+            )
+        u, _, vh = torch.linalg.svd(grad_oi.double(), full_matrices=False)
+        scale = self.d_out**0.25 / self.gamma**0.5
+        a0, b0 = vh[:r] * scale, u[:, r : 2 * r] * scale  # (r, d2), (d1, r)
+        for target, value in ((self.lora_A, a0), (self.lora_A0, a0)):
+            target.copy_(value.to(target.dtype))
+        for target, value in ((self.lora_B, b0), (self.lora_B0, b0)):
+            target.copy_(value.to(target.dtype))
+
+    def constants(self) -> dict[str, float]:
+        return {"scaling": self.scaling}
+
+    @classmethod
+    def row_constants(cls, config: LoraGaConfig) -> dict[str, float]:
+        return {"scaling": config.scaling}
+
+    def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A - self.lora_B0 @ self.lora_A0) * self.scaling
+
+    @classmethod
+    def member_tables(cls, members, shared) -> dict[str, torch.Tensor]:
+        """A, A0 (n+1, r_max, d2), B, B0 (n+1, d1, r_max) padded with zeros; scaling (n+1,)."""
+        r_max = max(m.r for m in members)
+        tables = {}
+        for kind in KINDS:
+            padded = [F.pad(getattr(m, kind), _pad(kind, r_max - m.r)) for m in members]
+            tables[kind] = stack_with_zero_row(padded)
+        scaling = [m.scaling for m in members] + [0.0]
+        tables["scaling"] = torch.tensor(scaling, dtype=members[0].lora_A.dtype)
+        return tables
+
+    @classmethod
+    def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:
+        """Each row's rank-2r factors ``[A; A0]`` and scaled ``[B, −B0]``."""
+        a = torch.cat([tables["lora_A"], tables["lora_A0"]], dim=1)  # (n, 2r, d2)
+        b = torch.cat([tables["lora_B"], -tables["lora_B0"]], dim=2)  # (n, d1, 2r)
+        return lora_rows(a, b, tables["scaling"], row_index)
+
+    @classmethod
+    def add_prepared(cls, result, x, out0, prepared, shared, dropout=None):
+        return add_lora_rows(result, x, out0, prepared)
+
+
+def _pad(kind: str, extra: int) -> tuple[int, ...]:
+    """F.pad widths adding ``extra`` zero ranks: rows of A, A0; columns of B, B0."""
+    return (0, 0, 0, extra) if kind.startswith("lora_A") else (0, extra)

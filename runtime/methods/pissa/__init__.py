@@ -1,0 +1,4 @@
+from .config import PissaConfig
+from .layer import PissaWeights
+
+__all__ = ["PissaConfig", "PissaWeights"]
