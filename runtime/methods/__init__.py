@@ -1,5 +1,6 @@
 """Adapter methods, one folder each, registered in :mod:`.registry`."""
 
+from .adalora import AdaLoraConfig, AdaLoraWeights
 from .base import AdapterConfig, AdapterWeights, TargetInfo
 from .bitfit import BitFitConfig, BitFitWeights
 from .lora import LoraConfig, LoraWeights
@@ -24,9 +25,14 @@ register_method(
 register_method(
     LoraGaConfig, LoraGaWeights, "LoRA from gradient SVD: ΔW = (α/r)·(B·A − B0·A0), A0, B0 stored"
 )
+register_method(
+    AdaLoraConfig, AdaLoraWeights, "Budgeted SVD-shaped LoRA: ΔW = (α/r)·P·diag(λ)·Q, rank pruned"
+)
 register_method(BitFitConfig, BitFitWeights, "Bias only: ΔW = 0, bias' = bias + β")
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraWeights",
     "AdapterConfig",
     "AdapterWeights",
     "BitFitConfig",

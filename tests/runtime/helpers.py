@@ -6,7 +6,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from svda.runtime import AdapterModel, LoraConfig, SvdaConfig, VeraConfig
-from svda.runtime.methods import BitFitConfig, LoraGaConfig, PissaConfig
+from svda.runtime.methods import AdaLoraConfig, BitFitConfig, LoraGaConfig, PissaConfig
 
 VOCAB = 96
 
@@ -39,6 +39,7 @@ METHOD_CONFIGS = {
     "pissa": lambda targets: PissaConfig(targets=targets, r=3),
     "lora_ga": lambda targets: LoraGaConfig(targets=targets, r=2, alpha=4.0),
     "bitfit": lambda targets: BitFitConfig(targets=targets),
+    "adalora": lambda targets: AdaLoraConfig(targets=targets, r=4, target_r=2),
 }
 
 

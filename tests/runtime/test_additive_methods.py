@@ -1,13 +1,18 @@
-"""Method-specific checks of PiSSA, LoRA-GA and BitFit (the common suite covers the rest)."""
+"""Method-specific checks of PiSSA, LoRA-GA, BitFit and AdaLoRA (the common suite covers the rest)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from svda.adapters_store import export_adapter, read_adapter
+from svda.adapters_store import export_adapter, load_adapter, read_adapter
 from svda.runtime import AdapterModel
-from svda.runtime.methods import BitFitConfig, LoraGaConfig, PissaConfig
+from svda.runtime.methods import AdaLoraConfig, BitFitConfig, LoraGaConfig, PissaConfig
+from svda.runtime.methods.adalora import (
+    AdaLoraBudget,
+    compact_adalora,
+    orthogonal_regularization,
+)
 
 from .helpers import perturb, tiny_llama
 
@@ -62,3 +67,35 @@ def test_bitfit_merge_adds_a_bias_where_there_was_none_and_unmerge_removes_it(sv
     torch.testing.assert_close(model(input_ids).logits, unmerged, rtol=0, atol=1e-5)
     model.unmerge()
     assert model.layers[LAYER].base_layer.bias is None
+
+
+def test_adalora_prunes_to_its_budget_and_stores_only_the_kept_ranks(svd_cache, input_ids):
+    model = AdapterModel(tiny_llama(), svd_cache=svd_cache)
+    config = AdaLoraConfig(targets="q_proj,v_proj", r=6, target_r=2, tinit=2, tfinal=3, delta_t=1)
+    model.add_adapter("a", config)
+    model.set_adapter("a")
+    params = [p for p in model.adapter_parameters("a").values() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    budget = AdaLoraBudget(model, "a", total_steps=12)
+    for step in range(1, 13):
+        loss = model(input_ids, labels=input_ids).loss + orthogonal_regularization(model, "a")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        kept = budget.step(step)
+    layers = len(model.layers_of("a"))
+    assert kept == 2 * layers  # the final budget: target_r per layer on average
+    model.set_adapter("a")
+    with torch.no_grad():
+        before = model(input_ids).logits
+    ranks = compact_adalora(model, "a")
+    assert sum(ranks.values()) == 2 * layers and model.configs["a"].layer_ranks == ranks
+    data = export_adapter(model, "a")
+    shapes = model.layer_shapes()
+    expected = sum(r * (shapes[n][0] + 1 + shapes[n][1]) for n, r in ranks.items())
+    assert read_adapter(data).parameter_count == expected
+    target = AdapterModel(tiny_llama(), svd_cache=svd_cache)
+    load_adapter(data, target, "a")
+    target.set_adapter("a")
+    with torch.no_grad():
+        torch.testing.assert_close(target(input_ids).logits, before, rtol=0, atol=1e-5)

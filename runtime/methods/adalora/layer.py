@@ -1,0 +1,70 @@
+"""AdaLoRA weights on one layer: an SVD-shaped update whose rank is pruned during training.
+
+    ΔW = (α/r) · P · diag(λ) · Q,   P (d1, r_l), λ (r_l,), Q (r_l, d2)
+
+``r_l`` is the layer's rank: r while training, the kept ranks after :func:`.budget.compact_adalora`
+(the config's ``layer_ranks``). The batched path is LoRA's with ``B = P·diag(λ)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...regeneration.seeded import seeded_generator
+from ..base import AdapterWeights, TargetInfo, stack_with_zero_row
+from ..lora.layer import add_lora_rows, lora_rows
+from .config import AdaLoraConfig
+
+
+class AdaLoraWeights(AdapterWeights):
+    method = "adalora"
+
+    def __init__(self, config: AdaLoraConfig, target: TargetInfo, shared: nn.Module | None):
+        super().__init__(config, target, shared)
+        self.r, self.scaling = config.rank_of(target.name), config.scaling
+        generator = seeded_generator(config.init_seed)
+        p = torch.randn(target.d_out, self.r, generator=generator) * 0.02
+        q = torch.randn(self.r, target.d_in, generator=generator) * 0.02
+        device, dtype = target.weight.device, target.dtype
+        self.adalora_P = nn.Parameter(p.to(device=device, dtype=dtype))  # (d1, r_l)
+        self.adalora_lambda = nn.Parameter(torch.zeros(self.r, device=device, dtype=dtype))
+        self.adalora_Q = nn.Parameter(q.to(device=device, dtype=dtype))  # (r_l, d2)
+
+    def constants(self) -> dict[str, float]:
+        return {"scaling": self.scaling}
+
+    @classmethod
+    def row_constants(cls, config: AdaLoraConfig) -> dict[str, float]:
+        return {"scaling": config.scaling}
+
+    def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
+        return (self.adalora_P * self.adalora_lambda) @ self.adalora_Q * self.scaling
+
+    @classmethod
+    def member_tables(cls, members, shared) -> dict[str, torch.Tensor]:
+        """P (n+1, d1, r_max), λ (n+1, r_max), Q (n+1, r_max, d2) padded with zeros."""
+        r_max = max(m.r for m in members)
+        pad = [r_max - m.r for m in members]
+        return {
+            "adalora_P": stack_with_zero_row([F.pad(m.adalora_P, (0, e)) for m, e in zip(members, pad, strict=True)]),
+            "adalora_lambda": stack_with_zero_row(
+                [F.pad(m.adalora_lambda, (0, e)) for m, e in zip(members, pad, strict=True)]
+            ),
+            "adalora_Q": stack_with_zero_row(
+                [F.pad(m.adalora_Q, (0, 0, 0, e)) for m, e in zip(members, pad, strict=True)]
+            ),
+            "scaling": torch.tensor([m.scaling for m in members] + [0.0], dtype=members[0].adalora_P.dtype),
+        }  # fmt: skip
+
+    @classmethod
+    def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:
+        b = tables["adalora_P"] * tables["adalora_lambda"][:, None, :]  # (n, d1, r)
+        return lora_rows(tables["adalora_Q"], b, tables["scaling"], row_index)
+
+    @classmethod
+    def add_prepared(cls, result, x, out0, prepared, shared, dropout=None):
+        return add_lora_rows(result, x, out0, prepared)
