@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.svda-installed
 TORCH  := torch==2.13.0
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench proto proto-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,15 @@ test: lint
 
 bench: install
 	$(BIN)/python bench/runtime_bench.py
+
+# gRPC stubs (proto/svda/v1/*.proto -> svda.proto.svda.v1.*_pb2*.py and .pyi type stubs) are
+# checked in; `make test` regenerates them into a temporary folder and fails if they differ
+# (tests/server/test_grpc_units.py), so CI catches a .proto edited without `make proto`.
+proto: install
+	$(BIN)/python -m svda.proto.generate
+
+proto-check: install
+	$(BIN)/python -m svda.proto.generate --check
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -38,7 +38,5 @@ def layer_sketches(
     out0 = F.linear(p, w0.to(dtype))
     delta_p = type(weights).batched_delta(p, out0, [weights], None, shared)  # (count, d_out)
     sketches = (q.double() * delta_p.double().cpu()).sum(dim=1)
-    norm = (
-        float(torch.linalg.norm(weights.get_delta_weight(shared).double())) if exact_norm else 0.0
-    )
+    norm = weights.delta_norm(shared) if exact_norm else 0.0
     return [float(s) for s in sketches], norm

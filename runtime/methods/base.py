@@ -134,6 +134,10 @@ class AdapterWeights(nn.Module):
         """ΔW as ``(d1, d2)`` in the parameters' dtype: the plain formula of SPEC.md §3."""
         raise NotImplementedError
 
+    def delta_norm(self, shared: nn.Module | None) -> float:
+        """‖ΔW‖_F in float64 (methods with a cheaper closed form override it)."""
+        return float(torch.linalg.norm(self.get_delta_weight(shared).double()))
+
     def get_delta_bias(self, shared: nn.Module | None) -> torch.Tensor | None:
         """Change of the layer's bias (d1,), or None: most methods leave the bias alone."""
         return None

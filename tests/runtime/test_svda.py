@@ -113,3 +113,13 @@ def test_pruned_serving_stays_within_the_declared_bound(tolerance, svd_cache):
         assert error <= tolerance * norm + 1e-6
     kept, total = counts["components_kept"], counts["components_total"]
     assert kept == total if tolerance == 0 else kept < total
+
+
+@torch.no_grad()
+def test_closed_form_delta_norm_equals_the_plain_one(svd_cache):
+    model = svda_model(svd_cache)
+    perturb(model, "a", scale=0.1)
+    for layer in model.layers_of("a"):
+        weights, shared = layer.adapters["a"], layer.shared_of("a")
+        plain = float(torch.linalg.norm(weights.get_delta_weight(shared).double()))
+        assert abs(weights.delta_norm(shared) - plain) <= 1e-5 * plain

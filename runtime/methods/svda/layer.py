@@ -85,6 +85,12 @@ class SvdaWeights(AdapterWeights):
         u, v = shared.U.to(self.svda_s.dtype), shared.V.to(self.svda_s.dtype)
         return self.svda_b[:, None] * ((u * s_full) @ v.T)  # (d1, d2), the plain formula
 
+    def delta_norm(self, shared: nn.Module | None) -> float:
+        """‖ΔW‖_F² = Σ_j b_j² Σ_i s_i² U_ji² (V has orthonormal columns): O(d1·m), no d1×d2."""
+        s_full = torch.cat([self.svda_s.double(), shared.sigma[self.k :].double()])
+        u_sq = shared.U.double() ** 2  # (d1, m)
+        return float(((self.svda_b.double() ** 2) @ (u_sq @ s_full**2)).sqrt())
+
     @classmethod
     def member_tables(cls, members, shared) -> dict[str, torch.Tensor]:
         """s (n+1, k_max) — a member with smaller k is padded with σ, so its δ is 0 there — and
