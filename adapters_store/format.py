@@ -128,7 +128,7 @@ def _layer_entries(model, adapter, layers, dtype) -> list[LayerEntry]:
     entries = []
     with _params_as_stored(model, adapter, dtype):
         for index, layer in enumerate(layers):
-            d_out, d_in = layer.weight_out_in().shape
+            d_out, d_in = layer.shape
             sketches, norm = layer_sketches(
                 layer, adapter, PROBE.seed, index, PROBE.count, exact_norm=True
             )
@@ -137,7 +137,7 @@ def _layer_entries(model, adapter, layers, dtype) -> list[LayerEntry]:
                     name=layer.layer_name,
                     d_out=d_out,
                     d_in=d_in,
-                    fingerprint=model.fingerprint.layers[layer.layer_name][:16],
+                    fingerprint=model.layer_fingerprint(layer.layer_name)[:16],
                     params={k: list(p.shape) for k, p in layer.tensors_of(adapter).items()},
                     probe=sketches,
                     delta_norm=norm,
@@ -314,7 +314,7 @@ def check_base(adapter_file: AdapterFile, model: AdapterModel) -> None:
             f"but this base is {model.fingerprint.whole[:16]}…; load it onto the base it was made for"
         )
     for entry in header.layers:
-        if not model.fingerprint.layers[entry.name].startswith(entry.fingerprint):
+        if not model.layer_fingerprint(entry.name).startswith(entry.fingerprint):
             raise BaseMismatch(f"layer {entry.name} of this base differs from the adapter's base")
 
 

@@ -31,6 +31,8 @@ def layer_sketches(
     """Sketches of ``adapter``'s ΔW on ``layer`` and, if asked, ``‖ΔW‖_F`` (else 0)."""
     weights = layer.weights_of(adapter)
     shared = layer.shared_of(adapter)
+    if not weights.mergeable:  # non-linear (block) adapters: no ΔW to sketch, nothing frozen
+        return [0.0] * count, 0.0
     w0 = layer.weight_out_in()
     p, q = probe_vectors(seed, index, count, *w0.shape)
     dtype = next(weights.parameters()).dtype

@@ -51,3 +51,9 @@ def base_fingerprint(model: nn.Module) -> BaseFingerprint:
     """Fingerprint every linear layer adapters may target (all but the output head)."""
     layers = {name: layer_fingerprint(weight_out_in(m)) for name, m in iter_candidate_layers(model)}
     return BaseFingerprint(whole=combine_fingerprints(layers), layers=layers)
+
+
+def block_fingerprint(layers: dict[str, str], block: str) -> str:
+    """Fingerprint of an attention/MLP block: its linear layers' fingerprints, combined."""
+    inside = {name: fp for name, fp in layers.items() if name.startswith(block + ".")}
+    return combine_fingerprints(inside)

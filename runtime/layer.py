@@ -99,6 +99,11 @@ class AdapterLinear(nn.Module):
     def weight_out_in(self) -> torch.Tensor:
         return weight_out_in(self.base_layer)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d1, d2) of the adapted map."""
+        return tuple(self.weight_out_in().shape)
+
     # ----- membership -----------------------------------------------------------------------
     def add(self, name: str, weights: AdapterWeights, key: str, shared: nn.Module | None) -> None:
         self._add_shared(key, shared)

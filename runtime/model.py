@@ -22,13 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bank import AdapterBank, BankLayout, frozen_identity_sha256
+from .bank import AdapterBank, BankLayout
+from .block import AdapterBlock
 from .errors import AdapterConfigError, AdapterStateError
-from .fingerprint import BaseFingerprint, base_fingerprint
+from .fingerprint import BaseFingerprint, base_fingerprint, block_fingerprint
 from .layer import HALF_DTYPES, AdapterLinear, AdapterState
 from .methods import AdapterConfig, TargetInfo, get_method
+from .packed import PackedAdapters
 from .regeneration.svd_basis import SvdBasisCache
-from .targets import select_targets, weight_out_in
+from .targets import iter_candidate_blocks, select_targets, weight_out_in
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
 
@@ -41,7 +43,7 @@ class RegenerationContext:
     memo: dict[str, Any] = field(default_factory=dict)
 
 
-class AdapterModel(nn.Module):
+class AdapterModel(PackedAdapters, nn.Module):
     """A frozen base causal LM with any number of named adapters of any registered method."""
 
     def __init__(self, model: nn.Module, svd_cache: SvdBasisCache | None = None):
@@ -58,13 +60,15 @@ class AdapterModel(nn.Module):
         self._banked: dict[str, AdapterBank] = {}  # frozen adapter name -> its bank
         self._ctx = RegenerationContext(self.svd_cache)
         self._layer_shapes: dict[str, tuple[int, int]] | None = None
+        self._blocks: dict[str, tuple[int, int]] | None = None
 
     # ----- adding and removing adapters ------------------------------------------------------
     def add_adapter(self, name: str, config: AdapterConfig) -> None:
         """Attach a new adapter with freshly initialised trainable tensors."""
         self.check_new_name(name)
         spec = get_method(config.method)
-        targets = [self.target_info(n) for n in select_targets(self.model, config.targets)]
+        names = select_targets(self.model, config.targets, spec.weights_cls.target_kind)
+        targets = [self.target_info(n) for n in names]
         key = spec.weights_cls.shared_key(config, targets)
         for target in targets:
             layer = self._wrap(target.name)
@@ -76,60 +80,6 @@ class AdapterModel(nn.Module):
             layer.add(name, weights, key, shared)
         self.configs[name] = config
         self._ctx.memo.clear()
-
-    def add_packed_adapter(
-        self,
-        name: str,
-        config: AdapterConfig,
-        tensors: dict[str, torch.Tensor],
-        layers: Sequence[tuple[str, dict[str, Sequence[int]]]],
-    ) -> None:
-        """Attach a frozen adapter from its packed tensors (one flat tensor per kind, every
-        layer's tensor of that kind concatenated in ``layers`` order: the ``.svda`` payload).
-        It goes into the slot bank of its layout (made on first use), so attaching costs one
-        copy per kind. ``layers``: ``(layer name, {kind: shape})`` in payload order."""
-        self.check_new_name(name)
-        if not layers:
-            raise AdapterConfigError(f"adapter {name!r} has no target layers")
-        first = weight_out_in(self._base_module(layers[0][0]))
-        dtype = torch.float32 if first.dtype in HALF_DTYPES else first.dtype
-        layout = BankLayout.of(config, dtype, layers)
-        bank = self.banks.get(layout) or self._new_bank(layout, config)
-        try:
-            bank.add(name, tensors)
-        except AdapterConfigError:
-            if not bank.slots:
-                self._dispose_bank(bank)
-            raise
-        self._banked[name] = bank
-        self.configs[name] = config
-
-    def _new_bank(self, layout: BankLayout, config: AdapterConfig) -> AdapterBank:
-        spec = get_method(config.method)
-        targets = [self.target_info(layer_name) for layer_name, _ in layout.layers]  # once
-        key = spec.weights_cls.shared_key(config, targets)
-        bank = AdapterBank(layout, config, spec.weights_cls, targets, key, self._device())
-        shared_modules = []
-        for target, (_, params) in zip(targets, bank.layers, strict=True):
-            layer = self.layers.get(target.name)
-            if layer is not None and key in layer.shared:
-                shared = layer.shared[key]
-            else:
-                shared = spec.weights_cls.build_shared(config, target, targets, self._ctx)
-            _check_layer_shapes(spec.weights_cls(config, target, shared), target.name, params)
-            shared_modules.append(shared)
-        self._ctx.memo.clear()
-        for index, (target, shared) in enumerate(zip(targets, shared_modules, strict=True)):
-            self._wrap(target.name).add_bank(bank, index, shared)
-        identities = [(t.name, self.layers[t.name].frozen_identity_of_key(key)) for t in targets]
-        bank.frozen_sha256 = frozen_identity_sha256(identities)
-        self.banks[layout] = bank
-        return bank
-
-    def _dispose_bank(self, bank: AdapterBank) -> None:
-        del self.banks[bank.layout]
-        for layer_name, _ in bank.layers:
-            self.layers[layer_name].remove_bank(bank)
 
     def delete_adapter(self, name: str) -> None:
         self._require(name)
@@ -149,44 +99,6 @@ class AdapterModel(nn.Module):
         if name in self.state.names:
             self.state.set((), None)
 
-    @torch.no_grad()
-    def prune_adapter(
-        self, name: str, tolerance: float, delta_norms: Sequence[float]
-    ) -> dict[str, int]:
-        """Let frozen adapter ``name`` serve with ΔW within ``tolerance · ‖ΔW‖_F`` of the exact
-        one per layer, where its method can make that cheaper (SvdA drops components of δ;
-        SPEC.md §3). ``delta_norms``: exact ‖ΔW‖_F per layer, in the adapter's layer order.
-        Changes the adapter's tensors in place; returns the method's counts."""
-        if not tolerance >= 0:
-            raise AdapterConfigError(f"tolerance must be >= 0, got {tolerance}")
-        if not self.is_frozen(name):
-            raise AdapterStateError(f"adapter {name!r} is trainable; only frozen ones are pruned")
-        bank = self._banked[name]
-        norms = torch.as_tensor(list(delta_norms), dtype=torch.float64)
-        if norms.shape != (len(bank.layers),):
-            raise AdapterConfigError(
-                f"need one ‖ΔW‖ per layer ({len(bank.layers)}), got {tuple(norms.shape)}"
-            )
-        slot = bank.slots[name]
-        tensors = {kind: table[slot] for kind, table in bank.storage.items()}
-        shared = [self.layers[layer].shared[bank.shared_key] for layer, _ in bank.layers]
-        counts = bank.weights_cls.prune_packed(tensors, bank.layers, shared, norms, tolerance)
-        bank.version += 1  # layers drop what they prepared from the old values
-        return counts
-
-    def is_frozen(self, name: str) -> bool:
-        """True for adapters attached with :meth:`add_packed_adapter` (not trainable)."""
-        self._require(name)
-        return name in self._banked
-
-    def frozen_sha256(self, name: str) -> str:
-        """Identity of the frozen tensors adapter ``name`` uses ('' if one is unknown)."""
-        self._require(name)
-        if name in self._banked:
-            return self._banked[name].frozen_sha256
-        layers = self.layers_of(name)
-        return frozen_identity_sha256([(la.layer_name, la.frozen_identity(name)) for la in layers])
-
     def check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not ADAPTER_NAME.match(name):
             raise AdapterConfigError(
@@ -199,24 +111,47 @@ class AdapterModel(nn.Module):
             )
 
     def target_info(self, layer_name: str) -> TargetInfo:
-        """What a method needs to know about target layer ``layer_name`` (wrapped or not)."""
-        weight = weight_out_in(self._base_module(layer_name))
+        """What a method needs to know about target ``layer_name`` (wrapped or not): a linear
+        layer, or an attention/MLP block (then ``weight`` is one of its parameters, for the
+        device and dtype, and both dims are the hidden size)."""
+        module = self._base_module(layer_name)
+        if layer_name in self.blocks():
+            weight, (d_out, d_in) = next(module.parameters()), self.blocks()[layer_name]
+        else:
+            weight = weight_out_in(module)
+            d_out, d_in = weight.shape
         return TargetInfo(
             name=layer_name,
-            d_out=weight.shape[0],
-            d_in=weight.shape[1],
+            d_out=d_out,
+            d_in=d_in,
             weight=weight.detach(),
-            fingerprint=self.fingerprint.layers[layer_name],
+            fingerprint=self.layer_fingerprint(layer_name),
             dtype=torch.float32 if weight.dtype in HALF_DTYPES else weight.dtype,
         )
 
+    def layer_fingerprint(self, layer_name: str) -> str:
+        """Fingerprint of a target layer or block (KeyError for other names)."""
+        if layer_name in self.fingerprint.layers:
+            return self.fingerprint.layers[layer_name]
+        if layer_name in self.blocks():
+            return block_fingerprint(self.fingerprint.layers, layer_name)
+        raise KeyError(layer_name)
+
+    def blocks(self) -> dict[str, tuple[int, int]]:
+        """Attention/MLP blocks that block-level adapters may target -> (hidden, hidden)."""
+        if self._blocks is None:
+            hidden = getattr(self.model.config, "hidden_size", 0)
+            self._blocks = {name: (hidden, hidden) for name, _ in iter_candidate_blocks(self.model)}
+        return self._blocks
+
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
-        """``(d_out, d_in)`` of every layer an adapter may target (computed once)."""
+        """``(d_out, d_in)`` of every layer or block an adapter may target (computed once)."""
         if self._layer_shapes is None:
             self._layer_shapes = {
                 name: tuple(weight_out_in(self._base_module(name)).shape)
                 for name in self.fingerprint.layers
             }
+            self._layer_shapes.update(self.blocks())
         return self._layer_shapes
 
     def _base_module(self, layer_name: str) -> nn.Module:
@@ -228,7 +163,12 @@ class AdapterModel(nn.Module):
         if layer_name not in self.layers:
             parent_name, _, child = layer_name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            wrapper = AdapterLinear(getattr(parent, child), layer_name, self.state)
+            module = getattr(parent, child)
+            if layer_name in self.blocks():
+                hidden = self.blocks()[layer_name][0]
+                wrapper = AdapterBlock(module, layer_name, self.state, hidden)
+            else:
+                wrapper = AdapterLinear(module, layer_name, self.state)
             setattr(parent, child, wrapper)
             self.layers[layer_name] = wrapper
         return self.layers[layer_name]
@@ -286,6 +226,11 @@ class AdapterModel(nn.Module):
         base model's alone. Only one adapter can be merged at a time."""
         self._require(name)
         self._require_unmerged("merge")
+        if not get_method(self.configs[name].method).weights_cls.mergeable:
+            raise AdapterStateError(
+                f"adapter {name!r} ({self.configs[name].method}) is non-linear and cannot be "
+                "merged; serve it unmerged"
+            )
         for layer in self.layers_of(name):
             layer.merge(name)
         self.state.set((name,), None)
@@ -382,12 +327,3 @@ class AdapterModel(nn.Module):
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-
-def _check_layer_shapes(weights: nn.Module, layer_name: str, params: tuple) -> None:
-    """The packed tensors of a layer must have the shapes the method gives that layer."""
-    expected = {kind: tuple(p.shape) for kind, p in weights.named_parameters()}
-    if expected != dict(params):
-        raise AdapterConfigError(
-            f"layer {layer_name}: tensors {dict(params)} do not match the method's {expected}"
-        )

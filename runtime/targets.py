@@ -21,6 +21,8 @@ except ImportError:  # pragma: no cover - very old transformers
     Conv1D = ()  # type: ignore[assignment,misc]
 
 EXCLUDED_NAMES = ("lm_head",)
+# sub-modules of a decoder layer that block-level adapters (serial/parallel) may target
+BLOCK_NAMES = ("mlp", "self_attn", "attn")
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -53,6 +55,17 @@ def iter_candidate_layers(model: nn.Module, prefix: str = "") -> Iterator[tuple[
             yield from iter_candidate_layers(child, prefix=f"{name}.")
 
 
+def iter_candidate_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every attention / MLP block (``mlp``, ``self_attn``, ``attn``) that contains linear layers,
+    in module order; a block wrapped by svda is reported as its original module."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in BLOCK_NAMES or ".base_layer" in name:
+            continue
+        block = getattr(module, "base_layer", module)
+        if any(True for _ in iter_candidate_layers(block)):
+            yield name, block
+
+
 def parse_targets(targets: str | Sequence[str]) -> list[str]:
     """Normalise ``"q_proj,v_proj"`` / ``["q_proj"]`` / ``"all-linear"`` to a list of patterns."""
     items = targets.split(",") if isinstance(targets, str) else list(targets)
@@ -74,16 +87,24 @@ def matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def select_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
-    """Names of the layers of ``model`` selected by ``targets``; error if a pattern selects none."""
+def select_targets(
+    model: nn.Module, targets: str | Sequence[str], kind: str = "linear"
+) -> list[str]:
+    """Names of the layers (``kind="linear"``) or attention/MLP blocks (``kind="block"``) of
+    ``model`` selected by ``targets``; error if a pattern selects none."""
     patterns = parse_targets(targets)
-    candidates = [name for name, _ in iter_candidate_layers(model)]
+    found = iter_candidate_blocks(model) if kind == "block" else iter_candidate_layers(model)
+    candidates = [name for name, _ in found]
     selected = [n for n in candidates if any(matches(n, p) for p in patterns)]
     for p in patterns:
+        if p == "all-linear" and kind == "block":
+            raise AdapterConfigError("'all-linear' selects layers; name blocks like 'mlp'")
         if not any(matches(n, p) for n in candidates):
             examples = sorted({n.split(".")[-1] for n in candidates})[:12]
+            what = "attention/MLP block" if kind == "block" else "linear layer"
+            hint = "" if kind == "block" else " (or use 'all-linear')"
             raise AdapterConfigError(
-                f"target pattern {p!r} matches no linear layer of this model; "
-                f"layer names end with one of {examples} (or use 'all-linear')"
+                f"target pattern {p!r} matches no {what} of this model; "
+                f"names end with one of {examples}{hint}"
             )
     return selected

@@ -5,6 +5,7 @@ from .base import AdapterConfig, AdapterWeights, TargetInfo
 from .bitfit import BitFitConfig, BitFitWeights
 from .lora import LoraConfig, LoraWeights
 from .lora_ga import LoraGaConfig, LoraGaWeights
+from .parallel_adapter import ParallelAdapterConfig, ParallelAdapterWeights
 from .pissa import PissaConfig, PissaWeights
 from .registry import (
     MethodSpec,
@@ -13,6 +14,7 @@ from .registry import (
     get_method,
     register_method,
 )
+from .serial_adapter import SerialAdapterConfig, SerialAdapterWeights
 from .svda import SvdaConfig, SvdaWeights
 from .vera import VeraConfig, VeraWeights
 
@@ -29,6 +31,16 @@ register_method(
     AdaLoraConfig, AdaLoraWeights, "Budgeted SVD-shaped LoRA: ΔW = (α/r)·P·diag(λ)·Q, rank pruned"
 )
 register_method(BitFitConfig, BitFitWeights, "Bias only: ΔW = 0, bias' = bias + β")
+register_method(
+    SerialAdapterConfig,
+    SerialAdapterWeights,
+    "Bottleneck after a block: H ← H + s·(f(H·W_downᵀ)·W_upᵀ) (not mergeable)",
+)
+register_method(
+    ParallelAdapterConfig,
+    ParallelAdapterWeights,
+    "Bottleneck beside a block: H_out ← H_out + s·(f(H_in·W_downᵀ)·W_upᵀ) (not mergeable)",
+)
 
 __all__ = [
     "AdaLoraConfig",
@@ -42,8 +54,12 @@ __all__ = [
     "LoraGaWeights",
     "LoraWeights",
     "MethodSpec",
+    "ParallelAdapterConfig",
+    "ParallelAdapterWeights",
     "PissaConfig",
     "PissaWeights",
+    "SerialAdapterConfig",
+    "SerialAdapterWeights",
     "SvdaConfig",
     "SvdaWeights",
     "TargetInfo",

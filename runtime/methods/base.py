@@ -103,6 +103,8 @@ class AdapterWeights(nn.Module):
     """One adapter's trainable tensors on one target layer (subclass per method)."""
 
     method: ClassVar[str] = ""
+    target_kind: ClassVar[str] = "linear"  # "block": whole attention / MLP modules
+    mergeable: ClassVar[bool] = True  # False: non-linear (served unmerged only)
 
     def __init__(self, config: AdapterConfig, target: TargetInfo, shared: nn.Module | None):
         super().__init__()

@@ -6,7 +6,14 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from svda.runtime import AdapterModel, LoraConfig, SvdaConfig, VeraConfig
-from svda.runtime.methods import AdaLoraConfig, BitFitConfig, LoraGaConfig, PissaConfig
+from svda.runtime.methods import (
+    AdaLoraConfig,
+    BitFitConfig,
+    LoraGaConfig,
+    ParallelAdapterConfig,
+    PissaConfig,
+    SerialAdapterConfig,
+)
 
 VOCAB = 96
 
@@ -40,6 +47,11 @@ METHOD_CONFIGS = {
     "lora_ga": lambda targets: LoraGaConfig(targets=targets, r=2, alpha=4.0),
     "bitfit": lambda targets: BitFitConfig(targets=targets),
     "adalora": lambda targets: AdaLoraConfig(targets=targets, r=4, target_r=2),
+    # block-level methods adapt whole modules: after the MLP, beside the attention
+    "serial_adapter": lambda targets: SerialAdapterConfig(targets="mlp", bottleneck=4),
+    "parallel_adapter": lambda targets: ParallelAdapterConfig(
+        targets=r"re:.*\.(self_attn|attn)", bottleneck=4, activation="gelu"
+    ),
 }
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from svda.runtime import AdapterConfigError, AdapterModel
+from svda.runtime.methods import get_method
 
 from .helpers import METHOD_CONFIGS, packed, perturb, tiny_llama
 
@@ -44,7 +45,10 @@ def test_packed_adapters_equal_their_modules_alone_and_mixed(method, svd_cache, 
         torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))
+LINEAR_METHODS = [m for m in sorted(METHOD_CONFIGS) if get_method(m).weights_cls.mergeable]
+
+
+@pytest.mark.parametrize("method", LINEAR_METHODS)
 @torch.no_grad()
 def test_packed_adapter_delta_merge_and_tensors(method, svd_cache, input_ids):
     model = with_modules(svd_cache, method, 1)

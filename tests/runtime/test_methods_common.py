@@ -7,12 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from svda.runtime import AdapterModel, available_methods, config_from_dict
+from svda.runtime import AdapterModel, AdapterStateError, available_methods, config_from_dict
+from svda.runtime.methods import get_method
 
 from .helpers import METHOD_CONFIGS, perturb, tiny_gpt2, tiny_llama
 
 BUILDERS = {"llama": (tiny_llama, "q_proj,v_proj,down_proj"), "gpt2": (tiny_gpt2, "c_attn,c_fc")}
 CASES = [(method, arch) for method in METHOD_CONFIGS for arch in BUILDERS]
+LINEAR = [(m, a) for m, a in CASES if get_method(m).weights_cls.mergeable]
+NON_LINEAR = [(m, a) for m, a in CASES if not get_method(m).weights_cls.mergeable]
 
 
 def build(method: str, arch: str, svd_cache, trained: bool = True, name: str = "a") -> AdapterModel:
@@ -49,7 +52,7 @@ def test_trained_adapter_changes_outputs(method, arch, svd_cache, input_ids):
     assert (logits(model, input_ids) - base).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize(("method", "arch"), CASES)
+@pytest.mark.parametrize(("method", "arch"), LINEAR)
 def test_merged_equals_unmerged_and_unmerge_restores(method, arch, svd_cache, input_ids):
     model = build(method, arch, svd_cache)
     base = logits(model, input_ids)
@@ -65,7 +68,17 @@ def test_merged_equals_unmerged_and_unmerge_restores(method, arch, svd_cache, in
         torch.testing.assert_close(layer.weight, weights_before[name], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("method", "arch"), CASES)
+@pytest.mark.parametrize(("method", "arch"), NON_LINEAR)
+def test_non_linear_methods_refuse_to_merge_and_change_nothing(method, arch, svd_cache, input_ids):
+    model = build(method, arch, svd_cache)
+    model.set_adapter("a")
+    before = logits(model, input_ids)
+    with pytest.raises(AdapterStateError, match="cannot be merged"):
+        model.merge("a")
+    torch.testing.assert_close(logits(model, input_ids), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("method", "arch"), LINEAR)
 def test_reference_formula_equals_fast_path(method, arch, svd_cache, input_ids):
     model = build(method, arch, svd_cache)
     model.set_adapter("a")
@@ -128,10 +141,12 @@ def test_batched_delta_equals_reference_delta(method, arch, svd_cache):
     layer = next(iter(model.layers.values()))
     members = [layer.adapters["a"], layer.adapters["b"]]
     shared = layer.shared[layer.adapter_keys["a"]]
-    x = torch.randn(
-        5, 3, layer.weight_out_in().shape[1], generator=torch.Generator().manual_seed(2)
-    )
-    out0 = torch.nn.functional.linear(x, layer.weight_out_in())
+    generator = torch.Generator().manual_seed(2)
+    d_out, d_in = layer.shape
+    x = torch.randn(5, 3, d_in, generator=generator)
+    out0 = torch.randn(5, 3, d_out, generator=generator)  # W0 x for linear layers, else any
+    if type(members[0]).mergeable:
+        out0 = torch.nn.functional.linear(x, layer.weight_out_in())
     cls = type(members[0])
     with torch.no_grad():
         for rows in (torch.tensor([0, 1, -1, 1, 0]), None):

@@ -26,6 +26,10 @@ class BitFitWeights(AdapterWeights):
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         return self.bitfit_bias.new_zeros(self.d_out, self.d_in)
 
+    def delta_norm(self, shared: nn.Module | None) -> float:
+        """‖β‖: the size of the layer's change (the file's probes sketch ΔW p + β = β)."""
+        return float(torch.linalg.norm(self.bitfit_bias.double()))
+
     def get_delta_bias(self, shared: nn.Module | None) -> torch.Tensor:
         return self.bitfit_bias
 

@@ -1,0 +1,4 @@
+from .config import ParallelAdapterConfig
+from .layer import ParallelAdapterWeights
+
+__all__ = ["ParallelAdapterConfig", "ParallelAdapterWeights"]

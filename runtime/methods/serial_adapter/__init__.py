@@ -1,0 +1,4 @@
+from .config import SerialAdapterConfig
+from .layer import SerialAdapterWeights
+
+__all__ = ["SerialAdapterConfig", "SerialAdapterWeights"]

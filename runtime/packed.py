@@ -1,0 +1,117 @@
+"""Frozen adapters attached from packed tensors into slot banks (``runtime.bank``): the part of
+:class:`~svda.runtime.model.AdapterModel` that serves adapters loaded from files."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .bank import AdapterBank, BankLayout, frozen_identity_sha256
+from .errors import AdapterConfigError, AdapterStateError
+from .methods import AdapterConfig, get_method
+
+
+class PackedAdapters:
+    """Mixin of :class:`~svda.runtime.model.AdapterModel` (uses its layers, configs, state)."""
+
+    def add_packed_adapter(
+        self,
+        name: str,
+        config: AdapterConfig,
+        tensors: dict[str, torch.Tensor],
+        layers: Sequence[tuple[str, dict[str, Sequence[int]]]],
+    ) -> None:
+        """Attach a frozen adapter from its packed tensors (one flat tensor per kind, every
+        layer's tensor of that kind concatenated in ``layers`` order: the ``.svda`` payload).
+        It goes into the slot bank of its layout (made on first use), so attaching costs one
+        copy per kind. ``layers``: ``(layer name, {kind: shape})`` in payload order."""
+        self.check_new_name(name)
+        if not layers:
+            raise AdapterConfigError(f"adapter {name!r} has no target layers")
+        dtype = self.target_info(layers[0][0]).dtype
+        layout = BankLayout.of(config, dtype, layers)
+        bank = self.banks.get(layout) or self._new_bank(layout, config)
+        try:
+            bank.add(name, tensors)
+        except AdapterConfigError:
+            if not bank.slots:
+                self._dispose_bank(bank)
+            raise
+        self._banked[name] = bank
+        self.configs[name] = config
+
+    def _new_bank(self, layout: BankLayout, config: AdapterConfig) -> AdapterBank:
+        spec = get_method(config.method)
+        targets = [self.target_info(layer_name) for layer_name, _ in layout.layers]  # once
+        key = spec.weights_cls.shared_key(config, targets)
+        bank = AdapterBank(layout, config, spec.weights_cls, targets, key, self._device())
+        shared_modules = []
+        for target, (_, params) in zip(targets, bank.layers, strict=True):
+            layer = self.layers.get(target.name)
+            if layer is not None and key in layer.shared:
+                shared = layer.shared[key]
+            else:
+                shared = spec.weights_cls.build_shared(config, target, targets, self._ctx)
+            _check_layer_shapes(spec.weights_cls(config, target, shared), target.name, params)
+            shared_modules.append(shared)
+        self._ctx.memo.clear()
+        for index, (target, shared) in enumerate(zip(targets, shared_modules, strict=True)):
+            self._wrap(target.name).add_bank(bank, index, shared)
+        identities = [(t.name, self.layers[t.name].frozen_identity_of_key(key)) for t in targets]
+        bank.frozen_sha256 = frozen_identity_sha256(identities)
+        self.banks[layout] = bank
+        return bank
+
+    def _dispose_bank(self, bank: AdapterBank) -> None:
+        del self.banks[bank.layout]
+        for layer_name, _ in bank.layers:
+            self.layers[layer_name].remove_bank(bank)
+
+    @torch.no_grad()
+    def prune_adapter(
+        self, name: str, tolerance: float, delta_norms: Sequence[float]
+    ) -> dict[str, int]:
+        """Let frozen adapter ``name`` serve with ΔW within ``tolerance · ‖ΔW‖_F`` of the exact
+        one per layer, where its method can make that cheaper (SvdA drops components of δ;
+        SPEC.md §3). ``delta_norms``: exact ‖ΔW‖_F per layer, in the adapter's layer order.
+        Changes the adapter's tensors in place; returns the method's counts."""
+        if not tolerance >= 0:
+            raise AdapterConfigError(f"tolerance must be >= 0, got {tolerance}")
+        if not self.is_frozen(name):
+            raise AdapterStateError(f"adapter {name!r} is trainable; only frozen ones are pruned")
+        bank = self._banked[name]
+        norms = torch.as_tensor(list(delta_norms), dtype=torch.float64)
+        if norms.shape != (len(bank.layers),):
+            raise AdapterConfigError(
+                f"need one ‖ΔW‖ per layer ({len(bank.layers)}), got {tuple(norms.shape)}"
+            )
+        slot = bank.slots[name]
+        tensors = {kind: table[slot] for kind, table in bank.storage.items()}
+        shared = [self.layers[layer].shared[bank.shared_key] for layer, _ in bank.layers]
+        counts = bank.weights_cls.prune_packed(tensors, bank.layers, shared, norms, tolerance)
+        bank.version += 1  # layers drop what they prepared from the old values
+        return counts
+
+    def is_frozen(self, name: str) -> bool:
+        """True for adapters attached with :meth:`add_packed_adapter` (not trainable)."""
+        self._require(name)
+        return name in self._banked
+
+    def frozen_sha256(self, name: str) -> str:
+        """Identity of the frozen tensors adapter ``name`` uses ('' if one is unknown)."""
+        self._require(name)
+        if name in self._banked:
+            return self._banked[name].frozen_sha256
+        layers = self.layers_of(name)
+        return frozen_identity_sha256([(la.layer_name, la.frozen_identity(name)) for la in layers])
+
+
+def _check_layer_shapes(weights: nn.Module, layer_name: str, params: tuple) -> None:
+    """The packed tensors of a layer must have the shapes the method gives that layer."""
+    expected = {kind: tuple(p.shape) for kind, p in weights.named_parameters()}
+    if expected != dict(params):
+        raise AdapterConfigError(
+            f"layer {layer_name}: tensors {dict(params)} do not match the method's {expected}"
+        )
