@@ -66,6 +66,7 @@ class AdapterModel(PackedAdapters, nn.Module):
     def add_adapter(self, name: str, config: AdapterConfig) -> None:
         """Attach a new adapter with freshly initialised trainable tensors."""
         self.check_new_name(name)
+        self._require_unmerged("add_adapter")  # frozen bases must come from the original W0
         spec = get_method(config.method)
         names = select_targets(self.model, config.targets, spec.weights_cls.target_kind)
         targets = [self.target_info(n) for n in names]

@@ -28,6 +28,7 @@ class PackedAdapters:
         It goes into the slot bank of its layout (made on first use), so attaching costs one
         copy per kind. ``layers``: ``(layer name, {kind: shape})`` in payload order."""
         self.check_new_name(name)
+        self._require_unmerged("add_packed_adapter")  # bases must come from the original W0
         if not layers:
             raise AdapterConfigError(f"adapter {name!r} has no target layers")
         dtype = self.target_info(layers[0][0]).dtype

@@ -144,3 +144,11 @@ def test_half_precision_base_mixes_and_unmerges_bit_exactly(svd_cache):
     model.merge("s")
     model.unmerge()
     assert all(torch.equal(layer.weight, weights[n]) for n, layer in model.layers.items())
+
+
+def test_adding_adapters_while_one_is_merged_is_refused(model):
+    model.merge("lora-1")
+    with pytest.raises(AdapterStateError, match="unmerge"):
+        model.add_adapter("late", SvdaConfig(targets="q_proj"))
+    model.unmerge()
+    model.add_adapter("late", SvdaConfig(targets="q_proj"))

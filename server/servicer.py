@@ -1,0 +1,229 @@
+"""The gRPC servicer of ``svda.v1.Serving``: protobuf <-> domain objects, nothing more.
+
+Each handler authenticates the caller (:mod:`svda.server.auth`), converts the request into
+:mod:`svda.server.domain` objects, calls the engine or the store, and converts the result back.
+Errors are raised as they are; :mod:`svda.server.interceptor` turns them into status codes.
+Blocking work (adapter loads, store queries, upload checks) runs in worker threads so the event
+loop keeps serving other calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from grpc import aio
+
+from svda.adapters_store import BaseMismatch, read_adapter
+from svda.adapters_store.store import AdapterStore, StoreEntry
+from svda.proto.svda.v1 import serving_pb2 as pb
+from svda.proto.svda.v1 import serving_pb2_grpc
+
+from . import convert
+from .auth import Authenticator, Caller
+from .domain import Completion, FinishReason, InvalidRequest, TokenChunk
+from .interceptor import DeadlinePassed
+
+log = logging.getLogger("svda.server")
+
+
+class ServingServicer(serving_pb2_grpc.ServingServicer):
+    """Implements every RPC of ``svda/v1/serving.proto`` on one engine and one store."""
+
+    def __init__(
+        self, engine: Any, store: AdapterStore, auth: Authenticator, max_upload_bytes: int
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.auth = auth
+        self.max_upload_bytes = max_upload_bytes
+        self.info = engine.info()  # fixed for the server's lifetime
+
+    def _caller(self, context: aio.ServicerContext) -> Caller:
+        return self.auth.authenticate(context.invocation_metadata())
+
+    # ----- generation --------------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, context: aio.ServicerContext):
+        gen = self._generation(request, context)
+        completion = None
+        async for event in self._events(gen):
+            if isinstance(event, Completion):
+                completion = event
+        return convert.completion_pb(completion, gen.request_id)
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context: aio.ServicerContext):
+        gen = self._generation(request, context)
+        async for event in self._events(gen):
+            if isinstance(event, TokenChunk):
+                yield pb.GenerateStreamResponse(
+                    chunk=pb.TokenChunk(text=event.text, token_ids=event.token_ids)
+                )
+            else:
+                yield pb.GenerateStreamResponse(done=convert.completion_pb(event, gen.request_id))
+
+    def _generation(self, request: pb.GenerateRequest, context: aio.ServicerContext):
+        caller = self._caller(context)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        request_id = request.request_id or uuid.uuid4().hex[:16]
+        gen = convert.generation_request(request, caller.tenant, deadline, request_id)
+        gen.params.validate(self.info.max_new_tokens)
+        return gen
+
+    async def _events(self, gen) -> AsyncIterator[TokenChunk | Completion]:
+        """The engine's events for ``gen``; cancels the request if the RPC goes away first."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def on_event(event: Any) -> None:  # called from the scheduler thread
+            # RuntimeError: the event loop is closed, the server is shutting down
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        handle = await _submit(self.engine, gen, on_event)
+        finished = False
+        try:
+            while not finished:
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    finished = True
+                    raise event
+                finished = isinstance(event, Completion)
+                if finished:  # the engine logs one line per request
+                    _check_deadline(gen, event)
+                yield event
+        finally:
+            if not finished:  # client cancelled, deadline passed, or the server is stopping
+                handle.cancel()
+
+    # ----- adapter memory ----------------------------------------------------------------------
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: aio.ServicerContext):
+        caller = self._caller(context)
+        adapter_id = _required_id(request.adapter_id)
+        resident = await asyncio.to_thread(self.engine.load_adapter, adapter_id, caller.tenant)
+        return pb.LoadAdapterResponse(adapter=convert.resident_pb(resident))
+
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: aio.ServicerContext):
+        caller = self._caller(context)
+        adapter_id = _required_id(request.adapter_id)
+        unloaded = await asyncio.to_thread(self.engine.unload_adapter, adapter_id, caller.tenant)
+        return pb.UnloadAdapterResponse(unloaded=bool(unloaded))
+
+    async def PinAdapter(self, request: pb.PinAdapterRequest, context: aio.ServicerContext):
+        caller = self._caller(context)
+        adapter_id = _required_id(request.adapter_id)
+        resident = await asyncio.to_thread(
+            self.engine.pin_adapter, adapter_id, caller.tenant, request.pinned
+        )
+        return pb.PinAdapterResponse(adapter=convert.resident_pb(resident))
+
+    # ----- the store ---------------------------------------------------------------------------
+    async def ListAdapters(self, request: pb.ListAdaptersRequest, context: aio.ServicerContext):
+        caller = self._caller(context)
+        entries = await asyncio.to_thread(
+            self.store.list,
+            tenant=caller.tenant,
+            method=request.method or None,
+            tag=request.tag or None,
+            latest_only=not request.all_versions,
+        )
+        resident = {
+            (r.adapter_id, r.version): r for r in self.engine.resident_adapters(caller.tenant)
+        }
+        out = []
+        for entry in entries:
+            r = resident.get((entry.id, entry.version))
+            if request.resident_only and r is None:
+                continue
+            out.append(convert.entry_pb(entry, self.info.base_fingerprint, r))
+        return pb.ListAdaptersResponse(adapters=out)
+
+    async def UploadAdapter(self, request_iterator, context: aio.ServicerContext):
+        caller = self._caller(context)
+        header, data = await self._receive_upload(request_iterator)
+        entry = await asyncio.to_thread(self._check_and_publish, header, data, caller.tenant)
+        log.info(json.dumps({"rpc": "UploadAdapter", "adapter_id": entry.id, "version": entry.version,
+                             "tenant": caller.tenant, "bytes": entry.size}))  # fmt: skip
+        return pb.UploadAdapterResponse(adapter=convert.entry_pb(entry, self.info.base_fingerprint))
+
+    async def _receive_upload(self, request_iterator) -> tuple[pb.UploadHeader, bytes]:
+        header, data = None, bytearray()
+        async for part in request_iterator:
+            kind = part.WhichOneof("part")
+            if kind == "header" and header is None:
+                header = part.header
+                _required_id(header.adapter_id)
+                self._check_size(header.size_bytes)
+            elif kind == "chunk" and header is not None:
+                data += part.chunk
+                self._check_size(len(data))
+            else:
+                raise InvalidRequest(
+                    "an upload is one `header` message followed by `chunk` messages"
+                )
+        if header is None or not data:
+            raise InvalidRequest("empty upload: send a `header` message, then the file's bytes")
+        return header, bytes(data)
+
+    def _check_size(self, size: int) -> None:
+        if size > self.max_upload_bytes:
+            raise InvalidRequest(
+                f"upload of {size} bytes exceeds the server's limit of {self.max_upload_bytes} "
+                "bytes (max_upload_bytes)"
+            )
+
+    def _check_and_publish(self, header: pb.UploadHeader, data: bytes, tenant: str | None):
+        """Every check that needs no model (read_adapter), the served base, then publish."""
+        adapter = read_adapter(data).header
+        if adapter.base_fingerprint != self.info.base_fingerprint:
+            raise BaseMismatch(
+                f"adapter {header.adapter_id!r} was made for base {adapter.base_fingerprint[:16]}…, "
+                f"but this server serves {self.info.base_model} ({self.info.base_fingerprint[:16]}…)"
+            )
+        entry: StoreEntry = self.store.publish(
+            data,
+            header.adapter_id,
+            tenant=tenant,
+            tags=[*adapter.tags, *header.tags],
+            method=adapter.method,
+            base_fingerprint=adapter.base_fingerprint,
+            name=adapter.name,
+        )
+        return entry
+
+    # ----- server ------------------------------------------------------------------------------
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: aio.ServicerContext):
+        caller = self._caller(context)
+        return convert.info_pb(self.info, self.max_upload_bytes, caller, self.auth.enabled)
+
+
+async def _submit(engine: Any, gen, on_event) -> Any:
+    """``engine.submit`` in a worker thread; if the RPC is cancelled meanwhile, cancel the
+    request as soon as it exists, so it never runs for nobody."""
+    future = asyncio.get_running_loop().run_in_executor(None, engine.submit, gen, on_event)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda f: f.exception() is None and f.result().cancel())
+        raise
+
+
+def _check_deadline(gen, done: Completion) -> None:
+    """A request the engine dropped because its deadline passed ends as DEADLINE_EXCEEDED."""
+    if done.finish_reason == FinishReason.CANCELLED and gen.expired():
+        raise DeadlinePassed(
+            f"the deadline passed after {done.completion_tokens} generated tokens; "
+            "give the call a longer timeout or ask for fewer max_new_tokens"
+        )
+
+
+def _required_id(adapter_id: str) -> str:
+    if not adapter_id:
+        raise InvalidRequest("adapter_id is required")
+    return adapter_id
