@@ -5,9 +5,11 @@
 Engine level (no gRPC): ``--requests`` requests are queued at once, each for ``--new-tokens``
 greedy tokens, and the wall time from the first submit to the last completion is measured.
 Scenarios: the base model; all requests on one SvdA adapter (unmerged, and merged by the policy);
-one different SvdA adapter per request (dense δ and b, all linear layers); one different LoRA r=8
-adapter (q,v) per request; and plain ``transformers`` ``generate()`` with the whole batch at once
-(left padding, no adapters). Engine scenarios run interleaved, best of ``--rounds``. Then the hot-swap latency: time to first token of a request whose
+one different SvdA adapter per request, trained by ``svda-train`` on slices of the E2E data (real,
+dense δ), served exactly and with δ pruned at the server's default tolerance; one different VeRA
+(r=64, r=256) and LoRA r=8 adapter per request; 4× as many different adapters as fit in adapter
+memory (forces swaps); and plain ``transformers`` ``generate()`` with the whole batch at once
+(left padding, no adapters). Every adapter targets q_proj and v_proj of all layers. Engine scenarios run interleaved, best of ``--rounds``. Then the hot-swap latency: time to first token of a request whose
 SvdA adapter is in the store but not resident, minus the same for a resident one.
 Prints markdown tables. Default base: the embedded SmolLM2-135M-Instruct.
 """
@@ -23,10 +25,20 @@ import time
 
 import torch
 
-from svda.adapters_store import AdapterStore, export_adapter, publish_adapter
-from svda.runtime import AdapterModel, LoraConfig, SvdaConfig, load_base_model
+from svda.adapters_store import AdapterStore, export_adapter, load_adapter, publish_adapter
+from svda.runtime import AdapterModel, LoraConfig, SvdaConfig, VeraConfig, load_base_model
 from svda.server.domain import ChatMessage, Completion, GenerationRequest, SamplingParams
 from svda.server.engine import Engine, EngineSettings
+from svda.trainer import TrainConfig, train
+
+E2E_DATA = "../shared/data/e2e/devset.csv"
+TARGETS = "q_proj,v_proj"
+CONFIGS = {
+    "svda": lambda: SvdaConfig(targets=TARGETS),
+    "vera64": lambda: VeraConfig(targets=TARGETS, r=64),
+    "vera256": lambda: VeraConfig(targets=TARGETS, r=256),
+    "lora": lambda: LoraConfig(targets=TARGETS, r=8),
+}
 
 QUESTIONS = [
     "Explain what a low-rank adapter is.",
@@ -46,23 +58,35 @@ def messages(i: int) -> tuple[ChatMessage, ...]:
 
 @torch.no_grad()
 def make_adapters(base_path, store: AdapterStore, kind: str, count: int) -> list[str]:
-    """Publish ``count`` trained-looking adapters of ``kind`` ("svda" or "lora") into ``store``."""
+    """Publish ``count`` trained-looking adapters of ``kind`` (a key of CONFIGS) into ``store``:
+    every tensor moved by Gaussian noise, as training moves it."""
     model = AdapterModel(load_base_model(base_path).model)
     ids = []
     for i in range(count):
         name = f"{kind}-{i}"
-        config = (
-            SvdaConfig(targets="all-linear")
-            if kind == "svda"
-            else LoraConfig(targets="q_proj,v_proj", r=8)
-        )
-        model.add_adapter(name, config)
+        model.add_adapter(name, CONFIGS[kind]())
         generator = torch.Generator().manual_seed(i)
         for _, p in sorted(model.adapter_parameters(name).items()):  # dense, like training
             p.add_(0.01 * torch.randn(p.shape, generator=generator) * p.abs().mean().clamp_min(1.0))
         publish_adapter(store, export_adapter(model, name), name)
         model.delete_adapter(name)
         ids.append(name)
+    return ids
+
+
+def train_svda_adapters(base_path, root: str, count: int, steps: int) -> list[str]:
+    """``count`` SvdA adapters trained by svda-train (``steps`` steps each, different data order
+    per seed) on the E2E data, published into the store at ``root``."""
+    ids = []
+    for i in range(count):
+        config = TrainConfig(
+            method="svda", adapter={"targets": TARGETS}, base=base_path, data=E2E_DATA,
+            prompt_column="mr", completion_column="ref", max_length=128, batch_size=4,
+            max_steps=steps, lr=2e-3, seed=i, out=f"svda-trained-{i}", store=root,
+            output_dir=f"{root}/runs/{i}", progress=False,
+        )  # fmt: skip
+        train(config)
+        ids.append(f"svda-trained-{i}")
     return ids
 
 
@@ -138,54 +162,102 @@ def hot_swap_ms(engine: Engine, adapter_ids: list[str], repeats: int = 5) -> tup
     return statistics.median(cold), statistics.median(warm)
 
 
+def pruned_fraction(base_path, store: AdapterStore, adapter_id: str, tolerance: float) -> str:
+    """Components of δ kept when ``adapter_id`` is pruned at ``tolerance`` (all layers)."""
+    model = AdapterModel(load_base_model(base_path).model)
+    entry = store.get(adapter_id)
+    header = load_adapter(store.read_bytes(entry), model, "probe")
+    counts = model.prune_adapter("probe", tolerance, [e.delta_norm for e in header.layers])
+    return f"{counts['components_kept']:,} of {counts['components_total']:,}"
+
+
+def scenario_list(n: int, ids: dict[str, list[str]], tol: float) -> list[tuple]:
+    """(label, merge policy, prune tolerance, adapter per request, adapter memory in adapters)."""
+    trained = ids["svda"]
+    return [
+        ("base model", "never", 0.0, [None] * n, None),
+        (f"{n} × one SvdA adapter, unmerged", "never", 0.0, [trained[0]] * n, None),
+        (f"{n} × one SvdA adapter, merged (policy)", "always-single", 0.0, [trained[0]] * n, None),
+        (f"{n} different SvdA adapters (svda-train), exact", "never", 0.0, trained, None),
+        (f"{n} different SvdA adapters (svda-train), pruned ε={tol:g}", "never", tol, trained, None),
+        (f"{n} different VeRA r=64 adapters", "never", 0.0, ids["vera64"], None),
+        (f"{n} different VeRA r=256 adapters", "never", 0.0, ids["vera256"], None),
+        (f"{n} different LoRA r=8 adapters", "never", 0.0, ids["lora"], None),
+        (f"{len(ids['swap'])} different SvdA adapters, memory for {n} (swaps)", "never", tol,
+         ids["swap"], n),
+    ]  # fmt: skip
+
+
+def run_scenario(engine: Engine, scenario: tuple, per_adapter: int, new_tokens: int):
+    _, policy, tol, adapters, memory = scenario
+    engine.settings.merge_policy = policy  # read by the scheduler at every step
+    engine.adapters.prune_tolerance = tol  # applied when an adapter is loaded
+    engine.adapters.budget = (memory or 10_000) * per_adapter
+    for adapter_id in dict.fromkeys(adapters):
+        if adapter_id is not None:
+            engine.unload_adapter(adapter_id)  # reload with this scenario's tolerance
+            if memory is None:
+                engine.load_adapter(adapter_id)
+    run_batch(engine, adapters[:2], 4)  # warm-up (and merge, for the merged policy)
+    return run_batch(engine, adapters, new_tokens)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default=None, help="HF model folder (default: SmolLM2-135M)")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="best of this many rounds")
+    parser.add_argument("--train-steps", type=int, default=8, help="svda-train steps per adapter")
+    parser.add_argument(
+        "--prune-tolerance", type=float, default=EngineSettings().svda_prune_tolerance,
+        help="ε of the pruned SvdA scenario (default: the server's default)",
+    )  # fmt: skip
     args = parser.parse_args()
-    n, new_tokens = args.requests, args.new_tokens
+    n, new_tokens, tol = args.requests, args.new_tokens, args.prune_tolerance
 
     root = tempfile.mkdtemp(prefix="svda-serve-bench-")
     store = AdapterStore(root)
-    svda_ids = make_adapters(args.base, store, "svda", n)
-    lora_ids = make_adapters(args.base, store, "lora", n)
+    ids = {"svda": train_svda_adapters(args.base, root, n, args.train_steps)}
+    for kind in ("vera64", "vera256", "lora"):
+        ids[kind] = make_adapters(args.base, store, kind, n)
+    ids["swap"] = []
+    for j in range(4 * n):  # the trained files again under new ids: 4n distinct adapters
+        data = store.read_bytes(store.get(ids["svda"][j % n]))
+        ids["swap"].append(publish_adapter(store, data, f"swap-{j}").id)
+    per_adapter = store.get(ids["svda"][0]).size
+    kept = pruned_fraction(args.base, store, ids["svda"][0], tol)
+
     base = load_base_model(args.base)
     engine = Engine(base, store, EngineSettings(max_batch_size=n))
     engine.start()
-    scenarios = [
-        ("base model", "never", [None] * n),
-        (f"{n} × one SvdA adapter, unmerged", "never", [svda_ids[0]] * n),
-        (f"{n} × one SvdA adapter, merged (policy)", "always-single", [svda_ids[0]] * n),
-        (f"{n} different SvdA adapters", "never", svda_ids),
-        (f"{n} different LoRA r=8 adapters", "never", lora_ids),
-    ]
+    scenarios = scenario_list(n, ids, tol)
     best: dict[str, tuple[int, float]] = {}
     for round_ in range(args.rounds):  # interleaved, best of rounds: this machine is shared
-        for label, policy, adapters in scenarios:
-            engine.settings.merge_policy = policy  # read by the scheduler at every step
-            for adapter_id in dict.fromkeys(adapters):
-                if adapter_id is not None:
-                    engine.load_adapter(adapter_id)
-            run_batch(engine, adapters[:2], 4)  # warm-up (and merge, for the merged policy)
-            seconds, tokens = run_batch(engine, adapters, new_tokens)
+        for scenario in scenarios:
+            seconds, tokens = run_scenario(engine, scenario, per_adapter, new_tokens)
+            label = scenario[0]
             if label not in best or tokens / seconds > best[label][0] / best[label][1]:
                 best[label] = (tokens, seconds)
             print(f"round {round_}: {label}: {tokens} tokens in {seconds:.2f} s", flush=True)
-    rows = [(label, *best[label]) for label, _, _ in scenarios]
+    rows = [(s[0], *best[s[0]]) for s in scenarios]
     engine.settings.merge_policy = "never"
-    hot = hot_swap_ms(engine, svda_ids)
+    engine.adapters.prune_tolerance, engine.adapters.budget = tol, 10_000 * per_adapter
+    hot = hot_swap_ms(engine, ids["svda"])
     engine.stop()
     assert engine.model.state.merged is None
     engine.model.set_adapter(None)  # the wrapped layers now run the base weights only
     hf_generate(base, 2, 2)  # warm-up
     seconds, tokens = hf_generate(base, n, new_tokens)
     rows.append((f"transformers generate(), batch {n}", tokens, seconds))
+    print_tables(rows, hot, n, new_tokens, tol, kept)
 
+
+def print_tables(rows, hot, n: int, new_tokens: int, tol: float, kept: str) -> None:
     base_rate = rows[0][1] / rows[0][2]
-    print(f"\nserve_bench: {n} requests × {new_tokens} new tokens, greedy, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}\n")  # fmt: skip
+    print(f"\nserve_bench: {n} concurrent requests × {new_tokens} new tokens, greedy, adapters on "
+          f"q_proj,v_proj; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.machine()}; SvdA δ components kept at ε={tol:g}: {kept}\n")  # fmt: skip
     print("| scenario | tokens | seconds | tokens/s | vs base |")
     print("|---|---:|---:|---:|---:|")
     for label, tokens, secs in rows:

@@ -3,6 +3,7 @@
 from .adalora import AdaLoraConfig, AdaLoraWeights
 from .base import AdapterConfig, AdapterWeights, TargetInfo
 from .bitfit import BitFitConfig, BitFitWeights
+from .boft import BoftConfig, BoftWeights
 from .lora import LoraConfig, LoraWeights
 from .lora_ga import LoraGaConfig, LoraGaWeights
 from .parallel_adapter import ParallelAdapterConfig, ParallelAdapterWeights
@@ -16,6 +17,7 @@ from .registry import (
 )
 from .serial_adapter import SerialAdapterConfig, SerialAdapterWeights
 from .svda import SvdaConfig, SvdaWeights
+from .urnn import UrnnConfig, UrnnWeights
 from .vera import VeraConfig, VeraWeights
 
 register_method(SvdaConfig, SvdaWeights, "SVD-based adaptation: ΔW = diag(b)·U·diag(s)·Vᵀ")
@@ -31,6 +33,16 @@ register_method(
     AdaLoraConfig, AdaLoraWeights, "Budgeted SVD-shaped LoRA: ΔW = (α/r)·P·diag(λ)·Q, rank pruned"
 )
 register_method(BitFitConfig, BitFitWeights, "Bias only: ΔW = 0, bias' = bias + β")
+register_method(
+    BoftConfig,
+    BoftWeights,
+    "Butterfly orthogonal: W' = diag(s)·W0·Rᵀ, R = Π_i P_i·blockdiag(Cayley(Q))·P_iᵀ",
+)
+register_method(
+    UrnnConfig,
+    UrnnWeights,
+    "uRNN-unitary: W' = R·W0, R = U(θ,v)·U(0,v0)ᴴ, U = D3 R2 F⁻¹ D2 Π R1 F D1",
+)
 register_method(
     SerialAdapterConfig,
     SerialAdapterWeights,
@@ -49,6 +61,8 @@ __all__ = [
     "AdapterWeights",
     "BitFitConfig",
     "BitFitWeights",
+    "BoftConfig",
+    "BoftWeights",
     "LoraConfig",
     "LoraGaConfig",
     "LoraGaWeights",
@@ -63,6 +77,8 @@ __all__ = [
     "SvdaConfig",
     "SvdaWeights",
     "TargetInfo",
+    "UrnnConfig",
+    "UrnnWeights",
     "VeraConfig",
     "VeraWeights",
     "available_methods",

@@ -9,10 +9,12 @@ from svda.runtime import AdapterModel, LoraConfig, SvdaConfig, VeraConfig
 from svda.runtime.methods import (
     AdaLoraConfig,
     BitFitConfig,
+    BoftConfig,
     LoraGaConfig,
     ParallelAdapterConfig,
     PissaConfig,
     SerialAdapterConfig,
+    UrnnConfig,
 )
 
 VOCAB = 96
@@ -47,6 +49,8 @@ METHOD_CONFIGS = {
     "lora_ga": lambda targets: LoraGaConfig(targets=targets, r=2, alpha=4.0),
     "bitfit": lambda targets: BitFitConfig(targets=targets),
     "adalora": lambda targets: AdaLoraConfig(targets=targets, r=4, target_r=2),
+    "boft": lambda targets: BoftConfig(targets=targets, block_size=4, n_butterfly_factor=2),
+    "urnn": lambda targets: UrnnConfig(targets=targets, permutation_seed=5),
     # block-level methods adapt whole modules: after the MLP, beside the attention
     "serial_adapter": lambda targets: SerialAdapterConfig(targets="mlp", bottleneck=4),
     "parallel_adapter": lambda targets: ParallelAdapterConfig(

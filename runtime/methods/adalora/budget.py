@@ -4,7 +4,8 @@ and compaction to the kept ranks before export (Zhang et al., 2023, §3-4).
 The trainer calls, for an AdaLoRA adapter ``name``:
 
     loss = loss + orthogonal_regularization(model, name)      # before backward
-    budget.step(step)                                          # after backward, before zero_grad
+    budget.update_importance()                                 # after backward
+    budget.prune(step)                                         # after the optimizer update
     compact_adalora(model, name)                               # once, before export
 
 Importance of a triplet i on a layer: ``s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij)`` with
@@ -67,11 +68,15 @@ class AdaLoraBudget:
         progress = 1 - (step - start) / max(end - start, 1)
         return int((c.r - c.target_r) * layers * progress**3) + c.target_r * layers
 
-    @torch.no_grad()
     def step(self, step: int) -> int:
-        """Update the importance EMAs from the current gradients and prune on schedule; returns
-        the number of triplets kept."""
-        self._update_importance()
+        """:meth:`update_importance` then :meth:`prune` (gradients must be present)."""
+        self.update_importance()
+        return self.prune(step)
+
+    @torch.no_grad()
+    def prune(self, step: int) -> int:
+        """Prune on schedule and keep pruned λ at 0 (call after the optimizer update, as λ
+        moves with it); returns the number of triplets kept."""
         c = self.config
         pruning = c.tinit < step < self.total_steps - c.tfinal and step % c.delta_t == 0
         if pruning or (step >= self.total_steps - c.tfinal and self.mask is None):
@@ -81,7 +86,9 @@ class AdaLoraBudget:
                 w.adalora_lambda.masked_fill_(~self.mask[layer], 0.0)
         return sum(int(m.sum()) for m in self.mask.values()) if self.mask else self.budget(step)
 
-    def _update_importance(self) -> None:
+    @torch.no_grad()
+    def update_importance(self) -> None:
+        """EMAs of the sensitivity |θ·∂L/∂θ| and its uncertainty, from the current gradients."""
         b1, b2 = self.config.beta1, self.config.beta2
         for layer, w in self.weights.items():
             for kind, p in w.named_parameters():

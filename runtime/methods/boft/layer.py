@@ -44,6 +44,12 @@ from .ops import (
 ZERO_SCALE = 1e-30  # |s| below this cannot be divided out on unmerge: keep the weight instead
 
 
+def _layout(config: BoftConfig, target: TargetInfo) -> tuple[int, int]:
+    """``(D, b)`` on ``target`` (a clear error if its input size does not fit)."""
+    m = config.n_butterfly_factor
+    return block_layout(config.block_size, config.block_num, m, target.d_in, target.name)
+
+
 class BaseWeightShared(nn.Module):
     """Frozen per-layer state of a multiplicative method: a reference to the live base weight
     ``W0 (d1, d2)`` (a plain attribute, never a buffer: it is neither copied nor stored), plus the
@@ -79,7 +85,7 @@ class BoftWeights(AdapterWeights):
     def __init__(self, config: BoftConfig, target: TargetInfo, shared: nn.Module | None):
         super().__init__(config, target, shared)
         m = config.n_butterfly_factor
-        n_blocks, b = block_layout(config.block_size, config.block_num, m, target.d_in, target.name)
+        n_blocks, b = _layout(config, target)
         self.block_size = b
         device, dtype = target.weight.device, target.dtype
         self.boft_q = nn.Parameter(
@@ -91,6 +97,10 @@ class BoftWeights(AdapterWeights):
 
     @classmethod
     def shared_key(cls, config: BoftConfig, targets: Sequence[TargetInfo]) -> str:
+        """Also checks every target's block layout first (the model asks for the key before
+        attaching anything), so a layer that does not fit fails before any layer is touched."""
+        for target in targets:
+            _layout(config, target)
         return f"boft:{config.block_size}:{config.block_num}:{config.n_butterfly_factor}"
 
     @classmethod
@@ -98,7 +108,7 @@ class BoftWeights(AdapterWeights):
         cls, config: BoftConfig, target: TargetInfo, targets: Sequence[TargetInfo], ctx: Any
     ) -> nn.Module:
         m = config.n_butterfly_factor
-        n_blocks, b = block_layout(config.block_size, config.block_num, m, target.d_in, target.name)
+        n_blocks, b = _layout(config, target)
         perms = butterfly_permutations(target.d_in, n_blocks, b, m).to(target.weight.device)
         key = f"{cls.shared_key(config, [target])}:{target.d_in}"
         return BoftShared(target.weight, perms, b, hashlib.sha256(key.encode()).hexdigest())

@@ -96,6 +96,12 @@ def peft_to_upper(boft_r: torch.Tensor) -> torch.Tensor:
     return 0.5 * (boft_r[..., cols, rows] - boft_r[..., rows, cols])
 
 
+def upper_to_peft(q: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Our upper triangles to a PEFT ``boft_R`` with the same rotation: ``−Q`` (PEFT keeps the
+    skew part ``S = (R − Rᵀ)/2 = −Q``)."""
+    return -skew_from_upper(q, block_size)
+
+
 def rotate_rows(
     y: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, inverse: torch.Tensor
 ) -> torch.Tensor:
@@ -108,13 +114,13 @@ def rotate_rows(
     permuted = n_factors > 1
     for i in reversed(range(n_factors)):  # y R = (((y M_{m-1}) M_{m-2}) ⋯) M_0
         if permuted:
-            y = y.flatten(-2)[..., inverse[i]].unflatten(-1, (n_blocks, b))
+            y = y.flatten(-2).index_select(-1, inverse[i]).unflatten(-1, (n_blocks, b))
         if per_row:
             y = torch.einsum("btdi,bdij->btdj", y, blocks[:, i])  # (B, T, D, b)
         else:
             y = torch.einsum("ndi,dij->ndj", y, blocks[i])  # (N, D, b)
         if permuted:
-            y = y.flatten(-2)[..., perms[i]].unflatten(-1, (n_blocks, b))
+            y = y.flatten(-2).index_select(-1, perms[i]).unflatten(-1, (n_blocks, b))
     return y.reshape(shape)
 
 

@@ -1,0 +1,30 @@
+"""uRNN-unitary configuration (Arjovsky et al., 2016, "Unitary Evolution Recurrent Neural
+Networks"; seed 003 applies it to transformer weights)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..base import AdapterConfig, config_field, require
+
+
+@dataclass
+class UrnnConfig(AdapterConfig):
+    """W' = R · W0, R = U(θ, v) · U(0, v0)ᴴ orthogonal on R^{d1} (d1 even), O(d1) parameters."""
+
+    method = "urnn"
+
+    permutation_seed: int = config_field(
+        0,
+        "Seed of the CPU torch.Generator that regenerates, per layer width, the fixed "
+        "permutation Π and the initial reflection vectors v0 (never stored).",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        require(
+            isinstance(self.permutation_seed, int)
+            and not isinstance(self.permutation_seed, bool)
+            and 0 <= self.permutation_seed < 2**63,
+            f"urnn permutation_seed must be an integer in [0, 2**63), got {self.permutation_seed!r}",
+        )
