@@ -90,9 +90,7 @@ class AdapterModel(PackedAdapters, nn.Module):
             )
         bank = self._banked.pop(name, None)
         if bank is not None:
-            bank.remove(name)
-            if not bank.slots:  # free the bank's memory and the frozen tensors it used
-                self._dispose_bank(bank)
+            bank.remove(name)  # an empty bank stays, ready for the next adapter of its layout
         else:
             for layer in self.layers_of(name):
                 layer.remove(name)

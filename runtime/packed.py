@@ -65,6 +65,15 @@ class PackedAdapters:
         self.banks[layout] = bank
         return bank
 
+    def drop_empty_banks(self) -> int:
+        """Free the slot banks that hold no adapter (their tables and the frozen tensors only
+        they use). Deleting an adapter keeps its bank, so the next adapter of the same layout
+        attaches with one copy; returns how many banks were dropped."""
+        empty = [bank for bank in self.banks.values() if not bank.slots]
+        for bank in empty:
+            self._dispose_bank(bank)
+        return len(empty)
+
     def _dispose_bank(self, bank: AdapterBank) -> None:
         del self.banks[bank.layout]
         for layer_name, _ in bank.layers:

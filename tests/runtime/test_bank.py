@@ -69,7 +69,7 @@ def test_packed_adapter_delta_merge_and_tensors(method, svd_cache, input_ids):
 
 
 @torch.no_grad()
-def test_deleting_frees_slots_and_the_last_one_frees_the_bank(svd_cache, input_ids):
+def test_deleting_frees_slots_and_empty_banks_can_be_dropped(svd_cache, input_ids):
     model = with_modules(svd_cache, "svda", 2)
     add_packed_copies(model, "svda", 2)
     bank = model._banked["p0"]
@@ -82,6 +82,8 @@ def test_deleting_frees_slots_and_the_last_one_frees_the_bank(svd_cache, input_i
     torch.testing.assert_close(again, model(input_ids).logits, rtol=0, atol=1e-6)
     model.delete_adapter("again")
     model.delete_adapter("p1")
+    assert list(model.banks.values()) == [bank] and not bank.slots  # kept for the next one
+    assert model.drop_empty_banks() == 1
     assert not model.banks
     assert all(not layer.banks for layer in model.layers.values())
     model.delete_adapter("m0")
