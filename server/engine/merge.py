@@ -14,6 +14,7 @@ join, from all running *and* waiting requests (whose adapters are loaded):
     ``merge_min_tokens`` tokens remain to be generated for it (amortises the merge);
   - ``"never"``: no merge (``MERGED`` requests are served unmerged and say so).
 
+* An adapter whose method does not merge (serial/parallel adapters) is never merged.
 * Already merged with ``A``: stay merged while all work is for ``A``, and also when the engine is
   idle (the next request for ``A`` then costs nothing extra); unmerge as soon as anything else
   must run. Eviction never detaches the merged adapter.
@@ -25,7 +26,7 @@ the request came from the merged path. Merges are counted in ``svda_merges{reaso
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ..domain import MergeMode
 from .sequence import Sequence
@@ -36,8 +37,11 @@ def merge_target(
     min_tokens: int,
     current: str | None,
     work: Iterable[Sequence],
+    can_merge: Callable[[str], bool] = lambda name: True,
 ) -> tuple[str | None, str]:
-    """(adapter name that should be merged or None, reason) for the work in the engine."""
+    """(adapter name that should be merged or None, reason) for the work in the engine.
+    ``can_merge`` says whether an adapter's method merges at all (serial/parallel adapters
+    do not: they are always served unmerged)."""
     work = [s for s in work if not s.done]
     if not work:
         return current, "idle"
@@ -49,6 +53,8 @@ def merge_target(
     name = _loaded_name(work)
     if name is None:
         return (current if current is not None else None), "loading"
+    if not can_merge(name):
+        return None, "not-mergeable"
     if name == current or policy == "always-single":
         return name, "single-adapter"
     if any(s.request.mode == MergeMode.MERGED for s in work):

@@ -24,7 +24,7 @@ from collections import deque
 import torch
 from transformers.cache_utils import DynamicCache
 
-from svda.runtime import AdapterModel
+from svda.runtime import AdapterModel, get_method
 
 from ..domain import FinishReason, Overloaded
 from ..metrics import Metrics
@@ -171,13 +171,18 @@ class Scheduler:
         self._gauges()
 
     # ----- merge policy --------------------------------------------------------------------------
+    def _mergeable(self, name: str) -> bool:
+        config = self.model.configs.get(name)
+        return config is not None and get_method(config.method).weights_cls.mergeable
+
     def _plan_merge(self) -> None:
         with self.cond:
             work = [*self.running, *self.waiting]
         current = self.model.state.merged
         target, reason = merge_target(
-            self.settings.merge_policy, self.settings.merge_min_tokens, current, work
-        )
+            self.settings.merge_policy, self.settings.merge_min_tokens, current, work,
+            can_merge=self._mergeable,
+        )  # fmt: skip
         if target == current:
             return
         with self.model_lock:

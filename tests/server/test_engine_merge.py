@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
-from svda.adapters_store import publish_adapter
+from svda.adapters_store import AdapterStore, publish_adapter
 from svda.runtime import load_base_model
 from svda.server.domain import MergeMode
 from tests.server.conftest import make_adapter
@@ -111,3 +112,19 @@ def test_loading_an_adapter_while_merged_uses_the_original_weights(tiny_folder, 
         collector = submit(engine, request("svda-c", "second", 8))
         assert collector.wait().merged
     assert collector.token_ids == want
+
+
+@pytest.mark.parametrize("method", ["pissa", "boft", "serial_adapter"])
+def test_other_methods_are_served_and_only_mergeable_ones_merge(
+    tiny_folder, tiny_base, method, tmp_path
+):
+    data = make_adapter(tiny_folder, method, seed=4)
+    want = reference_tokens(tiny_folder, data, "other methods", 10)
+    store = AdapterStore(tmp_path / "store")
+    publish_adapter(store, data, method)
+    with running_engine(tiny_base, store, merge_policy="always-single") as engine:
+        collectors = [submit(engine, request(method, "other methods", 10)) for _ in range(2)]
+        completions = [c.wait() for c in collectors]
+    for collector, completion in zip(collectors, completions, strict=True):
+        assert collector.token_ids == want
+        assert completion.merged == (method != "serial_adapter")
