@@ -78,7 +78,7 @@ class ServerSettings(BaseSettings):
     max_new_tokens_limit: int = Field(1024, gt=0, description="largest max_new_tokens")
     adapter_memory_bytes: int = Field(256 << 20, gt=0, description="adapter memory budget")
     svda_prune_tolerance: float = Field(
-        0.0, ge=0, lt=1, description="SvdA δ pruning bound ε (0: exact)"
+        0.05, ge=0, lt=1, description="SvdA δ pruning bound ε per layer (0: exact)"
     )
     merge_policy: str = Field("auto", description="auto, never or always-single (see the README)")
     device: str = Field("cpu", description="torch device of the base model")

@@ -78,6 +78,7 @@ def running_engine(base, store, start: bool = True, **settings):
     """An engine with fresh metrics, stopped at the end (``start=False``: start it yourself,
     e.g. after queuing requests that must all join the first batch)."""
     metrics = Metrics()
+    settings.setdefault("svda_prune_tolerance", 0.0)  # exact: outputs compare token for token
     engine = Engine(base, store, EngineSettings(**settings), metrics=metrics)
     if start:
         engine.start()

@@ -20,6 +20,7 @@ from svda.server.settings import ServerSettings
 @contextmanager
 def grpc_server(base, store, **settings):
     """A :class:`BackgroundServer` on free ports (gRPC and metrics) of 127.0.0.1."""
+    settings.setdefault("svda_prune_tolerance", 0.0)  # exact: outputs compare token for token
     values = dict(host="127.0.0.1", port=0, metrics_port=0, store=store.root, **settings)
     with BackgroundServer(ServerSettings(**values), base=base, store=store) as server:
         yield server

@@ -6,9 +6,12 @@ import threading
 import time
 
 import pytest
+import torch
 
-from svda.adapters_store import publish_adapter
+from svda.adapters_store import load_adapter, publish_adapter
+from svda.runtime import AdapterModel, load_base_model
 from svda.server.domain import Overloaded, PermissionDenied, UnknownAdapter
+from svda.server.engine import EngineSettings
 from svda.server.engine.adapters import AdapterManager
 from tests.server.conftest import make_adapter
 from tests.server.engine_helpers import metric, reference_tokens, request, running_engine, submit
@@ -133,3 +136,17 @@ def test_unload_detaches_now_or_after_the_running_request(tiny_base, store):
         assert engine.unload_adapter("svda-b")
         assert not resident(engine) and not engine.model.configs
         assert not engine.unload_adapter("svda-b")
+
+
+def test_svda_adapters_are_served_pruned_by_default_within_the_bound(tiny_base, store):
+    assert EngineSettings().svda_prune_tolerance == 0.05
+    exact = AdapterModel(load_base_model(tiny_base.source).model)
+    load_adapter(store.read_bytes(store.get("svda-b")), exact, "exact")
+    with running_engine(tiny_base, store, svda_prune_tolerance=0.3) as engine:
+        engine.load_adapter("svda-b")
+        name = engine.adapters.name_of(("svda-b", 1))
+        pruned = engine.model.get_delta_weights(name)
+    reference = exact.get_delta_weights("exact")
+    assert any(not torch.equal(pruned[k], reference[k]) for k in reference)
+    for k, delta in reference.items():
+        assert torch.linalg.norm(pruned[k] - delta) <= 0.3 * torch.linalg.norm(delta) + 1e-6

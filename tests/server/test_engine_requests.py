@@ -119,7 +119,7 @@ def test_deadline_in_queue_and_while_running(tiny_base, store):
     ],
 )
 def test_bad_requests_are_refused_before_queuing(tiny_base, store, req, match):
-    engine = Engine(tiny_base, store, EngineSettings())
+    engine = Engine(tiny_base, store, EngineSettings(svda_prune_tolerance=0.0))
     with pytest.raises(InvalidRequest, match=match):
         engine.submit(req, Collector())
     assert not engine.scheduler.waiting
@@ -128,7 +128,7 @@ def test_bad_requests_are_refused_before_queuing(tiny_base, store, req, match):
 def test_unknown_adapter_base_mismatch_and_overload(tmp_path, tiny_base, store):
     other_base = tiny_base_folder(tmp_path / "other", seed=1)
     publish_adapter(store, make_adapter(other_base, "lora"), "foreign")
-    engine = Engine(tiny_base, store, EngineSettings(max_waiting=1))
+    engine = Engine(tiny_base, store, EngineSettings(max_waiting=1, svda_prune_tolerance=0.0))
     with pytest.raises(UnknownAdapter, match="nope"):
         engine.submit(request("nope", "x"), Collector())
     with pytest.raises(AdapterBaseMismatch, match="foreign"):
@@ -174,7 +174,7 @@ def test_one_json_log_line_per_request(tiny_base, store, caplog):
 
 def test_base_mismatch_found_at_load_time_is_reported(tmp_path, tiny_base, store):
     foreign = make_adapter(tiny_base_folder(tmp_path / "other", seed=1), "lora")
-    engine = Engine(tiny_base, store, EngineSettings())
+    engine = Engine(tiny_base, store, EngineSettings(svda_prune_tolerance=0.0))
     # an index row that claims this base (the file itself names the other one)
     store.publish(foreign, "lying", method="lora", base_fingerprint=engine.model.fingerprint.whole)
     engine.start()
@@ -186,7 +186,11 @@ def test_base_mismatch_found_at_load_time_is_reported(tmp_path, tiny_base, store
 
 
 def test_info_describes_the_engine(tiny_base, store):
-    engine = Engine(tiny_base, store, EngineSettings(max_batch_size=4, max_new_tokens_limit=100))
+    engine = Engine(
+        tiny_base,
+        store,
+        EngineSettings(max_batch_size=4, max_new_tokens_limit=100, svda_prune_tolerance=0.0),
+    )
     info = engine.info()
     assert info.base_fingerprint == engine.model.fingerprint.whole
     assert {"lora", "svda", "vera"} <= set(info.methods)
