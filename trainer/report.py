@@ -95,6 +95,65 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path
     return path
 
 
+def append_lambda_rows(path: Path, step: int, layers: list[str], values) -> None:
+    """One row ``step, λ_layer…`` of the hybrid method's per-layer λ (header on first write)."""
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.writer(fh)
+        if new:
+            writer.writerow(["step", *layers])
+        writer.writerow([step, *(f"{float(v):.6g}" for v in values)])
+
+
+def drop_lambda_rows_from(path: Path, step: int) -> None:
+    """Remove rows of ``step`` and later (left by an interrupted run that is resumed)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    kept = rows[:1] + [r for r in rows[1:] if int(r[0]) < step]
+    if len(kept) < len(rows):
+        with open(path, "w", newline="") as fh:
+            csv.writer(fh).writerows(kept)
+
+
+def plot_lambdas(csv_path: Path, path: Path) -> Path | None:
+    """λ per layer over training: mean and range on top, a layer × step heat map below."""
+    if not csv_path.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if len(rows) < 2:
+        return None
+    steps = np.array([int(r[0]) for r in rows[1:]])
+    values = np.array([[float(v) for v in r[1:]] for r in rows[1:]])  # (steps, layers)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    top.plot(steps, values.mean(axis=1), label="mean over layers")
+    top.fill_between(steps, values.min(axis=1), values.max(axis=1), alpha=0.3, label="min–max")
+    top.set_ylabel("λ (low-rank share)")
+    top.set_ylim(0, 1)
+    top.grid(alpha=0.3)
+    top.legend()
+    extent = (steps[0] - 0.5, steps[-1] + 0.5, values.shape[1] - 0.5, -0.5)
+    image = bottom.imshow(
+        values.T, aspect="auto", vmin=0, vmax=1, cmap="viridis", extent=extent,
+        interpolation="nearest",
+    )  # fmt: skip
+    bottom.set_xlabel("optimizer step")
+    bottom.set_ylabel("layer (order of lambda.csv)")
+    fig.colorbar(image, ax=[top, bottom], label="λ")
+    fig.suptitle("hybrid LoRA-GA / BOFT: λ per layer")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The human-readable end-of-run summary."""
     lines = [

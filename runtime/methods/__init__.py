@@ -4,6 +4,7 @@ from .adalora import AdaLoraConfig, AdaLoraWeights
 from .base import AdapterConfig, AdapterWeights, TargetInfo
 from .bitfit import BitFitConfig, BitFitWeights
 from .boft import BoftConfig, BoftWeights
+from .hybrid import HybridConfig, HybridWeights
 from .lora import LoraConfig, LoraWeights
 from .lora_ga import LoraGaConfig, LoraGaWeights
 from .parallel_adapter import ParallelAdapterConfig, ParallelAdapterWeights
@@ -44,6 +45,11 @@ register_method(
     "uRNN-unitary: W' = R·W0, R = U(θ,v)·U(0,v0)ᴴ, U = D3 R2 F⁻¹ D2 Π R1 F D1",
 )
 register_method(
+    HybridConfig,
+    HybridWeights,
+    "Hybrid LoRA-GA/BOFT: ΔW = λ·(α/r)(B·A − B0·A0) + (1 − λ)·W0·(Rᵀ − I), λ per layer stored",
+)
+register_method(
     SerialAdapterConfig,
     SerialAdapterWeights,
     "Bottleneck after a block: H ← H + s·(f(H·W_downᵀ)·W_upᵀ) (not mergeable)",
@@ -63,6 +69,8 @@ __all__ = [
     "BitFitWeights",
     "BoftConfig",
     "BoftWeights",
+    "HybridConfig",
+    "HybridWeights",
     "LoraConfig",
     "LoraGaConfig",
     "LoraGaWeights",

@@ -10,6 +10,7 @@ from svda.runtime.methods import (
     AdaLoraConfig,
     BitFitConfig,
     BoftConfig,
+    HybridConfig,
     LoraGaConfig,
     ParallelAdapterConfig,
     PissaConfig,
@@ -50,6 +51,9 @@ METHOD_CONFIGS = {
     "bitfit": lambda targets: BitFitConfig(targets=targets),
     "adalora": lambda targets: AdaLoraConfig(targets=targets, r=4, target_r=2),
     "boft": lambda targets: BoftConfig(targets=targets, block_size=4, n_butterfly_factor=2),
+    "hybrid": lambda targets: HybridConfig(
+        targets=targets, r=2, alpha=4.0, block_size=4, n_butterfly_factor=2, lambda_init=0.3
+    ),
     "urnn": lambda targets: UrnnConfig(targets=targets, permutation_seed=5),
     # block-level methods adapt whole modules: after the MLP, beside the attention
     "serial_adapter": lambda targets: SerialAdapterConfig(targets="mlp", bottleneck=4),

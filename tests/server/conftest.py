@@ -18,7 +18,7 @@ import torch
 
 from svda.adapters_store import AdapterStore, export_adapter, publish_adapter
 from svda.runtime import AdapterModel, LoraConfig, SvdaConfig, VeraConfig, load_base_model
-from svda.runtime.methods import BoftConfig, PissaConfig, SerialAdapterConfig
+from svda.runtime.methods import BoftConfig, HybridConfig, PissaConfig, SerialAdapterConfig
 from tests.runtime.helpers import perturb
 from tests.tiny_base import tiny_base_folder
 
@@ -28,6 +28,7 @@ METHOD_CONFIGS = {
     "vera": lambda: VeraConfig(targets="q_proj,v_proj", r=16, projection_seed=3),
     "pissa": lambda: PissaConfig(targets="q_proj,v_proj", r=4),
     "boft": lambda: BoftConfig(targets="q_proj,v_proj", block_size=4),
+    "hybrid": lambda: HybridConfig(targets="q_proj,v_proj", r=2, block_size=4, lambda_init=0.4),
     "serial_adapter": lambda: SerialAdapterConfig(targets="mlp", bottleneck=4),
 }
 

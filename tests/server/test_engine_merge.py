@@ -114,7 +114,7 @@ def test_loading_an_adapter_while_merged_uses_the_original_weights(tiny_folder, 
     assert collector.token_ids == want
 
 
-@pytest.mark.parametrize("method", ["pissa", "boft", "serial_adapter"])
+@pytest.mark.parametrize("method", ["pissa", "boft", "hybrid", "serial_adapter"])
 def test_other_methods_are_served_and_only_mergeable_ones_merge(
     tiny_folder, tiny_base, method, tmp_path
 ):

@@ -51,7 +51,7 @@ class StopAt(TrainerHook):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("method", ["svda", "lora"])
+@pytest.mark.parametrize("method", ["svda", "lora", "hybrid"])
 def test_resume_after_interrupt_matches_uninterrupted(tmp_path, tiny_base, toy_data, method):
     kw = dict(max_steps=9, checkpoint_every=3, warmup_steps=2, schedule="cosine", val_fraction=0.2)
     full = run(tmp_path / "full", tiny_base, toy_data, method, **kw)
@@ -61,6 +61,9 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path, tiny_base, toy_d
     assert [r["step"] for r in resumed.log] == list(range(1, 10))
     assert_payload_close(full.adapter_bytes, resumed.adapter_bytes)
     assert resumed.log[-1]["loss"] == pytest.approx(full.log[-1]["loss"], rel=1e-5)
+    if method == "hybrid":  # λ per layer: the resumed run's log continues, without repeats
+        full_csv, cut_csv = (tmp_path / n / "run-hybrid" / "lambda.csv" for n in ("full", "cut"))
+        assert full_csv.read_text() == cut_csv.read_text()
 
 
 def test_resume_without_checkpoint_says_what_to_do(tmp_path, tiny_base, toy_data):

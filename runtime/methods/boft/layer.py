@@ -44,7 +44,7 @@ from .ops import (
 ZERO_SCALE = 1e-30  # |s| below this cannot be divided out on unmerge: keep the weight instead
 
 
-def _layout(config: BoftConfig, target: TargetInfo) -> tuple[int, int]:
+def block_layout_of(config: BoftConfig, target: TargetInfo) -> tuple[int, int]:
     """``(D, b)`` on ``target`` (a clear error if its input size does not fit)."""
     m = config.n_butterfly_factor
     return block_layout(config.block_size, config.block_num, m, target.d_in, target.name)
@@ -85,7 +85,7 @@ class BoftWeights(AdapterWeights):
     def __init__(self, config: BoftConfig, target: TargetInfo, shared: nn.Module | None):
         super().__init__(config, target, shared)
         m = config.n_butterfly_factor
-        n_blocks, b = _layout(config, target)
+        n_blocks, b = block_layout_of(config, target)
         self.block_size = b
         device, dtype = target.weight.device, target.dtype
         self.boft_q = nn.Parameter(
@@ -100,7 +100,7 @@ class BoftWeights(AdapterWeights):
         """Also checks every target's block layout first (the model asks for the key before
         attaching anything), so a layer that does not fit fails before any layer is touched."""
         for target in targets:
-            _layout(config, target)
+            block_layout_of(config, target)
         return f"boft:{config.block_size}:{config.block_num}:{config.n_butterfly_factor}"
 
     @classmethod
@@ -108,7 +108,7 @@ class BoftWeights(AdapterWeights):
         cls, config: BoftConfig, target: TargetInfo, targets: Sequence[TargetInfo], ctx: Any
     ) -> nn.Module:
         m = config.n_butterfly_factor
-        n_blocks, b = _layout(config, target)
+        n_blocks, b = block_layout_of(config, target)
         perms = butterfly_permutations(target.d_in, n_blocks, b, m).to(target.weight.device)
         key = f"{cls.shared_key(config, [target])}:{target.d_in}"
         return BoftShared(target.weight, perms, b, hashlib.sha256(key.encode()).hexdigest())

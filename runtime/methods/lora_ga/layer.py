@@ -41,21 +41,9 @@ class LoraGaWeights(AdapterWeights):
         self.lora_A0 = nn.Parameter(a, requires_grad=False)  # frozen, stored
         self.lora_B0 = nn.Parameter(b, requires_grad=False)
 
-    @torch.no_grad()
     def initialise_from_gradient(self, grad_oi: torch.Tensor) -> None:
         """Set A0, B0 (and A, B to them) from the gradient ∂L/∂W0 as (d1, d2)."""
-        r = self.r
-        if 2 * r > min(grad_oi.shape):
-            raise ValueError(
-                f"lora_ga needs 2r ≤ min(d1, d2) = {min(grad_oi.shape)}; use r ≤ {min(grad_oi.shape) // 2}"
-            )
-        u, _, vh = torch.linalg.svd(grad_oi.double(), full_matrices=False)
-        scale = self.d_out**0.25 / self.gamma**0.5
-        a0, b0 = vh[:r] * scale, u[:, r : 2 * r] * scale  # (r, d2), (d1, r)
-        for target, value in ((self.lora_A, a0), (self.lora_A0, a0)):
-            target.copy_(value.to(target.dtype))
-        for target, value in ((self.lora_B, b0), (self.lora_B0, b0)):
-            target.copy_(value.to(target.dtype))
+        set_factors_from_gradient(self, grad_oi)
 
     def constants(self) -> dict[str, float]:
         return {"scaling": self.scaling}
@@ -89,6 +77,26 @@ class LoraGaWeights(AdapterWeights):
     @classmethod
     def add_prepared(cls, result, x, out0, prepared, shared, dropout=None):
         return add_lora_rows(result, x, out0, prepared)
+
+
+@torch.no_grad()
+def set_factors_from_gradient(weights: nn.Module, grad_oi: torch.Tensor) -> None:
+    """LoRA-GA's initialisation of a module holding ``lora_A, lora_B, lora_A0, lora_B0`` (rank
+    ``weights.r``, stable-scale ``weights.gamma``): ``A0 = Vᵀ[:r]``, ``B0 = U[:, r:2r]`` of the
+    gradient's SVD, times ``d1^(1/4) / √γ``; A, B start equal to them (ΔW stays 0)."""
+    r = weights.r
+    if 2 * r > min(grad_oi.shape):
+        raise ValueError(
+            f"{weights.method} needs 2r ≤ min(d1, d2) = {min(grad_oi.shape)}; "
+            f"use r ≤ {min(grad_oi.shape) // 2}"
+        )
+    u, _, vh = torch.linalg.svd(grad_oi.double(), full_matrices=False)
+    scale = weights.d_out**0.25 / weights.gamma**0.5
+    a0, b0 = vh[:r] * scale, u[:, r : 2 * r] * scale  # (r, d2), (d1, r)
+    for target, value in ((weights.lora_A, a0), (weights.lora_A0, a0)):
+        target.copy_(value.to(target.dtype))
+    for target, value in ((weights.lora_B, b0), (weights.lora_B0, b0)):
+        target.copy_(value.to(target.dtype))
 
 
 def _pad(kind: str, extra: int) -> tuple[int, ...]:

@@ -1,0 +1,75 @@
+"""Configuration of the hybrid LoRA-GA / BOFT method (seed 003, SPEC.md §3 "Hybrid")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..base import AdapterConfig, config_field, require
+
+
+@dataclass
+class HybridConfig(AdapterConfig):
+    """W' = W0 + λ·(α/r)(B·A − B0·A0) + (1 − λ)·W0·(Rᵀ − I), one λ per layer set by the trainer
+    from smoothed gradient norms and frozen at export. The LoRA-GA fields and the BOFT fields
+    mean what they mean in those methods."""
+
+    method = "hybrid"
+
+    r: int = config_field(8, "LoRA-GA rank of the trained factors (the stored LoRA has rank 2r).")
+    alpha: float = config_field(16.0, "LoRA-GA scaling numerator: the low-rank part is × alpha/r.")
+    init_seed: int = config_field(0, "Seed of A = A0 before the gradient initialisation.")
+    gradient_batches: int = config_field(
+        8, "Batches whose gradients set A0, B0 before step 0 (svda-train)."
+    )
+    stable_gamma: float = config_field(
+        16.0, "γ of LoRA-GA's stable scale d1^(1/4) / sqrt(γ) of A0, B0."
+    )
+    block_size: int = config_field(
+        4, "BOFT block size b (divides every target's input size); 0 to give block_num instead."
+    )
+    block_num: int = config_field(0, "BOFT blocks per factor, instead of block_size (then 0).")
+    n_butterfly_factor: int = config_field(1, "Number of BOFT butterfly factors.")
+    lambda_init: float = config_field(0.5, "λ of every layer before training.")
+    lambda_smoothing: float = config_field(
+        0.9,
+        "β of the exponential average that sets λ each step: λ ← β·λ + (1 − β)·λ_step, "
+        "λ_step = g_LoRA / (g_LoRA + g_BOFT) from the branches' gradient norms.",
+    )
+    lambda_min: float = config_field(
+        0.05, "λ stays in [lambda_min, 1 − lambda_min], so neither branch stops learning."
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("r", "gradient_batches", "n_butterfly_factor"):
+            value = getattr(self, name)
+            require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"hybrid {name} must be an integer ≥ 1, got {value!r}",
+            )
+        require(self.alpha > 0, f"hybrid alpha must be > 0, got {self.alpha!r}")
+        require(
+            self.stable_gamma > 0, f"hybrid stable_gamma must be > 0, got {self.stable_gamma!r}"
+        )
+        require(
+            (self.block_size > 0) != (self.block_num > 0) and self.block_size != 1,
+            "hybrid needs exactly one of block_size (≥ 2) and block_num > 0, the other 0; got "
+            f"block_size={self.block_size}, block_num={self.block_num}",
+        )
+        require(
+            0.0 <= self.lambda_min < 0.5,
+            f"hybrid lambda_min must be in [0, 0.5), got {self.lambda_min!r}",
+        )
+        require(
+            self.lambda_min <= self.lambda_init <= 1.0 - self.lambda_min,
+            f"hybrid lambda_init must be in [lambda_min, 1 − lambda_min] = "
+            f"[{self.lambda_min}, {1 - self.lambda_min}], got {self.lambda_init!r}",
+        )
+        require(
+            0.0 <= self.lambda_smoothing < 1.0,
+            f"hybrid lambda_smoothing must be in [0, 1), got {self.lambda_smoothing!r}",
+        )
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
