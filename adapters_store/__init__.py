@@ -1,6 +1,6 @@
 """svda.adapters_store: the compact ``.svda`` format, the adapter store and ``svda-pack``."""
 
-from .checkpoint import load_checkpoint, publish_adapter, save_checkpoint
+from .checkpoint import load_checkpoint, publish_adapter, read_stored_adapter, save_checkpoint
 from .errors import (
     AdapterFormatError,
     AdapterMetadataError,
@@ -39,6 +39,7 @@ __all__ = [
     "load_checkpoint",
     "publish_adapter",
     "read_adapter",
+    "read_stored_adapter",
     "save_adapter_file",
     "save_checkpoint",
     "verify_adapter",

@@ -18,7 +18,7 @@ from svda.runtime import AdapterModel, config_from_dict
 from svda.runtime.errors import AdapterConfigError
 
 from .errors import AdapterFormatError, BaseMismatch
-from .format import read_adapter
+from .format import AdapterFile, read_adapter
 from .store import AdapterStore
 from .store_types import StoreEntry
 
@@ -89,3 +89,10 @@ def publish_adapter(
         base_fingerprint=header.base_fingerprint,
         name=header.name,
     )
+
+
+def read_stored_adapter(store: AdapterStore, entry: StoreEntry) -> AdapterFile:
+    """Read and check a published adapter: the store verifies the object's SHA-256 (the file's
+    content address, recorded when :func:`publish_adapter` validated these bytes), which covers
+    the payload, so the payload hash is not computed a second time."""
+    return read_adapter(store.read_bytes(entry), whole_file_verified=True)

@@ -190,8 +190,15 @@ def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 # ----- reading ----------------------------------------------------------------------------------
-def read_adapter(source: bytes | str | os.PathLike) -> AdapterFile:
-    """Parse a ``.svda`` file or bytes: checks readable, metadata, payload and its hash."""
+def read_adapter(
+    source: bytes | str | os.PathLike, *, whole_file_verified: bool = False
+) -> AdapterFile:
+    """Parse a ``.svda`` file or bytes: checks readable, metadata, payload and its hash.
+
+    ``whole_file_verified=True``: the caller has checked the SHA-256 of these exact bytes
+    against one recorded when the same bytes passed this function (a store object, see
+    :func:`~svda.adapters_store.checkpoint.read_stored_adapter`); the payload hash is then implied
+    and not computed again (one hash per load instead of two)."""
     data = _read_bytes(source)
     metadata = _parse_safetensors_header(data)
     header = AdapterHeader.from_safetensors_metadata(metadata)
@@ -200,6 +207,8 @@ def read_adapter(source: bytes | str | os.PathLike) -> AdapterFile:
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise UnreadableAdapterFile(f"the tensor data is unreadable: {exc}") from exc
     _check_payload(header, tensors)
+    if whole_file_verified:
+        return AdapterFile(header=header, tensors=tensors, size=len(data))
     actual = payload_sha256(tensors)
     if actual != header.payload_sha256:
         raise PayloadHashMismatch(
@@ -248,10 +257,7 @@ def _parse_safetensors_header(data: bytes) -> dict[str, str]:
 
 
 def _check_payload(header: AdapterHeader, tensors: dict[str, torch.Tensor]) -> None:
-    expected: dict[str, int] = {}
-    for entry in header.layers:
-        for kind, shape in entry.params.items():
-            expected[kind] = expected.get(kind, 0) + math.prod(shape)
+    expected = header.kind_totals()
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
         raise PayloadError(

@@ -86,7 +86,9 @@ def _attach(
     layers = [(entry.name, entry.params) for entry in adapter_file.header.layers]
     try:
         if not trainable:
-            model.add_packed_adapter(name, config, adapter_file.tensors, layers)
+            packed = adapter_file.header.encoded_layer_table
+            key = None if packed is None else f"svda.layers:{packed}"
+            model.add_packed_adapter(name, config, adapter_file.tensors, layers, key)
             return
         model.add_adapter(name, config)
         try:

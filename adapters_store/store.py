@@ -43,9 +43,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import random
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -129,6 +131,7 @@ class AdapterStore:
         self.storage = storage if storage is not None else LocalStorage(self.root)
         self.index_path = self.root / "index.sqlite"
         self.timeout_s = timeout_s
+        self._local = threading.local()  # this thread's cached read connection
         self._init_index()
 
     def __repr__(self) -> str:
@@ -147,7 +150,10 @@ class AdapterStore:
         base_fingerprint: str,
         name: str | None = None,
     ) -> StoreEntry:
-        """Store ``data`` (bytes or a file path) as the next version of ``id``."""
+        """Store ``data`` (bytes or a file path) as the next version of ``id``. Adapter files
+        are published through :func:`~svda.adapters_store.publish_adapter` (or after
+        ``read_adapter`` as the server's upload does): readers trust an object whose SHA-256
+        matches to have passed those checks."""
         row = {
             "id": validate_id(id),
             "tenant": validate_tenant(tenant) or "",
@@ -172,7 +178,7 @@ class AdapterStore:
     def get(self, id: str, version: int | None = None, tenant: str | None = None) -> StoreEntry:
         """The latest (or the given) version of ``id``, if ``tenant`` may read it."""
         id, caller, version = validate_id(id), validate_tenant(tenant), validate_version(version)
-        with self._connect() as conn:
+        with self._connect(reuse=True) as conn:
             conn.execute("BEGIN")  # one snapshot for both queries
             check_read(id, self._owner(conn, id), caller)
             rows = self._rows(conn, "WHERE id = ? ORDER BY version", (id,))
@@ -229,7 +235,7 @@ class AdapterStore:
         if latest_only:
             clauses.append("version = (SELECT last_version FROM ids WHERE ids.id = adapters.id)")
         where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
-        with self._connect() as conn:
+        with self._connect(reuse=True) as conn:
             rows = self._rows(conn, f"{where}ORDER BY id, version", params)
         entries = [self._entry(r) for r in rows]
         return [e for e in entries if tag is None or tag in e.tags]
@@ -291,14 +297,24 @@ class AdapterStore:
     # -- index helpers ------------------------------------------------------------------------
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self, reuse: bool = False) -> Iterator[sqlite3.Connection]:
+        """A connection in autocommit mode. ``reuse=True`` (reads on the serving path): this
+        thread's cached connection, opened once (~0.3 ms saved per lookup); it is dropped after
+        any error and never shared across threads or a fork."""
+        conn = self._cached_connection() if reuse else None
+        fresh = conn is None
+        if fresh:
+            try:
+                conn = sqlite3.connect(
+                    self.index_path, timeout=self.timeout_s, isolation_level=None
+                )
+                conn.execute("PRAGMA synchronous = FULL")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open the store index {self.index_path}: {exc}") from exc
+        ok = False
         try:
-            conn = sqlite3.connect(self.index_path, timeout=self.timeout_s, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the store index {self.index_path}: {exc}") from exc
-        try:
-            conn.execute("PRAGMA synchronous = FULL")
             yield conn
+            ok = True
         except sqlite3.OperationalError as exc:
             raise StoreError(
                 f"store index {self.index_path}: {exc}; if it is locked, another process holds "
@@ -310,7 +326,19 @@ class AdapterStore:
                 "(objects/ can be re-published)"
             ) from exc
         finally:
-            conn.close()
+            if reuse and ok and not conn.in_transaction:
+                self._local.conn = (os.getpid(), conn)
+            else:
+                if not fresh:
+                    self._local.conn = None
+                conn.close()
+
+    def _cached_connection(self) -> sqlite3.Connection | None:
+        cached = getattr(self._local, "conn", None)
+        if cached is None or cached[0] != os.getpid():
+            return None
+        self._local.conn = None  # taken; given back by _connect when it was used cleanly
+        return cached[1]
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,26 +29,35 @@ from .methods import AdapterConfig, AdapterWeights, TargetInfo
 
 @dataclass(frozen=True)
 class BankLayout:
-    """What adapters sharing a bank have in common."""
+    """What adapters sharing a bank have in common (equal layouts share one bank)."""
 
     method: str
     config: str  # canonical JSON of the config: every field equal
     dtype: torch.dtype
-    layer_table: str  # JSON of [[layer name, {kind: shape}], ...] in file order (a cheap key)
+    layer_key: str  # identifies the layer table: its JSON, or a lossless encoding the caller has
+    source: Sequence = field(compare=False, hash=False, repr=False)  # (name, {kind: shape}) …
 
     @classmethod
     def of(
-        cls, config: AdapterConfig, dtype: torch.dtype, layers: Sequence[tuple[str, dict]]
+        cls,
+        config: AdapterConfig,
+        dtype: torch.dtype,
+        layers: Sequence[tuple[str, dict]],
+        layer_key: str | None = None,
     ) -> BankLayout:
-        table = json.dumps([[name, params] for name, params in layers])
-        return cls(config.method, json.dumps(config.to_dict(), sort_keys=True), dtype, table)
+        """``layers``: ``(layer name, {kind: shape})`` in file order. ``layer_key``: a string
+        that determines them exactly (an adapter file's encoded layer table: equal strings mean
+        equal tables), which saves encoding 200+ layers on every load; default their JSON."""
+        key = layer_key if layer_key is not None else json.dumps([[n, p] for n, p in layers])
+        config_json = json.dumps(config.to_dict(), sort_keys=True)
+        return cls(config.method, config_json, dtype, key, layers)
 
     @property
     def layers(self) -> list[tuple[str, list[tuple[str, tuple[int, ...]]]]]:
         """``[(layer name, [(kind, shape), ...]), ...]`` in file order."""
         return [
             (name, [(kind, tuple(shape)) for kind, shape in params.items()])
-            for name, params in json.loads(self.layer_table)
+            for name, params in self.source
         ]
 
     def kind_sizes(self) -> dict[str, int]:

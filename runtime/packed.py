@@ -22,17 +22,19 @@ class PackedAdapters:
         config: AdapterConfig,
         tensors: dict[str, torch.Tensor],
         layers: Sequence[tuple[str, dict[str, Sequence[int]]]],
+        layer_key: str | None = None,
     ) -> None:
         """Attach a frozen adapter from its packed tensors (one flat tensor per kind, every
         layer's tensor of that kind concatenated in ``layers`` order: the ``.svda`` payload).
         It goes into the slot bank of its layout (made on first use), so attaching costs one
-        copy per kind. ``layers``: ``(layer name, {kind: shape})`` in payload order."""
+        copy per kind. ``layers``: ``(layer name, {kind: shape})`` in payload order;
+        ``layer_key``: a string that determines ``layers`` exactly (see ``BankLayout.of``)."""
         self.check_new_name(name)
         self._require_unmerged("add_packed_adapter")  # bases must come from the original W0
         if not layers:
             raise AdapterConfigError(f"adapter {name!r} has no target layers")
         dtype = self.target_info(layers[0][0]).dtype
-        layout = BankLayout.of(config, dtype, layers)
+        layout = BankLayout.of(config, dtype, layers, layer_key)
         bank = self.banks.get(layout) or self._new_bank(layout, config)
         try:
             bank.add(name, tensors)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from svda.adapters_store import AdapterStore, BaseMismatch, load_adapter, read_adapter
+from svda.adapters_store import AdapterStore, BaseMismatch, load_adapter, read_stored_adapter
 from svda.adapters_store.store_types import (
     AdapterNotFound,
     InvalidMetadata,
@@ -188,7 +188,7 @@ class AdapterManager:
         future.set_result(resident.name)
 
     def _attach(self, entry: StoreEntry) -> Resident:
-        adapter_file = read_adapter(self.store.read_bytes(entry))  # checks outside the lock
+        adapter_file = read_stored_adapter(self.store, entry)  # checks outside the lock
         name = internal_name(entry)
         with self.model_lock:
             if self.model.state.merged is not None:

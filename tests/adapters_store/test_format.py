@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as save_safetensors
 
+from svda.adapters_store import AdapterStore, publish_adapter, read_stored_adapter
 from svda.adapters_store.errors import (
     AdapterFormatError,
     AdapterMetadataError,
@@ -25,6 +28,7 @@ from svda.adapters_store.errors import (
 )
 from svda.adapters_store.format import export_adapter, read_adapter
 from svda.adapters_store.loader import CHECKS, load_adapter, verify_adapter
+from svda.adapters_store.store import CorruptObjectError
 from svda.runtime import AdapterModel, SvdBasisCache
 from tests.runtime.helpers import METHOD_CONFIGS, perturb, tiny_gpt2, tiny_llama
 
@@ -224,6 +228,56 @@ def test_wrong_architecture_is_a_shape_error(good, svd_cache):
 def with_header(data: bytes, **update) -> bytes:
     header = read_adapter(data).header.model_copy(update=update)
     return rewrite(data, edit_meta=lambda meta: meta.update(header.to_safetensors_metadata()))
+
+
+BAD_LAYER_FIELDS = [
+    ("d_out", 0, "layers.1.d_out: must be a positive integer"),
+    ("d_in", 2.5, "layers.1.d_in: must be a positive integer"),
+    ("d_out", True, "layers.1.d_out: must be a positive integer"),
+    ("name", "", "layers.1.name: must be a string"),
+    ("fingerprint", "XYZ", "layers.1.fingerprint: must be 16 to 64 lowercase hex"),
+    ("params", {"svda_s": [-1]}, "layers.1.params: must map tensor kinds"),
+    ("params", [1, 2], "layers.1.params: must map tensor kinds"),
+    ("delta_norm", float("nan"), "layers.1.delta_norm: must be finite"),
+    ("delta_norm", -1.0, "layers.1.delta_norm: must be finite"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), BAD_LAYER_FIELDS)
+def test_invalid_layer_table_entries_are_metadata_errors(field, value, message, good):
+    layers = read_adapter(good).header.layers
+    setattr(layers[1], field, value)
+    with pytest.raises(AdapterMetadataError, match=re.escape(message)):
+        read_adapter(with_header(good, layers=layers))
+
+
+def test_stored_adapter_is_checked_by_its_content_address(good, tmp_path):
+    """From a store, the object's SHA-256 (recorded when publish_adapter validated the bytes)
+    stands in for the payload hash: same tensors, and a damaged object is refused."""
+    store = AdapterStore(tmp_path / "store")
+    entry = publish_adapter(store, good, "stored")
+    stored, direct = read_stored_adapter(store, entry), read_adapter(good)
+    assert stored.header == direct.header and stored.tensors.keys() == direct.tensors.keys()
+    for kind, tensor in direct.tensors.items():
+        assert torch.equal(stored.tensors[kind], tensor)
+    Path(entry.path).write_bytes(rewrite(good, lambda t: t["svda_b"].add_(1.0)))
+    with pytest.raises(CorruptObjectError, match="corrupt"):
+        read_stored_adapter(store, entry)
+
+
+def test_files_of_one_layout_share_a_bank_and_a_decoded_layer_table(svd_cache):
+    model = trained("svda", svd_cache)
+    files = [export_adapter(model, "a")]
+    perturb(model, "a", seed=1)
+    files.append(export_adapter(model, "a"))
+    headers = [read_adapter(data).header for data in files]
+    assert headers[0].encoded_layer_table == headers[1].encoded_layer_table is not None
+    assert headers[0].layers[0].probe != headers[1].layers[0].probe  # per-file probes
+    target = fresh(svd_cache)
+    for i, data in enumerate(files):
+        load_adapter(data, target, f"x{i}")
+    assert len(target.banks) == 1
+    torch.testing.assert_close(logits(target, "x1"), logits(model, "a"), rtol=0, atol=1e-5)
 
 
 def test_probe_detects_frozen_tensors_that_do_not_reproduce(good, svd_cache):

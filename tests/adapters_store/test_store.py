@@ -432,3 +432,15 @@ def test_concurrent_writers_from_several_processes(tmp_path):
         assert [e.version for e in store.list(id=f"own-{i}")] == list(range(1, count // 2 + 1))
         assert len(store.list(tag=f"worker-{i}")) == count
     assert_clean(store)
+
+
+def test_cached_read_connection_sees_later_writes_and_survives_errors(store):
+    """Lookups reuse one connection per thread; it must not pin an old snapshot."""
+    store.publish(b"one", "p", **META)
+    assert store.get("p").version == 1
+    other = AdapterStore(store.root)  # another writer (could be another process)
+    other.publish(b"two", "p", **META)
+    assert store.get("p").version == 2 and len(store.list()) == 2
+    with pytest.raises(AdapterNotFound):
+        store.get("missing")
+    assert store.get("p", version=1).size == 3
