@@ -87,6 +87,10 @@ class AdapterBank:
         self.shared_key = shared_key
         self.device = device
         self.slots: dict[str, int] = {}  # adapter name -> slot
+        self.shared_modules: list[nn.Module | None] = []  # per layer, set by the model
+        self.memo: dict[str, torch.Tensor] = {}  # a method's per-bank constants (prepare_bank)
+        self._rows: tuple = ((), None)  # (stamp, table row of each batch row)
+        self._prepared: dict[int, list[dict]] = {}  # ndim -> per-layer prepared, for _rows
         self.frozen_sha256 = ""  # identity of the frozen tensors, set by the model
         self.version = 0  # bumped when slots or storage change (layers rebuild their groups)
         self._constants = weights_cls.row_constants(config)
@@ -168,6 +172,33 @@ class AdapterBank:
         slot = self.slots[name]
         return {k: t[slot] for k, t in self.layer_tables[index].items() if k in self._sizes}
 
+    # ----- one batch composition, shared by every layer of the bank -----------------------------
+    def rows_for(self, state) -> torch.Tensor | None:
+        """Each batch row's table row under ``state`` (an ``AdapterState`` with a row index;
+        -1: the zero row), or None if no row uses this bank. Computed once per composition for
+        all the bank's layers."""
+        stamp = (id(state), state.version, self.version)
+        if self._rows[0] != stamp:
+            slots = {pos: self.slots[n] for pos, n in enumerate(state.names) if n in self.slots}
+            rows = local_rows(len(state.names), state.row_index, slots) if slots else None
+            self._rows, self._prepared = (stamp, rows), {}
+        return self._rows[1]
+
+    def prepared_layer(self, index: int, row_index: torch.Tensor, ndim: int) -> dict:
+        """Layer ``index``'s ``prepare`` output for ``row_index`` (from :meth:`rows_for`); the
+        method prepares all layers at once (``prepare_bank``) on the first request."""
+        if row_index is not self._rows[1]:  # not the current composition: no caching
+            return self.weights_cls.prepare(
+                self.layer_tables[index], row_index, self.shared_modules[index], ndim
+            )
+        if ndim not in self._prepared:
+            self._prepared[ndim] = self.weights_cls.prepare_bank(self, row_index, ndim)
+        return self._prepared[ndim][index]
+
+    def kind_offsets(self, kind: str) -> list[tuple[int, tuple[int, ...]]]:
+        """``(start, shape)`` of every layer's ``kind`` tensor in a flat storage row."""
+        return [offsets[kind] for offsets in self._offsets()]
+
     def nbytes_per_adapter(self) -> int:
         return sum(self._sizes.values()) * self.layout.dtype.itemsize
 
@@ -188,6 +219,17 @@ def frozen_identity_sha256(identities: Sequence[tuple[str, str]]) -> str:
     if any(line.endswith("=") for line in lines):
         return ""
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def local_rows(n_names: int, row_index: torch.Tensor, local: dict[int, int]) -> torch.Tensor | None:
+    """Batch rows mapped to table rows: ``local`` maps positions in the state's names to table
+    rows; rows of other adapters or the base get -1. None if no row of the batch uses any."""
+    # lookup table: global position -> table row; the extra last slot maps the base's -1
+    lut = [-1] * (n_names + 1)
+    for position, row in local.items():
+        lut[position] = row
+    rows = torch.tensor(lut, dtype=torch.long, device=row_index.device)[row_index]
+    return rows if bool((rows >= 0).any()) else None
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bank import AdapterBank
+from .bank import AdapterBank, local_rows
 from .methods.base import AdapterWeights
 from .targets import weight_out_in
 
@@ -64,6 +64,7 @@ class _Group:
     row_index: torch.Tensor | None  # rows of the tables, -1 for the zero row; None: row 0
     members: list[AdapterWeights] = field(default_factory=list)  # module groups
     tables: dict[str, torch.Tensor] | None = None  # bank groups: views of the bank
+    bank: tuple[AdapterBank, int] | None = None  # bank groups in a mixed batch: (bank, layer)
     prepared: dict | None = None  # bank groups: ``cls.prepare`` output, kept for a decode loop
     prepared_ndim: int = 0
 
@@ -274,7 +275,11 @@ class AdapterLinear(nn.Module):
                 result, x.to(dtype), out0.to(dtype), tables, group.row_index, shared, dropout
             )
         if group.prepared is None or group.prepared_ndim != x.dim():
-            group.prepared = cls.prepare(group.tables, group.row_index, shared, x.dim())
+            if group.bank is not None:  # prepared for all the bank's layers at once
+                bank, index = group.bank
+                group.prepared = bank.prepared_layer(index, group.row_index, x.dim())
+            else:
+                group.prepared = cls.prepare(group.tables, group.row_index, shared, x.dim())
             group.prepared_ndim = x.dim()
         dtype = next(iter(group.tables.values())).dtype
         return cls.add_prepared(result, x.to(dtype), out0.to(dtype), group.prepared, shared)
@@ -301,16 +306,18 @@ class AdapterLinear(nn.Module):
                 by_key.setdefault(key, []).append((position, name))
         groups = []
         for (key, cls), entries in by_key.items():
-            local_index = _local_rows(state, {pos: i for i, (pos, _) in enumerate(entries)})
+            local = {pos: i for i, (pos, _) in enumerate(entries)}
+            local_index = local_rows(len(state.names), state.row_index, local)
             if local_index is not None:
                 members = [self.adapters[name] for _, name in entries]
                 groups.append(_Group(key, cls, local_index, members=members))
         for bank, index in self.banks:
-            slots = {pos: bank.slots[n] for pos, n in enumerate(state.names) if n in bank.slots}
-            local_index = _local_rows(state, slots) if slots else None
+            local_index = bank.rows_for(state)  # once per composition for all its layers
             if local_index is not None:
                 tables = bank.layer_tables[index]
-                groups.append(_Group(bank.shared_key, bank.weights_cls, local_index, tables=tables))
+                group = _Group(bank.shared_key, bank.weights_cls, local_index, tables=tables)
+                group.bank = (bank, index)
+                groups.append(group)
         return groups
 
     def _single_group(self, name: str) -> list[_Group]:
@@ -324,14 +331,3 @@ class AdapterLinear(nn.Module):
         slot = bank.slots[name]
         tables = {k: t[slot : slot + 1] for k, t in bank.layer_tables[index].items()}
         return [_Group(bank.shared_key, bank.weights_cls, None, tables=tables)]
-
-
-def _local_rows(state: AdapterState, local: dict[int, int]) -> torch.Tensor | None:
-    """Batch rows mapped to table rows: ``local`` maps positions in ``state.names`` to table
-    rows; rows of other adapters or the base get -1. None if no row of the batch uses any."""
-    # lookup table: global position -> table row; the extra last slot maps the base's -1
-    lut = torch.full((len(state.names) + 1,), -1, dtype=torch.long, device=state.row_index.device)
-    for position, row in local.items():
-        lut[position] = row
-    rows = lut[state.row_index]
-    return rows if bool((rows >= 0).any()) else None

@@ -60,6 +60,7 @@ class PackedAdapters:
             _check_layer_shapes(spec.weights_cls(config, target, shared), target.name, params)
             shared_modules.append(shared)
         self._ctx.memo.clear()
+        bank.shared_modules = shared_modules
         for index, (target, shared) in enumerate(zip(targets, shared_modules, strict=True)):
             self._wrap(target.name).add_bank(bank, index, shared)
         identities = [(t.name, self.layers[t.name].frozen_identity_of_key(key)) for t in targets]

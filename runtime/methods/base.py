@@ -211,6 +211,16 @@ class AdapterWeights(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def prepare_bank(cls, bank: Any, row_index: torch.Tensor, ndim: int) -> list[dict[str, Any]]:
+        """:meth:`prepare` for every layer of a slot bank (``runtime.bank.AdapterBank``) and one
+        batch composition (the same on all its layers). Methods override it to do the work for
+        all layers in a few tensor operations; the default prepares layer by layer."""
+        return [
+            cls.prepare(tables, row_index, shared, ndim)
+            for tables, shared in zip(bank.layer_tables, bank.shared_modules, strict=True)
+        ]
+
+    @classmethod
     def add_prepared(
         cls,
         result: torch.Tensor,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -102,3 +104,56 @@ def test_packed_tensors_that_do_not_fit_are_refused(svd_cache):
     with pytest.raises(AdapterConfigError, match="do not match the method"):
         model.add_packed_adapter("p", model.configs["m0"], smaller, wrong_k)
     assert "p" not in model.configs and not model.banks
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))
+@torch.no_grad()
+def test_bank_wide_prepare_equals_layer_by_layer(method, svd_cache):
+    """``prepare_bank`` (one pass over the bank's flat storage for every layer) gives each
+    layer what ``prepare`` gives it: dense, partly pruned and untouched adapters, base rows."""
+    model = with_modules(svd_cache, method, 2)
+    add_packed_copies(model, method, 2)
+    model.add_packed_adapter(
+        "zero", model.configs["m0"], *packed(with_modules(svd_cache, method, 1), "m0")
+    )
+    if method == "svda":
+        deltas = model.get_delta_weights("p1")
+        norms = [float(deltas[name].norm()) for name, _ in model._banked["p1"].layers]
+        model.prune_adapter("p1", 0.3, norms)  # some columns of p1 only
+        with torch.no_grad():  # "zero": δ = 0 everywhere (s = σ)
+            for layer in model.layers_of("zero"):
+                tensors = layer.tensors_of("zero")
+                tensors["svda_s"].copy_(layer.shared_of("zero").sigma[: tensors["svda_s"].numel()])
+    bank = model._banked["p0"]
+    slot = bank.slots
+    compositions = [[slot["p1"], -1, slot["p0"], slot["zero"]], [slot["p1"], -1], [slot["zero"]]]
+    cls, widths = bank.weights_cls, set()
+    for rows, ndim in itertools.product(compositions, (2, 3)):
+        row_index = torch.tensor(rows)
+        fast = cls.prepare_bank(bank, row_index, ndim)
+        for index, (tables, shared) in enumerate(
+            zip(bank.layer_tables, bank.shared_modules, strict=True)
+        ):
+            plain = cls.prepare(tables, row_index, shared, ndim)
+            assert_same(fast[index], plain)
+            if method == "svda":
+                k = tables["svda_s"].shape[1]
+                widths.add("none" if plain["delta"] is None else plain["U"].shape[1] == k)
+    if method == "svda":  # every case of SvdA's column selection was compared
+        assert widths == {"none", True, False}
+
+
+def assert_same(a, b) -> None:
+    """Equal nested structures of tensors (bit for bit), numbers and None."""
+    if isinstance(b, dict):
+        assert a.keys() == b.keys()
+        for key in b:
+            assert_same(a[key], b[key])
+    elif isinstance(b, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    elif isinstance(b, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    else:
+        assert a == b

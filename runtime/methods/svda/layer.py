@@ -18,6 +18,7 @@ where some adapter in the batch has δ ≠ 0 are touched (none after training th
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,15 +122,15 @@ class SvdaWeights(AdapterWeights):
         )
         delta = s - sigma
         bound_sq = (delta.double() * b_max.double()[layer_of_k]) ** 2  # (Σk,)
-        # sort by bound, then (stably) by layer: each layer's components in ascending bound
-        order = bound_sq.argsort(stable=True)
-        order = order[layer_of_k[order].argsort(stable=True)]
-        cumulative = bound_sq[order].cumsum(0)
-        starts = torch.tensor([0, *k_sizes[:-1]]).cumsum(0)
-        before = torch.cat([cumulative.new_zeros(1), cumulative])[starts]  # per layer offset
-        within = cumulative - before[layer_of_k[order]]
-        budget = (tolerance * delta_norms.double()) ** 2
-        drop = order[within <= budget[layer_of_k[order]]]
+        # each layer's bounds in one row of a padded (L, k_max) matrix, sorted row-wise
+        starts = torch.tensor([0, *k_sizes[:-1]]).cumsum(0)  # (L,)
+        column = torch.arange(bound_sq.numel()) - starts[layer_of_k]
+        padded = bound_sq.new_full((len(k_sizes), max(k_sizes)), math.inf)  # padding never drops
+        padded[layer_of_k, column] = bound_sq
+        ascending, order = padded.sort(dim=1)
+        budget = (tolerance * delta_norms.double()) ** 2  # (L,)
+        dropped = ascending.cumsum(dim=1) <= budget[:, None]  # the smallest bounds within budget
+        drop = (starts[:, None] + order)[dropped]
         s[drop] = sigma[drop]
         nonzero = int((s != sigma).sum())
         return {"components_kept": nonzero, "components_total": int(s.numel())}
@@ -154,6 +155,39 @@ class SvdaWeights(AdapterWeights):
         return prepared
 
     @classmethod
+    def prepare_bank(cls, bank, row_index, ndim) -> list[dict[str, Any]]:
+        """:meth:`prepare` for all layers of a slot bank at once: one gather of s and b rows
+        over the flat storage, δ = s − σ against the concatenated σ of all layers, and one host
+        sync for every layer's count of active columns (instead of one per layer)."""
+        s_offsets, b_offsets = bank.kind_offsets("svda_s"), bank.kind_offsets("svda_b")
+        s_rows = bank.storage["svda_s"][row_index]  # (B, Σk)
+        b_rows = bank.storage["svda_b"][row_index]  # (B, Σd1)
+        delta = s_rows - _bank_sigma(bank, s_offsets, s_rows.dtype)  # (B, Σk)
+        active = ((delta != 0) & (row_index >= 0)[:, None]).any(dim=0)  # (Σk,)
+        bounds = torch.tensor([start for start, _ in s_offsets] + [delta.shape[1]])
+        seen = torch.cat([active.new_zeros(1, dtype=torch.long), active.long().cumsum(0)])
+        counts = (seen[bounds[1:]] - seen[bounds[:-1]]).tolist()  # active columns per layer
+        lead = (row_index.shape[0],) + (1,) * (ndim - 2)
+        prepared = []
+        layers = zip(bank.shared_modules, s_offsets, b_offsets, counts, strict=True)
+        for shared, (ks, (k,)), (bs, (d,)), count in layers:
+            entry = {"b": b_rows[:, bs : bs + d].view(*lead, d), "delta": None}
+            layer_delta = delta[:, ks : ks + k]
+            if count == k:
+                entry.update(
+                    delta=layer_delta.view(*lead, k), V_t=shared.V[:, :k].T, U=shared.U[:, :k]
+                )
+            elif count:
+                cols = active[ks : ks + k].nonzero().flatten()
+                entry.update(
+                    delta=layer_delta[:, cols].view(*lead, count),
+                    V_t=shared.V[:, cols].T.contiguous(),  # (|cols|, d2)
+                    U=shared.U[:, cols].contiguous(),  # (d1, |cols|)
+                )
+            prepared.append(entry)
+        return prepared
+
+    @classmethod
     def add_prepared(cls, result, x, out0, prepared, shared, dropout=None):
         """``result + b ⊙ (W0 x + U (δ ⊙ Vᵀ x))`` per row. With δ = 0 the adapter costs one
         fused kernel on the base output; otherwise U, V are applied once for the whole batch."""
@@ -162,6 +196,15 @@ class SvdaWeights(AdapterWeights):
             projected = F.linear(x, prepared["V_t"])  # (B, ..., |cols|)
             inner = out0 + F.linear(projected * prepared["delta"], prepared["U"])
         return torch.addcmul(result, prepared["b"].to(result.dtype), inner.to(result.dtype))
+
+
+def _bank_sigma(bank, s_offsets, dtype: torch.dtype) -> torch.Tensor:
+    """σ of every layer of the bank, concatenated in storage order (made once per bank)."""
+    sigma = bank.memo.get("svda_sigma")
+    if sigma is None:
+        parts = [m.sigma[:k] for m, (_, (k,)) in zip(bank.shared_modules, s_offsets, strict=True)]
+        sigma = bank.memo["svda_sigma"] = torch.cat(parts).to(dtype)
+    return sigma
 
 
 def _active_columns(
