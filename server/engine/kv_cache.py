@@ -7,9 +7,9 @@ Layout (per layer, keys and values alike)::
 
 A decode step writes the new token of every row into column ``T`` and attends over ``[0, T]``
 with a 2D attention mask that hides each row's left padding; row ``r``'s next position id is
-``len_r``, so RoPE sees the same positions as an unpadded run. Newcomers are prefilled on their
-own (no padding) and *joined*: their caches are right-aligned into a new buffer with the running
-rows. Finished rows *leave* by an index-select on the batch dimension, which also drops the
+``len_r``, so RoPE sees the same positions as an unpadded run. Newcomers are prefilled together,
+left-padded to their longest prompt (masked, positions from 0 per row), and *joined*: their
+caches are right-aligned into a new buffer with the running rows. Finished rows *leave* by an index-select on the batch dimension, which also drops the
 leading columns no remaining row uses. Appending never copies the cache: the buffer has spare
 capacity, doubled-ish when it runs out (amortised O(1) per token).
 """
@@ -107,8 +107,9 @@ class BatchKVCache(Cache):
 
     # ----- join / leave -------------------------------------------------------------------------
     def join(self, prefill: Cache, lengths: torch.Tensor) -> None:
-        """Append the rows of ``prefill`` (an unpadded cache of ``n`` rows, all of length
-        ``L``, from a prefill forward) to the batch, right-aligned with the running rows."""
+        """Append the rows of ``prefill`` (a cache of ``n`` rows from a prefill forward, left-padded
+        to its width ``L``; row ``i`` holds ``lengths[i]`` real tokens at the right) to the batch,
+        right-aligned with the running rows."""
         new_len = prefill.layers[0].keys.shape[2]
         old_b, old_t = self.batch_size, self.width
         width = max(old_t, new_len)

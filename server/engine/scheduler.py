@@ -6,8 +6,8 @@ Every iteration is one *step boundary*:
    leave the KV cache now), and fail waiting requests whose adapter failed to load;
 2. apply the merge policy (:mod:`.merge`): unmerge before other work joins, or merge one adapter;
 3. admit waiting requests whose adapter is resident, up to ``max_batch_size`` rows: prefill them
-   (grouped by prompt length, so no padding), sample their first token and join their KV rows to
-   the batch (:class:`.kv_cache.BatchKVCache`);
+   (prompts of similar length left-padded into one forward, :func:`prefill_groups`), sample their
+   first token and join their KV rows to the batch (:class:`.kv_cache.BatchKVCache`);
 4. run one decode forward for every row, each with its own adapter (``adapter_rows``; None is the
    base model), sample one token per row, stream text, and drop finished rows.
 
@@ -217,10 +217,7 @@ class Scheduler:
                 self._release(seq)
             else:
                 admitted.append(seq)
-        by_length: dict[int, list[Sequence]] = {}
-        for seq in admitted:
-            by_length.setdefault(len(seq.prompt_ids), []).append(seq)
-        for group in by_length.values():
+        for group in prefill_groups(admitted):
             self._prefill(group)
 
     @staticmethod
@@ -229,14 +226,23 @@ class Scheduler:
 
     @torch.no_grad()
     def _prefill(self, group: list[Sequence]) -> None:
-        input_ids = torch.tensor([s.prompt_ids for s in group], device=self.device)  # (n, L)
+        """One forward for the group's prompts, left-padded to the longest: the prefill cache
+        is then right-aligned like the running batch's, and the padding stays masked."""
+        lengths = torch.tensor([len(s.prompt_ids) for s in group], device=self.device)  # (n,)
+        width = int(lengths.max())
+        input_ids = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
+        for row, seq in enumerate(group):
+            input_ids[row, width - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
+        columns = torch.arange(width, device=self.device)
+        attention_mask = (columns[None, :] >= (width - lengths)[:, None]).long()  # (n, L)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)  # 0.. per row, pads at 0
         prefill_cache = DynamicCache()
         try:
             with self.model_lock:
                 merged = self.model.state.merged is not None
                 logits = self._forward(
                     input_ids, group, past_key_values=prefill_cache, use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=1, attention_mask=attention_mask, position_ids=position_ids,
                 )  # fmt: skip
         except Exception as exc:
             log.exception("prefill failed for %d requests", len(group))
@@ -245,8 +251,7 @@ class Scheduler:
                 self._release(seq)
             return
         if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(input_ids.numel())
-        lengths = torch.full((len(group),), input_ids.shape[1], device=self.device)
+            self.metrics.prompt_tokens.inc(int(lengths.sum()))
         self.cache.join(prefill_cache, lengths)
         self.running.extend(group)
         tokens = choose_tokens(logits[:, -1], [s.sampler for s in group])
@@ -310,3 +315,22 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.running.set(len(self.running))
             self.metrics.waiting.set(len(self.waiting))
+
+
+def prefill_groups(seqs: list[Sequence], slack: float = 0.25, free_pad: int = 16) -> list[list]:
+    """Split newcomers into prefill forwards: by prompt length, a sequence joins the current
+    group while the padded size ``n · L_max`` stays within ``(1 + slack)`` times the real tokens
+    plus ``free_pad`` per row (similar chat prompts: one forward; a long prompt: its own)."""
+    groups: list[list[Sequence]] = []
+    real = 0
+    for seq in sorted(seqs, key=lambda s: len(s.prompt_ids)):
+        length = len(seq.prompt_ids)  # sorted: the longest of its group so far
+        if groups:
+            size = len(groups[-1]) + 1
+            if size * length <= (1 + slack) * (real + length) + free_pad * size:
+                groups[-1].append(seq)
+                real += length
+                continue
+        groups.append([seq])
+        real = length
+    return groups

@@ -157,3 +157,14 @@ def test_settings_are_checked():
         EngineSettings(merge_policy="sometimes").validate()
     with pytest.raises(ValueError, match="max_batch_size"):
         EngineSettings(max_batch_size=0).validate()
+
+
+def test_prefill_groups_pad_similar_prompts_together_and_long_ones_alone():
+    from types import SimpleNamespace
+
+    from svda.server.engine.scheduler import prefill_groups
+
+    seqs = [SimpleNamespace(prompt_ids=[0] * n) for n in (30, 28, 33, 400, 31, 5)]
+    groups = [[len(s.prompt_ids) for s in g] for g in prefill_groups(seqs)]
+    assert groups == [[5, 28, 30, 31, 33], [400]]
+    assert prefill_groups([]) == []
