@@ -299,6 +299,30 @@ def stack_with_zero_row(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([stacked, stacked.new_zeros(1, *stacked.shape[1:])])
 
 
+def stack_padded_ranks(
+    members: Sequence[AdapterWeights], rank_dims: dict[str, int]
+) -> dict[str, torch.Tensor]:
+    """Tables of low-rank factors whose members may differ in rank (``member.r``): each kind in
+    ``rank_dims`` (kind -> the dimension of the member's tensor that holds the rank) zero-padded
+    to the largest rank, stacked, with the zero row appended."""
+    r_max = max(m.r for m in members)
+    tables = {}
+    for kind, dim in rank_dims.items():
+        padded = []
+        for member in members:
+            tensor = getattr(member, kind)
+            widths = [0, 0] * tensor.dim()  # F.pad lists the last dimension first
+            widths[2 * (tensor.dim() - 1 - dim) + 1] = r_max - member.r
+            padded.append(torch.nn.functional.pad(tensor, widths))
+        tables[kind] = stack_with_zero_row(padded)
+    return tables
+
+
+def constant_table(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """A per-member constant (LoRA's α/r, ...) as a table ``(n + 1,)``; the zero row gets 0."""
+    return torch.tensor([*values, 0.0], dtype=like.dtype, device=like.device)
+
+
 def gather_rows(table: torch.Tensor, row_index: torch.Tensor, ndim: int) -> torch.Tensor:
     """``table[row_index]`` (index -1 gives the zero row), shaped to broadcast over an activation
     of ``ndim`` dimensions: (B, 1, ..., 1, k)."""

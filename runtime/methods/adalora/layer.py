@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...regeneration.seeded import seeded_generator
-from ..base import AdapterWeights, TargetInfo, stack_with_zero_row
+from ..base import AdapterWeights, TargetInfo, constant_table, stack_padded_ranks
 from ..lora.layer import add_lora_rows, lora_rows
 from .config import AdaLoraConfig
 
@@ -47,18 +46,10 @@ class AdaLoraWeights(AdapterWeights):
     @classmethod
     def member_tables(cls, members, shared) -> dict[str, torch.Tensor]:
         """P (n+1, d1, r_max), λ (n+1, r_max), Q (n+1, r_max, d2) padded with zeros."""
-        r_max = max(m.r for m in members)
-        pad = [r_max - m.r for m in members]
-        return {
-            "adalora_P": stack_with_zero_row([F.pad(m.adalora_P, (0, e)) for m, e in zip(members, pad, strict=True)]),
-            "adalora_lambda": stack_with_zero_row(
-                [F.pad(m.adalora_lambda, (0, e)) for m, e in zip(members, pad, strict=True)]
-            ),
-            "adalora_Q": stack_with_zero_row(
-                [F.pad(m.adalora_Q, (0, 0, 0, e)) for m, e in zip(members, pad, strict=True)]
-            ),
-            "scaling": torch.tensor([m.scaling for m in members] + [0.0], dtype=members[0].adalora_P.dtype),
-        }  # fmt: skip
+        ranks = {"adalora_P": 1, "adalora_lambda": 0, "adalora_Q": 0}
+        tables = stack_padded_ranks(members, ranks)
+        tables["scaling"] = constant_table([m.scaling for m in members], members[0].adalora_P)
+        return tables
 
     @classmethod
     def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...regeneration.seeded import kaiming_uniform, seeded_generator
-from ..base import AdapterWeights, TargetInfo, stack_with_zero_row
+from ..base import AdapterWeights, TargetInfo, constant_table, stack_padded_ranks
 from .config import LoraConfig
 
 
@@ -44,15 +44,9 @@ class LoraWeights(AdapterWeights):
     @classmethod
     def member_tables(cls, members, shared) -> dict[str, torch.Tensor]:
         """A (n+1, r_max, d2), B (n+1, d1, r_max), scaling (n+1,); ranks padded with zeros."""
-        r_max = max(m.r for m in members)
-        a = [F.pad(m.lora_A, (0, 0, 0, r_max - m.r)) for m in members]
-        b = [F.pad(m.lora_B, (0, r_max - m.r)) for m in members]
-        scaling = [m.scaling for m in members] + [0.0]
-        return {
-            "lora_A": stack_with_zero_row(a),
-            "lora_B": stack_with_zero_row(b),
-            "scaling": torch.tensor(scaling, dtype=members[0].lora_A.dtype),
-        }
+        tables = stack_padded_ranks(members, {"lora_A": 0, "lora_B": 1})
+        tables["scaling"] = constant_table([m.scaling for m in members], members[0].lora_A)
+        return tables
 
     @classmethod
     def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:

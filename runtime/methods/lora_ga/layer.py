@@ -16,15 +16,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...regeneration.seeded import kaiming_uniform, seeded_generator
-from ..base import AdapterWeights, TargetInfo, stack_with_zero_row
+from ..base import AdapterWeights, TargetInfo, constant_table, stack_padded_ranks
 from ..lora.layer import add_lora_rows, lora_rows
 from .config import LoraGaConfig
 
-KINDS = ("lora_A", "lora_B", "lora_A0", "lora_B0")
+RANK_DIMS = {"lora_A": 0, "lora_B": 1, "lora_A0": 0, "lora_B0": 1}  # kind -> its rank dimension
 
 
 class LoraGaWeights(AdapterWeights):
@@ -58,13 +57,8 @@ class LoraGaWeights(AdapterWeights):
     @classmethod
     def member_tables(cls, members, shared) -> dict[str, torch.Tensor]:
         """A, A0 (n+1, r_max, d2), B, B0 (n+1, d1, r_max) padded with zeros; scaling (n+1,)."""
-        r_max = max(m.r for m in members)
-        tables = {}
-        for kind in KINDS:
-            padded = [F.pad(getattr(m, kind), _pad(kind, r_max - m.r)) for m in members]
-            tables[kind] = stack_with_zero_row(padded)
-        scaling = [m.scaling for m in members] + [0.0]
-        tables["scaling"] = torch.tensor(scaling, dtype=members[0].lora_A.dtype)
+        tables = stack_padded_ranks(members, RANK_DIMS)
+        tables["scaling"] = constant_table([m.scaling for m in members], members[0].lora_A)
         return tables
 
     @classmethod
@@ -97,8 +91,3 @@ def set_factors_from_gradient(weights: nn.Module, grad_oi: torch.Tensor) -> None
         target.copy_(value.to(target.dtype))
     for target, value in ((weights.lora_B, b0), (weights.lora_B0, b0)):
         target.copy_(value.to(target.dtype))
-
-
-def _pad(kind: str, extra: int) -> tuple[int, ...]:
-    """F.pad widths adding ``extra`` zero ranks: rows of A, A0; columns of B, B0."""
-    return (0, 0, 0, extra) if kind.startswith("lora_A") else (0, extra)

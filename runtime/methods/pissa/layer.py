@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import AdapterWeights, TargetInfo, stack_with_zero_row, table_rows
+from ..base import AdapterWeights, TargetInfo, constant_table, stack_padded_ranks, table_rows
 from ..lora.layer import add_lora_rows, lora_rows
 from ..svda.layer import SvdaWeights
 from .config import PissaConfig
@@ -62,15 +62,9 @@ class PissaWeights(AdapterWeights):
     @classmethod
     def member_tables(cls, members, shared) -> dict[str, torch.Tensor]:
         """A (n+1, r_max, d2), B (n+1, d1, r_max) padded with zeros; rank (n+1,)."""
-        r_max = max(m.r for m in members)
-        a = [F.pad(m.lora_A, (0, 0, 0, r_max - m.r)) for m in members]
-        b = [F.pad(m.lora_B, (0, r_max - m.r)) for m in members]
-        rank = [float(m.r) for m in members] + [0.0]
-        return {
-            "lora_A": stack_with_zero_row(a),
-            "lora_B": stack_with_zero_row(b),
-            "rank": torch.tensor(rank, dtype=members[0].lora_A.dtype),
-        }
+        tables = stack_padded_ranks(members, {"lora_A": 0, "lora_B": 1})
+        tables["rank"] = constant_table([float(m.r) for m in members], members[0].lora_A)
+        return tables
 
     @classmethod
     def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:
