@@ -45,12 +45,37 @@ class Method:
     lr: float = 0.0
 
 
-METHODS = [
-    Method("zero-shot (no adapter)", None),
+ADALORA_SCHEDULE = {"tinit": 4, "tfinal": 8, "delta_t": 4}  # for the 40-step CPU budget
+METHODS = [  # SvdA first; learning rates set once per method, not tuned on the held-out MRs
     Method("SvdA", "svda", {"targets": QV}, 1e-2),
     Method("SvdA top-64", "svda", {"targets": QV, "top_k": 64}, 1e-2),
     Method("VeRA r=256", "vera", {"targets": QV, "r": 256}, 2e-2),
     Method("LoRA r=8", "lora", {"targets": QV, "r": 8}, 3e-3),
+    Method("PiSSA r=8", "pissa", {"targets": QV, "r": 8}, 1e-3),
+    Method("LoRA-GA r=8", "lora_ga", {"targets": QV, "r": 8, "gradient_batches": 4}, 3e-3),
+    Method(
+        "AdaLoRA r=12→8",
+        "adalora",
+        {"targets": QV, "r": 12, "target_r": 8, **ADALORA_SCHEDULE},
+        1e-2,
+    ),
+    Method("BitFit", "bitfit", {"targets": QV}, 1e-2),
+    Method("BOFT b=4 m=2", "boft", {"targets": QV, "block_size": 4, "n_butterfly_factor": 2}, 5e-3),
+    Method("uRNN-unitary", "urnn", {"targets": QV}, 5e-3),
+    Method(
+        "Hybrid LoRA-GA/BOFT",
+        "hybrid",
+        {"targets": QV, "r": 8, "block_size": 4, "gradient_batches": 4},
+        3e-3,
+    ),
+    Method("Serial adapter (MLP, 8)", "serial_adapter", {"targets": "mlp", "bottleneck": 8}, 3e-3),
+    Method(
+        "Parallel adapter (attention, 8)",
+        "parallel_adapter",
+        {"targets": "self_attn", "bottleneck": 8},
+        3e-3,
+    ),
+    Method("zero-shot (no adapter)", None),
 ]
 # Training-step timing on one fixed batch, every linear layer adapted (where SvdA costs most).
 TIMED = {
@@ -139,7 +164,7 @@ def worker(label: str, workdir: Path, budget: dict, device: str) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     _train_rows, refs = load_split()
     heldout = list(refs)[: budget["heldout"]]
-    out: dict = {"label": label, "trainable_params": 0, "log": []}
+    out: dict = {"label": label, "trainable_params": 0, "log": [], "budget": budget}
     if spec.method is None:
         base = load_base_model(device=device)
         model, tokenizer = base.model, base.tokenizer
@@ -247,7 +272,8 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         budget["steps"] = args.steps
     if args.heldout:
         budget["heldout"] = args.heldout
-    workdir = Path(tempfile.mkdtemp(prefix="svda-e2e-"))
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="svda-e2e-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(exist_ok=True)
     train_rows, _ = load_split()
     with open(workdir / "train.jsonl", "w") as fh:
@@ -256,11 +282,17 @@ def run_all(args: argparse.Namespace) -> list[dict]:
     chosen = [m for m in METHODS if not args.methods or _slug(m.label) in args.methods.split(",")]
     results = []
     for m in chosen:
-        print(f"[e2e] {m.label} ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, "--worker", m.label, "--workdir", str(workdir),
-               "--budget", json.dumps(budget), "--device", args.device]  # fmt: skip
-        subprocess.run(cmd, check=True, stdout=sys.stderr)
-        r = json.loads((workdir / f"{_slug(m.label)}.json").read_text())
+        done = workdir / f"{_slug(m.label)}.json"
+        if not (done.exists() and json.loads(done.read_text()).get("budget") == budget):
+            print(f"[e2e] {m.label} ...", file=sys.stderr, flush=True)
+            cmd = [sys.executable, __file__, "--worker", m.label, "--workdir", str(workdir),
+                   "--budget", json.dumps(budget), "--device", args.device]  # fmt: skip
+            subprocess.run(cmd, check=True, stdout=sys.stderr)
+        else:
+            print(f"[e2e] {m.label}: reusing {done}", file=sys.stderr, flush=True)
+        r = json.loads(done.read_text())
+        adapter_file = workdir / f"{_slug(m.label)}.svda"
+        r["file_bytes"] = adapter_file.stat().st_size if m.method else None
         r["bleu"] = bleu(r["hyps"], [refs[mr] for mr in r["mrs"]])
         r["rouge_l"] = rouge_l(r["hyps"], [refs[mr] for mr in r["mrs"]])
         results.append(r)
@@ -289,14 +321,15 @@ def table(results: list[dict], budget: dict, n_train: int, n_held: int, args) ->
         f"≤{budget['max_new_tokens']} new tokens; measured {time.strftime('%Y-%m-%d')} · "
         f"{platform.machine()} · {_cpus()} · torch {torch.__version__}.*",
         "",
-        "| method | trainable params | BLEU | ROUGE-L | training tokens | tokens/s | "
+        "| method | trainable params | file bytes | BLEU | ROUGE-L | training tokens | tokens/s | "
         "step (s, median) | × LoRA step | peak RSS (MiB) | final loss | best val loss |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         ratio = f"{r['step_s'] / lora['step_s']:.2f}" if lora and "step_s" in r else "—"
         lines.append(
-            f"| {r['label']} | {r['trainable_params']:,} | {r['bleu']:.1f} | {r['rouge_l']:.1f} | "
+            f"| {r['label']} | {r['trainable_params']:,} | {_num(r.get('file_bytes'), ',')} | "
+            f"{r['bleu']:.1f} | {r['rouge_l']:.1f} | "
             f"{_num(r.get('tokens'), ',')} | {_num(r.get('tokens_per_s'), '.0f')} | "
             f"{_num(r.get('step_s'), '.2f')} | {ratio} | {r['peak_rss_mib']:,.0f} | "
             f"{_num(r.get('final_loss'), '.3f')} | {_num(r.get('best_val'), '.3f')} |"
@@ -349,7 +382,11 @@ def main() -> None:
     p.add_argument("--no-timing", action="store_true", help="skip the all-linear step timing")
     p.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--workdir",
+        help="work folder; methods already finished there with the same budget are reused "
+        "(a long run can be continued)",
+    )
     p.add_argument("--budget", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.timing:

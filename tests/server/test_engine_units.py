@@ -1,6 +1,9 @@
-"""Engine parts on their own: the batched KV cache, sampling filters, streaming detokenisation."""
+"""Engine parts on their own: the batched KV cache, prefill grouping, sampling filters, streaming
+detokenisation."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from svda.server.domain import SamplingParams
 from svda.server.engine.detok import TextStream
 from svda.server.engine.kv_cache import BatchKVCache
 from svda.server.engine.sampling import RowSampler, choose_tokens, top_k_filter, top_p_filter
+from svda.server.engine.scheduler import prefill_groups
 from svda.server.engine.settings import EngineSettings
 from tests.runtime.helpers import tiny_llama
 from tests.tiny_base import byte_tokenizer
@@ -160,10 +164,6 @@ def test_settings_are_checked():
 
 
 def test_prefill_groups_pad_similar_prompts_together_and_long_ones_alone():
-    from types import SimpleNamespace
-
-    from svda.server.engine.scheduler import prefill_groups
-
     seqs = [SimpleNamespace(prompt_ids=[0] * n) for n in (30, 28, 33, 400, 31, 5)]
     groups = [[len(s.prompt_ids) for s in g] for g in prefill_groups(seqs)]
     assert groups == [[5, 28, 30, 31, 33], [400]]
