@@ -89,6 +89,7 @@ class AdapterBank:
         self.slots: dict[str, int] = {}  # adapter name -> slot
         self.shared_modules: list[nn.Module | None] = []  # per layer, set by the model
         self.memo: dict[str, torch.Tensor] = {}  # a method's per-bank constants (prepare_bank)
+        self.trainable_kinds: set[str] = set()  # kinds training updates (set by the model)
         self._rows: tuple = ((), None)  # (stamp, table row of each batch row)
         self._prepared: dict[int, list[dict]] = {}  # ndim -> per-layer prepared, for _rows
         self.frozen_sha256 = ""  # identity of the frozen tensors, set by the model
@@ -198,6 +199,10 @@ class AdapterBank:
     def kind_offsets(self, kind: str) -> list[tuple[int, tuple[int, ...]]]:
         """``(start, shape)`` of every layer's ``kind`` tensor in a flat storage row."""
         return [offsets[kind] for offsets in self._offsets()]
+
+    def trainable_numel(self) -> int:
+        """Values per adapter of the kinds training updates (not stored frozen ones)."""
+        return sum(n for kind, n in self._sizes.items() if kind in self.trainable_kinds)
 
     def nbytes_per_adapter(self) -> int:
         return sum(self._sizes.values()) * self.layout.dtype.itemsize

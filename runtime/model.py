@@ -288,6 +288,14 @@ class AdapterModel(PackedAdapters, nn.Module):
             self._banked[name].version += 1  # layers drop what they prepared from old values
 
     def trainable_parameter_count(self, name: str) -> int:
+        """Values training updates (LoRA-GA's A0, B0 and the hybrid's λ are stored, not
+        trained); for a frozen adapter, the values its method trains."""
+        if name in self._banked:
+            return self._banked[name].trainable_numel()
+        return sum(p.numel() for p in self.adapter_parameters(name).values() if p.requires_grad)
+
+    def stored_parameter_count(self, name: str) -> int:
+        """Values the adapter's file stores: the trainable ones and data-dependent frozen ones."""
         return sum(p.numel() for p in self.adapter_parameters(name).values())
 
     def get_delta_weights(self, name: str) -> dict[str, torch.Tensor]:

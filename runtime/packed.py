@@ -57,7 +57,9 @@ class PackedAdapters:
                 shared = layer.shared[key]
             else:
                 shared = spec.weights_cls.build_shared(config, target, targets, self._ctx)
-            _check_layer_shapes(spec.weights_cls(config, target, shared), target.name, params)
+            weights = spec.weights_cls(config, target, shared)
+            _check_layer_shapes(weights, target.name, params)
+            bank.trainable_kinds |= {k for k, p in weights.named_parameters() if p.requires_grad}
             shared_modules.append(shared)
         self._ctx.memo.clear()
         bank.shared_modules = shared_modules

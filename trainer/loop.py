@@ -284,6 +284,7 @@ class Trainer:
             "method": self.config.method,
             "adapter_config": self.model.configs[self.name].to_dict(),
             "trainable_params": n_params,
+            "stored_params": self.model.stored_parameter_count(self.name),
             "trainable_fraction": n_params / max(base_params, 1),
             "steps": self.total_steps,
             "tokens": stats["tokens"],

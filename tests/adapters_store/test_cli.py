@@ -69,7 +69,7 @@ def test_export_inspect_verify_ls_rm_gc(env, method, capsys):
     summary = json.loads(capsys.readouterr().out)
     targets = len(env["model"].layers_of(method))  # q and v on 2 layers, or 2 blocks
     assert summary["method"] == method and len(summary["targets"]) == targets
-    assert summary["parameters"] == env["model"].trainable_parameter_count(method)
+    assert summary["parameters"] == env["model"].stored_parameter_count(method)
     assert run(env, "inspect", f"acme-{method}@1") == 0
     assert "regenerates" in capsys.readouterr().out
     assert run(env, "verify", f"acme-{method}", "--base", env["base"]) == 0

@@ -157,3 +157,21 @@ def assert_same(a, b) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     else:
         assert a == b
+
+
+@pytest.mark.parametrize(("method", "frozen_stored"), [("lora_ga", 2), ("hybrid", 2), ("lora", 1)])
+def test_trainable_counts_leave_out_stored_frozen_tensors(method, frozen_stored, svd_cache):
+    """LoRA-GA's A0, B0 and the hybrid's λ are stored but never trained."""
+    model = with_modules(svd_cache, method, 1)
+    add_packed_copies(model, method, 1)
+    trainable, stored = model.trainable_parameter_count("m0"), model.stored_parameter_count("m0")
+    assert trainable == model.trainable_parameter_count("p0")  # frozen copy: same count
+    assert stored == model.stored_parameter_count("p0")
+    low_rank = sum(
+        p.numel() for k, p in model.adapter_parameters("m0").items() if k.endswith(("A", "B"))
+    )
+    if method == "lora":
+        assert trainable == stored == low_rank
+    else:  # A0, B0 match A, B in size; the hybrid adds one λ per layer and its Q triangles
+        lam = len(model.layers_of("m0")) if method == "hybrid" else 0
+        assert stored - trainable == low_rank + lam
