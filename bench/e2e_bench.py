@@ -298,6 +298,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         results.append(r)
         partial = table(results, budget, len(train_rows), len(refs), args)
         (RESULTS / "e2e_table.partial.md").write_text(partial)
+    count_parameters(results, workdir)
     timing = None
     if not args.no_timing:
         print("[e2e] step timing ...", file=sys.stderr, flush=True)
@@ -307,6 +308,21 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             timing = json.loads((workdir / "timing.json").read_text())
             (RESULTS / "e2e_timing.partial.md").write_text(timing_table(timing))
     return results, timing, budget, len(train_rows), len(refs)
+
+
+def count_parameters(results: list[dict], workdir: Path) -> None:
+    """Trainable values of each adapter file, counted the same way for every method (LoRA-GA's
+    A0, B0 and the hybrid's λ are stored but not trained), from the files themselves."""
+    from svda.adapters_store import load_adapter
+    from svda.runtime import AdapterModel, load_base_model
+
+    model = AdapterModel(load_base_model().model)
+    for r in results:
+        adapter_file = workdir / f"{_slug(r['label'])}.svda"
+        if r.get("file_bytes"):
+            load_adapter(adapter_file, model, "counted")
+            r["trainable_params"] = model.trainable_parameter_count("counted")
+            model.delete_adapter("counted")
 
 
 def table(results: list[dict], budget: dict, n_train: int, n_held: int, args) -> str:
