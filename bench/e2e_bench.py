@@ -337,7 +337,8 @@ def table(results: list[dict], budget: dict, n_train: int, n_held: int, args) ->
         f"≤{budget['max_new_tokens']} new tokens; measured {time.strftime('%Y-%m-%d')} · "
         f"{platform.machine()} · {_cpus()} · torch {torch.__version__}.*",
         "",
-        "| method | trainable params | file bytes | BLEU | ROUGE-L | training tokens | tokens/s | "
+        "| method | trainable params | file bytes | BLEU | ROUGE-L | training tokens | "
+        "training tokens/s (median step) | "
         "step (s, median) | × LoRA step | peak RSS (MiB) | final loss | best val loss |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -346,7 +347,7 @@ def table(results: list[dict], budget: dict, n_train: int, n_held: int, args) ->
         lines.append(
             f"| {r['label']} | {r['trainable_params']:,} | {_num(r.get('file_bytes'), ',')} | "
             f"{r['bleu']:.1f} | {r['rouge_l']:.1f} | "
-            f"{_num(r.get('tokens'), ',')} | {_num(r.get('tokens_per_s'), '.0f')} | "
+            f"{_num(r.get('tokens'), ',')} | {_num(_median_rate(r, budget), '.0f')} | "
             f"{_num(r.get('step_s'), '.2f')} | {ratio} | {r['peak_rss_mib']:,.0f} | "
             f"{_num(r.get('final_loss'), '.3f')} | {_num(r.get('best_val'), '.3f')} |"
         )
@@ -376,6 +377,14 @@ def plot(results: list[dict], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _median_rate(r: dict, budget: dict) -> float | None:
+    """Training tokens per second at the median step time: robust to steps slowed by other
+    work on a shared machine (the mean rate is in the worker's JSON as ``tokens_per_s``)."""
+    if not r.get("tokens") or not r.get("step_s"):
+        return None
+    return r["tokens"] / budget["steps"] / r["step_s"]
 
 
 def _num(value, fmt: str) -> str:
