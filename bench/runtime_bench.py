@@ -1,11 +1,13 @@
 """Runtime benchmark: forward cost of LoRA, VeRA and SvdA on a real base, alone and mixed.
 
-    python bench/runtime_bench.py [--base PATH] [--batch 8] [--seq 128] [--repeats 3]
+    python bench/runtime_bench.py [--base PATH] [--batch 8] [--seq 128] [--repeats 3] [--frozen]
 
 Default base: the embedded SmolLM2-135M-Instruct, every linear layer of every block targeted.
 Prints a markdown table: trainable parameters per adapter, forward time (best of N, variants
 interleaved) and its ratio to the base model measured in the same rounds, memory of the shared frozen matrices as a ratio to the base model's weights; then the time
-to build the SvdA bases cold (empty cache) and from the on-disk cache.
+to build the SvdA bases cold (empty cache) and from the on-disk cache. ``--frozen`` measures
+adapters as the server holds them: exported to ``.svda`` and loaded back frozen into slot banks
+(default: attached modules, as in training).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from svda.adapters_store import export_adapter, load_adapter
 from svda.runtime import AdapterModel, LoraConfig, SvdaConfig, SvdBasisCache, VeraConfig
 from svda.runtime.base_model import load_base_model
 
@@ -78,6 +81,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="best of N")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--frozen", action="store_true", help="adapters loaded from files into slot banks"
+    )
     args = parser.parse_args()
 
     def factory():
@@ -114,6 +120,10 @@ def run_forward_table(model: AdapterModel, args) -> list[dict]:
         for i, name in enumerate(names):
             model.add_adapter(name, make_config())
             train_like(model, name, seed=i, move_s=move_s)
+            if args.frozen:  # as the server holds it: from its file into a slot bank
+                data = export_adapter(model, name)
+                model.delete_adapter(name)
+                load_adapter(data, model, name)
         mixed_rows = [names[i % N_MIXED] for i in range(args.batch)]
         variants = [(None, None), (names[0], None), (None, mixed_rows)]
         base_again, one, mixed = best_times(model, ids, variants, args.repeats)
@@ -136,7 +146,8 @@ def print_report(
     )
     print(
         f"{date.today()} · {platform.machine()} · {os.cpu_count()} cores · {torch.get_num_threads()} "
-        f"threads · torch {torch.__version__} · forward time best of {args.repeats}\n"
+        f"threads · torch {torch.__version__} · forward time best of {args.repeats} · "
+        f"{'frozen adapters in slot banks' if args.frozen else 'attached adapter modules'}\n"
     )
     print(
         "| method | adapters in batch | trainable params / adapter | forward (s) | × base | × one adapter | shared frozen memory / base weights |"
