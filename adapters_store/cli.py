@@ -151,6 +151,8 @@ def cmd_inspect(args) -> None:
         print(f"{key:17} {summary[key]}")
     print(f"{'config':17} {json.dumps(summary['config'])}")
     print(f"{'targets':17} {len(summary['targets'])} layers: {_abbreviate(summary['targets'])}")
+    stored = ", ".join(f"{kind} ({n:,} values)" for kind, n in summary["tensors"].items())
+    print(f"{'stores':17} {stored}")
     for recipe in summary["recipe"] or [{"tensor": "-", "source": "nothing frozen", "detail": {}}]:
         print(
             f"{'regenerates':17} {recipe['tensor']} from {recipe['source']} {json.dumps(recipe['detail'])}"
@@ -213,6 +215,7 @@ def describe(adapter_file: AdapterFile) -> dict:
         "user_metadata": header.user_metadata,
         "config": header.config,
         "targets": [entry.name for entry in header.layers],
+        "tensors": {kind: t.numel() for kind, t in sorted(adapter_file.tensors.items())},
         "recipe": [r.model_dump() for r in header.recipe],
     }
 

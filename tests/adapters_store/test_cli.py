@@ -70,8 +70,12 @@ def test_export_inspect_verify_ls_rm_gc(env, method, capsys):
     targets = len(env["model"].layers_of(method))  # q and v on 2 layers, or 2 blocks
     assert summary["method"] == method and len(summary["targets"]) == targets
     assert summary["parameters"] == env["model"].stored_parameter_count(method)
+    kinds = {k.rsplit(".", 1)[1] for k in env["model"].adapter_parameters(method)}
+    assert set(summary["tensors"]) == kinds
+    assert sum(summary["tensors"].values()) == summary["parameters"]
     assert run(env, "inspect", f"acme-{method}@1") == 0
-    assert "regenerates" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "regenerates" in text and all(f"{kind} (" in text for kind in kinds)
     assert run(env, "verify", f"acme-{method}", "--base", env["base"]) == 0
     assert capsys.readouterr().out.count("ok  ") == 8
     assert run(env, "ls", "--tag", "prod", "--json") == 0
