@@ -171,8 +171,10 @@ class SvdaWeights(AdapterWeights):
         prepared = []
         layers = zip(bank.shared_modules, s_offsets, b_offsets, counts, strict=True)
         for shared, (ks, (k,)), (bs, (d,)), count in layers:
-            entry = {"b": b_rows[:, bs : bs + d].view(*lead, d), "delta": None}
-            layer_delta = delta[:, ks : ks + k]
+            # contiguous copies of this layer's columns (B × k, B × d1: small): elementwise
+            # kernels on strided views of the flat rows run about twice as long
+            entry = {"b": b_rows[:, bs : bs + d].contiguous().view(*lead, d), "delta": None}
+            layer_delta = delta[:, ks : ks + k].contiguous()
             if count == k:
                 entry.update(
                     delta=layer_delta.view(*lead, k), V_t=shared.V[:, :k].T, U=shared.U[:, :k]
