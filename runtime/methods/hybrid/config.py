@@ -4,26 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import AdapterConfig, config_field, require
+from ..base import config_field, require
+from ..lora_ga.config import LoraGaConfig
 
 
 @dataclass
-class HybridConfig(AdapterConfig):
+class HybridConfig(LoraGaConfig):
     """W' = W0 + λ·(α/r)(B·A − B0·A0) + (1 − λ)·W0·(Rᵀ − I), one λ per layer set by the trainer
-    from smoothed gradient norms and frozen at export. The LoRA-GA fields and the BOFT fields
-    mean what they mean in those methods."""
+    from smoothed gradient norms and frozen at export. The LoRA-GA fields (inherited: r, alpha,
+    init_seed, gradient_batches, stable_gamma) and the BOFT fields mean what they mean in those
+    methods."""
 
     method = "hybrid"
 
-    r: int = config_field(8, "LoRA-GA rank of the trained factors (the stored LoRA has rank 2r).")
-    alpha: float = config_field(16.0, "LoRA-GA scaling numerator: the low-rank part is × alpha/r.")
-    init_seed: int = config_field(0, "Seed of A = A0 before the gradient initialisation.")
-    gradient_batches: int = config_field(
-        8, "Batches whose gradients set A0, B0 before step 0 (svda-train)."
-    )
-    stable_gamma: float = config_field(
-        16.0, "γ of LoRA-GA's stable scale d1^(1/4) / sqrt(γ) of A0, B0."
-    )
     block_size: int = config_field(
         4, "BOFT block size b (divides every target's input size); 0 to give block_num instead."
     )
@@ -40,16 +33,10 @@ class HybridConfig(AdapterConfig):
     )
 
     def validate(self) -> None:
-        super().validate()
-        for name in ("r", "gradient_batches", "n_butterfly_factor"):
-            value = getattr(self, name)
-            require(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                f"hybrid {name} must be an integer ≥ 1, got {value!r}",
-            )
-        require(self.alpha > 0, f"hybrid alpha must be > 0, got {self.alpha!r}")
+        super().validate()  # the LoRA-GA fields
         require(
-            self.stable_gamma > 0, f"hybrid stable_gamma must be > 0, got {self.stable_gamma!r}"
+            isinstance(self.n_butterfly_factor, int) and self.n_butterfly_factor >= 1,
+            f"hybrid n_butterfly_factor must be an integer ≥ 1, got {self.n_butterfly_factor!r}",
         )
         require(
             (self.block_size > 0) != (self.block_num > 0) and self.block_size != 1,
@@ -69,7 +56,3 @@ class HybridConfig(AdapterConfig):
             0.0 <= self.lambda_smoothing < 1.0,
             f"hybrid lambda_smoothing must be in [0, 1), got {self.lambda_smoothing!r}",
         )
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r

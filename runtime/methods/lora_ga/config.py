@@ -32,15 +32,16 @@ class LoraGaConfig(AdapterConfig):
         super().validate()
         require(
             isinstance(self.r, int) and self.r >= 1,
-            f"lora_ga r must be an integer ≥ 1, got {self.r!r}",
+            f"{self.method} r must be an integer ≥ 1, got {self.r!r}",
         )
-        require(self.alpha > 0, f"lora_ga alpha must be > 0, got {self.alpha!r}")
+        require(self.alpha > 0, f"{self.method} alpha must be > 0, got {self.alpha!r}")
         require(
             isinstance(self.gradient_batches, int) and self.gradient_batches >= 1,
-            f"lora_ga gradient_batches must be an integer ≥ 1, got {self.gradient_batches!r}",
+            f"{self.method} gradient_batches must be an integer ≥ 1, got {self.gradient_batches!r}",
         )
         require(
-            self.stable_gamma > 0, f"lora_ga stable_gamma must be > 0, got {self.stable_gamma!r}"
+            self.stable_gamma > 0,
+            f"{self.method} stable_gamma must be > 0, got {self.stable_gamma!r}",
         )
 
     @property
