@@ -327,18 +327,31 @@ class AdapterStore:
             ) from exc
         finally:
             if reuse and ok and not conn.in_transaction:
-                self._local.conn = (os.getpid(), conn)
+                self._local.conn = (self._index_identity(), conn)
             else:
                 if not fresh:
                     self._local.conn = None
                 conn.close()
 
     def _cached_connection(self) -> sqlite3.Connection | None:
+        """This thread's connection, unless the process forked or the index file was replaced
+        (a connection keeps reading the file it opened)."""
         cached = getattr(self._local, "conn", None)
-        if cached is None or cached[0] != os.getpid():
-            return None
         self._local.conn = None  # taken; given back by _connect when it was used cleanly
+        if cached is None:
+            return None
+        if cached[0] != self._index_identity():
+            cached[1].close()
+            return None
         return cached[1]
+
+    def _index_identity(self) -> tuple[int, int, int] | None:
+        """(process, device, inode) of the index file as this process sees it now."""
+        try:
+            st = os.stat(self.index_path)
+        except OSError:
+            return None
+        return os.getpid(), st.st_dev, st.st_ino
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

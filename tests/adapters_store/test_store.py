@@ -6,6 +6,7 @@ import hashlib
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -444,3 +445,14 @@ def test_cached_read_connection_sees_later_writes_and_survives_errors(store):
     with pytest.raises(AdapterNotFound):
         store.get("missing")
     assert store.get("p", version=1).size == 3
+
+
+def test_cached_read_connection_follows_a_replaced_index(tmp_path):
+    """A store folder deleted and made again under a live process: lookups read the new index."""
+    root = tmp_path / "s"
+    store = AdapterStore(root)
+    store.publish(b"old", "p", **META)
+    assert store.get("p").size == 3
+    shutil.rmtree(root)
+    AdapterStore(root).publish(b"newer", "p", **META)
+    assert store.get("p").size == 5
