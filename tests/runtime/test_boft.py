@@ -1,4 +1,4 @@
-"""BOFT: the common method checks, PEFT parity (same parameters, same outputs), the butterfly
+"""BOFT: the common method checks on plain OFT, PEFT parity (same parameters, same outputs), the butterfly
 structure, exact multiplicative merge and unmerge, slot banks and the adapter file."""
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from svda.runtime import AdapterConfigError, AdapterModel, config_from_dict
-from svda.runtime.methods import registry
-from svda.runtime.methods.boft import BoftConfig, BoftWeights
+from svda.runtime.methods.boft import BoftConfig
 from svda.runtime.methods.boft.ops import (
     butterfly_permutations,
     cayley,
@@ -23,10 +22,13 @@ from . import test_bank as bank_suite
 from . import test_methods_common as common
 from .helpers import METHOD_CONFIGS, perturb, tiny_llama
 
-CONFIGS = {
-    "boft": lambda targets: BoftConfig(targets=targets, block_size=4, n_butterfly_factor=2),
-    "boft_oft": lambda targets: BoftConfig(targets=targets, block_size=0, block_num=4, scale=False),
-}
+
+# The common suite (test_methods_common, test_bank) already runs METHOD_CONFIGS["boft"] (two
+# butterfly factors, scale); here the same checks run on plain OFT (block_num, no scale).
+def oft_config(targets: str) -> BoftConfig:
+    return BoftConfig(targets=targets, block_size=0, block_num=4, scale=False)
+
+
 COMMON_CHECKS = [
     common.test_untouched_adapter_changes_nothing,
     common.test_trained_adapter_changes_outputs,
@@ -38,25 +40,11 @@ COMMON_CHECKS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def boft_registered():
-    """Register BOFT for these tests if the registry does not have it yet (and only then undo)."""
-    added = "boft" not in registry.available_methods()
-    registry.register_method(BoftConfig, BoftWeights, "BOFT: W' = diag(s)·W0·Rᵀ")
-    yield
-    if added:
-        registry._METHODS.pop("boft", None)
-
-
 @pytest.fixture
-def as_method(monkeypatch):
-    """Put one of CONFIGS into the common suite's table under the method name 'boft'."""
-
-    def use(variant: str) -> str:
-        monkeypatch.setitem(METHOD_CONFIGS, "boft", CONFIGS[variant])
-        return "boft"
-
-    return use
+def oft(monkeypatch) -> str:
+    """Plain OFT under the method name 'boft' in the common suite's table."""
+    monkeypatch.setitem(METHOD_CONFIGS, "boft", oft_config)
+    return "boft"
 
 
 def run_check(check, **available):
@@ -64,22 +52,18 @@ def run_check(check, **available):
     return check(**{name: available[name] for name in names})
 
 
-@pytest.mark.parametrize("variant", sorted(CONFIGS))
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("check", COMMON_CHECKS, ids=lambda c: c.__name__[5:])
-def test_common_checks(check, arch, variant, as_method, svd_cache, input_ids, tmp_path):
-    method = as_method(variant)
+def test_common_checks_on_plain_oft(check, arch, oft, svd_cache, input_ids, tmp_path):
     run_check(
-        check, method=method, arch=arch, svd_cache=svd_cache, input_ids=input_ids, tmp_path=tmp_path
+        check, method=oft, arch=arch, svd_cache=svd_cache, input_ids=input_ids, tmp_path=tmp_path
     )
 
 
-@pytest.mark.parametrize("variant", sorted(CONFIGS))
-def test_a_few_training_steps_lower_the_loss(variant, as_method, svd_cache):
-    common.test_a_few_training_steps_lower_the_loss(as_method(variant), svd_cache)
+def test_plain_oft_a_few_training_steps_lower_the_loss(oft, svd_cache):
+    common.test_a_few_training_steps_lower_the_loss(oft, svd_cache)
 
 
-@pytest.mark.parametrize("variant", sorted(CONFIGS))
 @pytest.mark.parametrize(
     "check",
     [
@@ -88,12 +72,12 @@ def test_a_few_training_steps_lower_the_loss(variant, as_method, svd_cache):
     ],
     ids=lambda c: c.__name__[5:],
 )
-def test_slot_banks(check, variant, as_method, svd_cache, input_ids):
-    check(as_method(variant), svd_cache, input_ids)
+def test_plain_oft_slot_banks(check, oft, svd_cache, input_ids):
+    check(oft, svd_cache, input_ids)
 
 
 def test_config_validation_and_round_trip():
-    config = CONFIGS["boft"]("q_proj")
+    config = METHOD_CONFIGS["boft"]("q_proj")
     assert config_from_dict(config.to_dict()) == config
     for bad in (
         dict(block_size=4, block_num=2),
@@ -218,7 +202,7 @@ def test_outputs_equal_peft_boft_with_the_same_parameters(n_factors, monkeypatch
 @torch.no_grad()
 def test_merge_is_multiplicative_and_unmerge_uses_the_transpose():
     model = AdapterModel(tiny_llama())
-    model.add_adapter("a", CONFIGS["boft"]("q_proj,down_proj"))
+    model.add_adapter("a", METHOD_CONFIGS["boft"]("q_proj,down_proj"))
     perturb(model, "a", scale=0.3)
     layer = model.layers["model.layers.0.mlp.down_proj"]
     w0 = layer.weight.detach().clone()
@@ -235,7 +219,7 @@ def test_merge_is_multiplicative_and_unmerge_uses_the_transpose():
 @torch.no_grad()
 def test_a_zero_scale_is_unmerged_from_the_kept_weight(input_ids):
     model = AdapterModel(tiny_llama())
-    model.add_adapter("a", CONFIGS["boft"]("down_proj"))
+    model.add_adapter("a", METHOD_CONFIGS["boft"]("down_proj"))
     perturb(model, "a")
     before = {n: layer.weight.detach().clone() for n, layer in model.layers.items()}
     layer = model.layers["model.layers.1.mlp.down_proj"]
@@ -255,7 +239,7 @@ def test_a_zero_scale_is_unmerged_from_the_kept_weight(input_ids):
 def test_mixed_rows_use_their_own_rotation_and_base_rows_are_untouched():
     model = AdapterModel(tiny_llama())
     for name, seed in (("a", 1), ("b", 2)):
-        model.add_adapter(name, CONFIGS["boft"]("all-linear"))
+        model.add_adapter(name, METHOD_CONFIGS["boft"]("all-linear"))
         perturb(model, name, scale=0.3, seed=seed)
     ids = torch.randint(0, 96, (5, 6), generator=torch.Generator().manual_seed(4))
     rows = ["b", None, "a", "a", None]
@@ -287,7 +271,7 @@ def test_adapter_file_round_trip(svd_cache, input_ids):
     from svda.adapters_store import export_adapter, load_adapter, read_adapter
 
     model = AdapterModel(tiny_llama(), svd_cache=svd_cache)
-    model.add_adapter("a", CONFIGS["boft"]("q_proj,v_proj,down_proj"))
+    model.add_adapter("a", METHOD_CONFIGS["boft"]("q_proj,v_proj,down_proj"))
     perturb(model, "a")
     data = export_adapter(model, "a")
     stored = read_adapter(data)

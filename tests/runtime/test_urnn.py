@@ -1,17 +1,15 @@
-"""uRNN-unitary: the common method checks, the literal D3 R2 F⁻¹ D2 Π R1 F D1 structure,
-orthogonality after training, O(d) parameters, seeded regeneration, exact merge and unmerge."""
+"""uRNN-unitary: the literal D3 R2 F⁻¹ D2 Π R1 F D1 structure, orthogonality after training, O(d)
+parameters, seeded regeneration, exact merge and unmerge (the common method checks run in
+test_methods_common and test_bank, with METHOD_CONFIGS["urnn"])."""
 
 from __future__ import annotations
-
-import inspect
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from svda.runtime import AdapterConfigError, AdapterModel, config_from_dict
-from svda.runtime.methods import registry
-from svda.runtime.methods.urnn import UrnnConfig, UrnnWeights
+from svda.runtime.methods.urnn import UrnnConfig
 from svda.runtime.methods.urnn.layer import seeded_structure
 from svda.runtime.methods.urnn.unitary import (
     apply_unitary,
@@ -21,61 +19,7 @@ from svda.runtime.methods.urnn.unitary import (
     to_real,
 )
 
-from . import test_bank as bank_suite
-from . import test_methods_common as common
-from .helpers import METHOD_CONFIGS, perturb, tiny_llama
-
-COMMON_CHECKS = [
-    common.test_untouched_adapter_changes_nothing,
-    common.test_trained_adapter_changes_outputs,
-    common.test_merged_equals_unmerged_and_unmerge_restores,
-    common.test_reference_formula_equals_fast_path,
-    common.test_save_load_round_trip,
-    common.test_mixed_batch_equals_each_alone,
-    common.test_batched_delta_equals_reference_delta,
-]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def urnn_registered():
-    """Register uRNN for these tests if the registry does not have it yet (and only then undo)."""
-    added = "urnn" not in registry.available_methods()
-    registry.register_method(UrnnConfig, UrnnWeights, "uRNN-unitary: W' = R·W0")
-    yield
-    if added:
-        registry._METHODS.pop("urnn", None)
-
-
-@pytest.fixture
-def method(monkeypatch) -> str:
-    monkeypatch.setitem(
-        METHOD_CONFIGS, "urnn", lambda targets: UrnnConfig(targets, permutation_seed=5)
-    )
-    return "urnn"
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("check", COMMON_CHECKS, ids=lambda c: c.__name__[5:])
-def test_common_checks(check, arch, method, svd_cache, input_ids, tmp_path):
-    available = dict(method=method, arch=arch, svd_cache=svd_cache, input_ids=input_ids)
-    available["tmp_path"] = tmp_path
-    check(**{name: available[name] for name in inspect.signature(check).parameters})
-
-
-def test_a_few_training_steps_lower_the_loss(method, svd_cache):
-    common.test_a_few_training_steps_lower_the_loss(method, svd_cache)
-
-
-@pytest.mark.parametrize(
-    "check",
-    [
-        bank_suite.test_packed_adapters_equal_their_modules_alone_and_mixed,
-        bank_suite.test_packed_adapter_delta_merge_and_tensors,
-    ],
-    ids=lambda c: c.__name__[5:],
-)
-def test_slot_banks(check, method, svd_cache, input_ids):
-    check(method, svd_cache, input_ids)
+from .helpers import perturb, tiny_llama
 
 
 # ----- the structure -------------------------------------------------------------------------
