@@ -150,20 +150,12 @@ class UrnnWeights(AdapterWeights):
     def merge_into(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
         """``W ← R W = U(θ, v) U(0, v0)ᴴ W`` (complex128)."""
         mine, base = self.factors(shared, torch.float64)
-        columns = to_complex(weight_oi.to(torch.float64).T)
-        merged = apply_unitary(
-            apply_unitary_adjoint(columns, *base, shared.inverse), *mine, shared.perm
-        )
-        weight_oi.copy_(to_real(merged).T.to(weight_oi.dtype))
+        _replace_columns(weight_oi, base, mine, shared)
 
     def unmerge_from(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
         """``W ← Rᵀ W = U(0, v0) U(θ, v)ᴴ W`` (complex128)."""
         mine, base = self.factors(shared, torch.float64)
-        columns = to_complex(weight_oi.to(torch.float64).T)
-        restored = apply_unitary(
-            apply_unitary_adjoint(columns, *mine, shared.inverse), *base, shared.perm
-        )
-        weight_oi.copy_(to_real(restored).T.to(weight_oi.dtype))
+        _replace_columns(weight_oi, mine, base, shared)
 
     # ----- batched forward -----------------------------------------------------------------
     @classmethod
@@ -187,3 +179,13 @@ class UrnnWeights(AdapterWeights):
         """``result + R out0 − out0`` per row, on the base output only."""
         moved = relative_rotation(to_complex(out0), prepared["mine"], prepared["base"], shared)
         return result + to_real(moved).to(result.dtype)
+
+
+def _replace_columns(weight_oi: torch.Tensor, undo: tuple, then: tuple, shared) -> None:
+    """``W ← U(then) U(undo)ᴴ W`` in place, on W's columns read as complex vectors (complex128);
+    ``undo``, ``then``: the ``(θ, v)`` factors of two unitaries."""
+    columns = to_complex(weight_oi.to(torch.float64).T)
+    rotated = apply_unitary(
+        apply_unitary_adjoint(columns, *undo, shared.inverse), *then, shared.perm
+    )
+    weight_oi.copy_(to_real(rotated).T.to(weight_oi.dtype))
