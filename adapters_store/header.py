@@ -19,6 +19,7 @@ import math
 import re
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -170,11 +171,7 @@ class AdapterHeader(BaseModel):
         packed = self.encoded_layer_table
         if packed is not None:
             return layer_columns(packed).kind_totals  # cached with the table
-        totals: dict[str, int] = {}
-        for entry in self.layers:
-            for kind, shape in entry.params.items():
-                totals[kind] = totals.get(kind, 0) + math.prod(shape)
-        return totals
+        return _kind_totals(entry.params for entry in self.layers)
 
 
 def _pack_layers(layers: list[LayerEntry], count: int) -> dict[str, str]:
@@ -227,11 +224,16 @@ def layer_columns(packed: str) -> LayerColumns:
     if n == 0 or any(len(table[c]) != n for c in columns):
         raise ValueError("layer table columns are empty or differ in length")
     _validate_columns(table)
+    return LayerColumns(*(tuple(table[c]) for c in columns), _kind_totals(table["params"]))
+
+
+def _kind_totals(layer_params: Iterable[dict[str, list[int]]]) -> dict[str, int]:
+    """Values per tensor kind summed over the layers' ``{kind: shape}``."""
     totals: dict[str, int] = {}
-    for params in table["params"]:
+    for params in layer_params:
         for kind, shape in params.items():
             totals[kind] = totals.get(kind, 0) + math.prod(shape)
-    return LayerColumns(*(tuple(table[c]) for c in columns), totals)
+    return totals
 
 
 def _unpack_layers(packed: str, probes: str) -> list[LayerEntry]:
