@@ -95,7 +95,7 @@ class HybridLambda(TrainerHook):
     """
 
     def __init__(self) -> None:
-        self.first_step: int | None = None  # of this process: a resumed run drops later rows
+        self.log_trimmed = False  # a resumed run first drops rows written after its checkpoint
 
     def before_training(self, ctx: HookContext) -> None:
         if ctx.dist.is_main:
@@ -117,9 +117,9 @@ class HybridLambda(TrainerHook):
                 w.hybrid_lambda.fill_(value)
         if ctx.dist.is_main:
             path = Path(ctx.config.output_dir) / LAMBDA_CSV
-            if self.first_step is None:
-                self.first_step = step + 1
+            if not self.log_trimmed:
                 drop_lambda_rows_from(path, step + 1)  # written after the resumed checkpoint
+                self.log_trimmed = True
             names = [layer.layer_name for layer in layers]
             append_lambda_rows(path, step + 1, names, new)
         return {
