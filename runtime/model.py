@@ -298,6 +298,13 @@ class AdapterModel(PackedAdapters, nn.Module):
         """Values the adapter's file stores: the trainable ones and data-dependent frozen ones."""
         return sum(p.numel() for p in self.adapter_parameters(name).values())
 
+    def adapter_nbytes(self, name: str) -> int:
+        """Bytes of the adapter's own tensors (what adapter memory budgets count; the frozen
+        tensors adapters share are not included)."""
+        if name in self._banked:
+            return self._banked[name].nbytes_per_adapter()
+        return sum(p.numel() * p.element_size() for p in self.adapter_parameters(name).values())
+
     def get_delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         """``layer -> ΔW`` (d1, d2) by the reference formula."""
         self._require(name)

@@ -104,8 +104,9 @@ class PackedAdapters:
             )
         slot = bank.slots[name]
         tensors = {kind: table[slot] for kind, table in bank.storage.items()}
-        shared = [self.layers[layer].shared[bank.shared_key] for layer, _ in bank.layers]
-        counts = bank.weights_cls.prune_packed(tensors, bank.layers, shared, norms, tolerance)
+        counts = bank.weights_cls.prune_packed(
+            tensors, bank.layers, bank.shared_modules, norms, tolerance, memo=bank.memo
+        )
         bank.version += 1  # layers drop what they prepared from the old values
         return counts
 

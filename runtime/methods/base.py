@@ -173,11 +173,14 @@ class AdapterWeights(nn.Module):
         shared: Sequence[nn.Module | None],
         delta_norms: torch.Tensor,
         tolerance: float,
+        memo: dict[str, Any] | None = None,
     ) -> dict[str, int]:
         """Serve a cheaper adapter whose ΔW is within ``tolerance · ‖ΔW‖_F`` of the exact one on
         every layer, by editing its packed tensors in place (one flat tensor per kind, as in a
         slot bank). ``delta_norms``: (L,) exact ‖ΔW‖_F per layer (from the adapter file).
-        Returns counts for reports, e.g. components kept / total. Default: nothing to prune."""
+        ``memo``: a dict kept for one layer table and its shared modules (a slot bank's), for
+        constants the method computes once. Returns counts for reports, e.g. components kept /
+        total. Default: nothing to prune."""
         return {}
 
     @classmethod

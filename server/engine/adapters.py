@@ -197,9 +197,7 @@ class AdapterManager:
                 self.model.unmerge()
                 self.model.set_adapter(None)
             load_adapter(adapter_file, self.model, name, prune_tolerance=self.prune_tolerance)
-            nbytes = sum(
-                p.numel() * p.element_size() for p in self.model.adapter_parameters(name).values()
-            )
+            nbytes = self.model.adapter_nbytes(name)
         return Resident(
             (entry.id, entry.version), name, entry, nbytes, last_used=time.time(), uses=1
         )

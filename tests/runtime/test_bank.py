@@ -167,6 +167,7 @@ def test_trainable_counts_leave_out_stored_frozen_tensors(method, frozen_stored,
     trainable, stored = model.trainable_parameter_count("m0"), model.stored_parameter_count("m0")
     assert trainable == model.trainable_parameter_count("p0")  # frozen copy: same count
     assert stored == model.stored_parameter_count("p0")
+    assert model.adapter_nbytes("m0") == model.adapter_nbytes("p0") == 4 * stored  # float32
     low_rank = sum(
         p.numel() for k, p in model.adapter_parameters("m0").items() if k.endswith(("A", "B"))
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -105,34 +106,30 @@ class SvdaWeights(AdapterWeights):
         }
 
     @classmethod
-    def prune_packed(cls, tensors, layers, shared, delta_norms, tolerance) -> dict[str, int]:
+    def prune_packed(
+        cls, tensors, layers, shared, delta_norms, tolerance, memo=None
+    ) -> dict[str, int]:
         """SPEC.md §3: dropping component i changes ΔW by ``|δ_i| · ‖b ⊙ u_i‖`` in Frobenius
         norm, orthogonally across i, and ``‖b ⊙ u_i‖ ≤ max|b|`` (u_i has unit norm). Per layer,
         the components with the smallest bounds ``|δ_i| · max|b|`` are dropped (δ_i := 0, i.e.
         s_i := σ_i) while the sum of their squares stays within ``(tolerance · ‖ΔW‖_F)²``: an
-        exact bound, computed for all layers at once without touching U."""
+        exact bound, computed for all layers at once without touching U. ``memo`` (a bank's)
+        keeps the layer-table constants between adapters."""
         s, b = tensors["svda_s"], tensors["svda_b"]
-        k_sizes = [shape[0] for _, params in layers for kind, shape in params if kind == "svda_s"]
-        d_sizes = [shape[0] for _, params in layers for kind, shape in params if kind == "svda_b"]
-        sigma = torch.cat([m.sigma[:k].to(s) for m, k in zip(shared, k_sizes, strict=True)])
-        layer_of_k = torch.repeat_interleave(torch.arange(len(k_sizes)), torch.tensor(k_sizes))
-        layer_of_b = torch.repeat_interleave(torch.arange(len(d_sizes)), torch.tensor(d_sizes))
-        b_max = torch.zeros(len(d_sizes), dtype=b.dtype).scatter_reduce(
-            0, layer_of_b, b.abs(), "amax", include_self=False
+        plan = _prune_plan(layers, shared, s.dtype, memo if memo is not None else {})
+        b_max = torch.zeros(plan.n_layers, dtype=b.dtype).scatter_reduce(
+            0, plan.layer_of_b, b.abs(), "amax", include_self=False
         )
-        delta = s - sigma
-        bound_sq = (delta.double() * b_max.double()[layer_of_k]) ** 2  # (Σk,)
+        bound_sq = ((s - plan.sigma).double() * b_max.double()[plan.layer_of_k]) ** 2  # (Σk,)
         # each layer's bounds in one row of a padded (L, k_max) matrix, sorted row-wise
-        starts = torch.tensor([0, *k_sizes[:-1]]).cumsum(0)  # (L,)
-        column = torch.arange(bound_sq.numel()) - starts[layer_of_k]
-        padded = bound_sq.new_full((len(k_sizes), max(k_sizes)), math.inf)  # padding never drops
-        padded[layer_of_k, column] = bound_sq
+        padded = bound_sq.new_full((plan.n_layers, plan.k_max), math.inf)  # never dropped
+        padded.view(-1)[plan.padded_index] = bound_sq
         ascending, order = padded.sort(dim=1)
         budget = (tolerance * delta_norms.double()) ** 2  # (L,)
         dropped = ascending.cumsum(dim=1) <= budget[:, None]  # the smallest bounds within budget
-        drop = (starts[:, None] + order)[dropped]
-        s[drop] = sigma[drop]
-        nonzero = int((s != sigma).sum())
+        drop = (plan.starts[:, None] + order)[dropped]
+        s[drop] = plan.sigma[drop]
+        nonzero = int((s != plan.sigma).sum())
         return {"components_kept": nonzero, "components_total": int(s.numel())}
 
     @classmethod
@@ -202,11 +199,54 @@ class SvdaWeights(AdapterWeights):
 
 def _bank_sigma(bank, s_offsets, dtype: torch.dtype) -> torch.Tensor:
     """σ of every layer of the bank, concatenated in storage order (made once per bank)."""
-    sigma = bank.memo.get("svda_sigma")
-    if sigma is None:
-        parts = [m.sigma[:k] for m, (_, (k,)) in zip(bank.shared_modules, s_offsets, strict=True)]
-        sigma = bank.memo["svda_sigma"] = torch.cat(parts).to(dtype)
-    return sigma
+    k_sizes = [k for _, (k,) in s_offsets]
+    return _sigma_concat(bank.shared_modules, k_sizes, dtype, bank.memo)
+
+
+def _sigma_concat(shared, k_sizes, dtype: torch.dtype, memo: dict) -> torch.Tensor:
+    """``σ[:k]`` of every layer concatenated (Σk,), kept in ``memo`` per dtype."""
+    key = f"svda_sigma:{dtype}"
+    if key not in memo:
+        parts = [m.sigma[:k] for m, k in zip(shared, k_sizes, strict=True)]
+        memo[key] = torch.cat(parts).to(dtype)
+    return memo[key]
+
+
+@dataclass(frozen=True)
+class _PrunePlan:
+    """Layer-table constants of :meth:`SvdaWeights.prune_packed` (the same for every adapter
+    of a bank)."""
+
+    sigma: torch.Tensor  # (Σk,) σ[:k] of every layer
+    layer_of_k: torch.Tensor  # (Σk,) layer of each s entry
+    layer_of_b: torch.Tensor  # (Σd1,) layer of each b entry
+    starts: torch.Tensor  # (L,) first s entry of each layer
+    padded_index: torch.Tensor  # (Σk,) position of each s entry in a flat (L, k_max) matrix
+    k_max: int
+
+    @property
+    def n_layers(self) -> int:
+        return self.starts.shape[0]
+
+
+def _prune_plan(layers, shared, dtype: torch.dtype, memo: dict) -> _PrunePlan:
+    key = f"svda_prune_plan:{dtype}"
+    if key in memo:
+        return memo[key]
+    k_sizes = [shape[0] for _, params in layers for kind, shape in params if kind == "svda_s"]
+    d_sizes = [shape[0] for _, params in layers for kind, shape in params if kind == "svda_b"]
+    layer_of_k = torch.repeat_interleave(torch.arange(len(k_sizes)), torch.tensor(k_sizes))
+    starts = torch.tensor([0, *k_sizes[:-1]]).cumsum(0)  # (L,)
+    column = torch.arange(int(sum(k_sizes))) - starts[layer_of_k]
+    plan = memo[key] = _PrunePlan(
+        sigma=_sigma_concat(shared, k_sizes, dtype, memo),
+        layer_of_k=layer_of_k,
+        layer_of_b=torch.repeat_interleave(torch.arange(len(d_sizes)), torch.tensor(d_sizes)),
+        starts=starts,
+        padded_index=layer_of_k * max(k_sizes) + column,
+        k_max=max(k_sizes),
+    )
+    return plan
 
 
 def _active_columns(
