@@ -138,7 +138,7 @@ def hf_generate(base, n: int, new_tokens: int) -> tuple[float, int]:
 
 
 def hot_swap_ms(
-    engine: Engine, adapter_ids: list[str], repeats: int = 24
+    engine: Engine, adapter_ids: list[str], repeats: int = 64
 ) -> tuple[float, float, float]:
     """Time to first token (ms) of a request whose SvdA adapter is not resident, of the next
     request for the same (now resident) adapter, and the median of their pairwise differences
@@ -216,7 +216,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="best of this many rounds")
-    parser.add_argument("--swap-repeats", type=int, default=24, help="hot-swap request pairs")
+    parser.add_argument("--swap-repeats", type=int, default=64, help="hot-swap request pairs")
     parser.add_argument("--train-steps", type=int, default=8, help="svda-train steps per adapter")
     parser.add_argument(
         "--prune-tolerance", type=float, default=EngineSettings().svda_prune_tolerance,

@@ -78,6 +78,15 @@ def generate_request(
     return request
 
 
+def list_request(
+    resident_only: bool, all_versions: bool, method: str | None, tag: str | None
+) -> pb.ListAdaptersRequest:
+    """The wire request of ``list_adapters`` (empty method/tag: no filter)."""
+    return pb.ListAdaptersRequest(
+        resident_only=resident_only, all_versions=all_versions, method=method or "", tag=tag or ""
+    )
+
+
 def _chat_message(m: Message) -> pb.ChatMessage:
     role, content = (m["role"], m["content"]) if isinstance(m, dict) else m
     return pb.ChatMessage(role=role, content=content)
@@ -219,12 +228,7 @@ class Client:
         tag: str | None = None,
         timeout: float | None = None,
     ) -> list[AdapterEntry]:
-        request = pb.ListAdaptersRequest(
-            resident_only=resident_only,
-            all_versions=all_versions,
-            method=method or "",
-            tag=tag or "",
-        )
+        request = list_request(resident_only, all_versions, method, tag)
         return [
             AdapterEntry.from_pb(a) for a in self._unary("ListAdapters", request, timeout).adapters
         ]
@@ -325,12 +329,7 @@ class AsyncClient:
         tag: str | None = None,
         timeout: float | None = None,
     ) -> list[AdapterEntry]:
-        request = pb.ListAdaptersRequest(
-            resident_only=resident_only,
-            all_versions=all_versions,
-            method=method or "",
-            tag=tag or "",
-        )
+        request = list_request(resident_only, all_versions, method, tag)
         response = await self._unary("ListAdapters", request, timeout)
         return [AdapterEntry.from_pb(a) for a in response.adapters]
 

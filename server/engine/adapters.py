@@ -27,6 +27,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+
 from svda.adapters_store import AdapterStore, BaseMismatch, load_adapter, read_stored_adapter
 from svda.adapters_store.store_types import (
     AdapterNotFound,
@@ -79,6 +81,13 @@ def internal_name(entry: StoreEntry) -> str:
     return f"{safe}-v{entry.version}-{digest}"
 
 
+def _one_torch_thread() -> None:
+    """Loader threads run torch ops on one core: their tensors are small, and a second OpenMP
+    team would compete for the cores with the scheduler's forward (the thread count is set per
+    calling thread; the scheduler keeps its own)."""
+    torch.set_num_threads(1)
+
+
 def visible(entry: StoreEntry, tenant: str | None) -> bool:
     return tenant is None or entry.tenant is None or entry.tenant == tenant
 
@@ -106,7 +115,9 @@ class AdapterManager:
         self._resident: dict[Key, Resident] = {}
         self._loading: dict[Key, Future] = {}
         self._refs: dict[Key, int] = {}
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="svda-adapter-load")
+        self._pool = ThreadPoolExecutor(
+            threads, thread_name_prefix="svda-adapter-load", initializer=_one_torch_thread
+        )
 
     # ----- lookups ----------------------------------------------------------------------------
     def resolve(self, adapter_id: str, tenant: str | None = None) -> StoreEntry:

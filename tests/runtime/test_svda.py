@@ -123,3 +123,63 @@ def test_closed_form_delta_norm_equals_the_plain_one(svd_cache):
         weights, shared = layer.adapters["a"], layer.shared_of("a")
         plain = float(torch.linalg.norm(weights.get_delta_weight(shared).double()))
         assert abs(weights.delta_norm(shared) - plain) <= 1e-5 * plain
+
+
+def reference_prune(model: AdapterModel, name: str, norms, tolerance: float) -> dict:
+    """SPEC.md §3 pruning layer by layer, the plain way: sort the bounds |δ_i|·max|b|, drop the
+    smallest while their squares sum to at most (ε‖ΔW‖)²."""
+    pruned = {}
+    for layer, norm in zip(model.layers_of(name), norms, strict=True):
+        weights, shared = layer.adapters[name], layer.shared_of(name)
+        sigma = shared.sigma[: weights.k]
+        delta = (weights.svda_s - sigma).double()
+        bounds = (delta * weights.svda_b.abs().max().double()) ** 2
+        s, total = weights.svda_s.clone(), 0.0
+        for i in sorted(range(len(bounds)), key=lambda i: float(bounds[i])):
+            total += float(bounds[i])
+            if total > (tolerance * norm) ** 2:
+                break
+            s[i] = sigma[i]
+        pruned[layer.layer_name] = s
+    return pruned
+
+
+@pytest.mark.parametrize("tolerance", [0.02, 0.2, 2.0])
+@torch.no_grad()
+def test_bank_pruning_equals_the_layer_by_layer_reference(tolerance, svd_cache):
+    """All layers at once (whole layers without a sort, partial ones sorted together) equals
+    the plain per-layer loop; the layers' scales differ so that some lose every component,
+    some a part, some none."""
+    model = svda_model(svd_cache)
+    perturb(model, "a", scale=0.05)
+    for i, layer in enumerate(model.layers_of("a")):
+        weights, sigma = layer.adapters["a"], layer.shared_of("a").sigma
+        delta = (weights.svda_s - sigma[: weights.k]) * 10.0 ** (2 * (i % 3) - 2)  # 0.01×…100×
+        weights.svda_s.copy_(sigma[: weights.k] + delta)
+    norms = [float(torch.linalg.norm(d)) for d in model.get_delta_weights("a").values()]
+    expected = reference_prune(model, "a", norms, tolerance)
+    model.add_packed_adapter("p", model.configs["a"], *packed(model, "a"))
+    model.prune_adapter("p", tolerance, norms)
+    for layer in model.layers_of("p"):
+        torch.testing.assert_close(
+            layer.tensors_of("p")["svda_s"], expected[layer.layer_name], rtol=0, atol=0
+        )
+
+
+@torch.no_grad()
+def test_pruning_a_second_adapter_of_a_bank_reuses_the_plan_and_matches(svd_cache):
+    """The bank keeps the layer-table constants of pruning; the next adapter gets the same
+    result as the first one did without them."""
+    model = svda_model(svd_cache)
+    perturb(model, "a", scale=0.05)
+    norms = [float(torch.linalg.norm(d)) for d in model.get_delta_weights("a").values()]
+    model.add_packed_adapter("p", model.configs["a"], *packed(model, "a"))
+    bank = model._banked["p"]
+    first = model.prune_adapter("p", 0.1, norms)
+    assert any(key.startswith("svda_prune_plan") for key in bank.memo)
+    model.add_packed_adapter("q", model.configs["a"], *packed(model, "a"))
+    assert model._banked["q"] is bank
+    assert model.prune_adapter("q", 0.1, norms) == first
+    p_params, q_params = model.adapter_parameters("p"), model.adapter_parameters("q")
+    for key, value in p_params.items():
+        torch.testing.assert_close(q_params[key], value, rtol=0, atol=0)

@@ -113,22 +113,23 @@ class SvdaWeights(AdapterWeights):
         norm, orthogonally across i, and ``‖b ⊙ u_i‖ ≤ max|b|`` (u_i has unit norm). Per layer,
         the components with the smallest bounds ``|δ_i| · max|b|`` are dropped (δ_i := 0, i.e.
         s_i := σ_i) while the sum of their squares stays within ``(tolerance · ‖ΔW‖_F)²``: an
-        exact bound, computed for all layers at once without touching U. ``memo`` (a bank's)
-        keeps the layer-table constants between adapters."""
+        exact bound, computed for all layers at once without touching U; a layer whose bounds
+        all fit drops every component without a sort. ``memo`` (a bank's) keeps the layer-table
+        constants between adapters."""
         s, b = tensors["svda_s"], tensors["svda_b"]
         plan = _prune_plan(layers, shared, s.dtype, memo if memo is not None else {})
         b_max = torch.zeros(plan.n_layers, dtype=b.dtype).scatter_reduce(
             0, plan.layer_of_b, b.abs(), "amax", include_self=False
         )
         bound_sq = ((s - plan.sigma).double() * b_max.double()[plan.layer_of_k]) ** 2  # (Σk,)
-        # each layer's bounds in one row of a padded (L, k_max) matrix, sorted row-wise
-        padded = bound_sq.new_full((plan.n_layers, plan.k_max), math.inf)  # never dropped
-        padded.view(-1)[plan.padded_index] = bound_sq
-        ascending, order = padded.sort(dim=1)
         budget = (tolerance * delta_norms.double()) ** 2  # (L,)
-        dropped = ascending.cumsum(dim=1) <= budget[:, None]  # the smallest bounds within budget
-        drop = (plan.starts[:, None] + order)[dropped]
-        s[drop] = plan.sigma[drop]
+        totals = torch.zeros_like(budget).index_add_(0, plan.layer_of_k, bound_sq)
+        whole = totals <= budget  # layers where every component may go: no sort needed
+        drop = whole[plan.layer_of_k]  # (Σk,) bool
+        partial = (~whole).nonzero().flatten()
+        if partial.numel():
+            drop[_smallest_within_budget(bound_sq, plan, partial, budget[partial])] = True
+        s.copy_(torch.where(drop, plan.sigma, s))
         nonzero = int((s != plan.sigma).sum())
         return {"components_kept": nonzero, "components_total": int(s.numel())}
 
@@ -227,6 +228,19 @@ class _PrunePlan:
     @property
     def n_layers(self) -> int:
         return self.starts.shape[0]
+
+
+def _smallest_within_budget(
+    bound_sq: torch.Tensor, plan: _PrunePlan, layers: torch.Tensor, budget: torch.Tensor
+) -> torch.Tensor:
+    """Positions in ``bound_sq`` (Σk,) of each of ``layers``' smallest bounds whose squares sum
+    to at most that layer's ``budget``: each layer's bounds in one row of a padded
+    (|layers|, k_max) matrix (padding: ∞, never chosen), sorted row-wise."""
+    padded = bound_sq.new_full((plan.n_layers, plan.k_max), math.inf)
+    padded.view(-1)[plan.padded_index] = bound_sq
+    ascending, order = padded[layers].sort(dim=1)
+    within = ascending.cumsum(dim=1) <= budget[:, None]
+    return (plan.starts[layers, None] + order)[within]
 
 
 def _prune_plan(layers, shared, dtype: torch.dtype, memo: dict) -> _PrunePlan:
