@@ -9,8 +9,12 @@ one different SvdA adapter per request, trained by ``svda-train`` on slices of t
 dense δ), served exactly and with δ pruned at the server's default tolerance; one different VeRA
 (r=64, r=256) and LoRA r=8 adapter per request; 4× as many different adapters as fit in adapter
 memory (forces swaps); and plain ``transformers`` ``generate()`` with the whole batch at once
-(left padding, no adapters). Every adapter targets q_proj and v_proj of all layers. Engine scenarios run interleaved, best of ``--rounds``. Then the hot-swap latency: time to first token of a request whose
-SvdA adapter is in the store but not resident, minus the same for a resident one.
+(left padding, no adapters, same weights). Every adapter targets q_proj and v_proj of all layers.
+Each round runs every scenario between two base runs; tokens/s is a scenario's best round, and
+"vs base" the median over rounds of its ratio to the base runs beside it (this shared machine
+drifts by ±20 % within a minute). Then the hot-swap latency: time to first token of a request
+whose SvdA adapter is in the store but not resident, minus the same for the next request on it
+(resident by then), as the median over ``--swap-repeats`` such pairs.
 Prints markdown tables. Default base: the embedded SmolLM2-135M-Instruct.
 """
 
@@ -215,7 +219,7 @@ def main() -> None:
     parser.add_argument("--base", default=None, help="HF model folder (default: SmolLM2-135M)")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3, help="best of this many rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of all scenarios")
     parser.add_argument("--swap-repeats", type=int, default=64, help="hot-swap request pairs")
     parser.add_argument("--train-steps", type=int, default=8, help="svda-train steps per adapter")
     parser.add_argument(
@@ -240,37 +244,62 @@ def main() -> None:
     base = load_base_model(args.base)
     engine = Engine(base, store, EngineSettings(max_batch_size=n))
     engine.start()
-    scenarios = scenario_list(n, ids, tol)
-    best: dict[str, tuple[int, float]] = {}
-    for round_ in range(args.rounds):  # interleaved, best of rounds: this machine is shared
-        for scenario in scenarios:
-            seconds, tokens = run_scenario(engine, scenario, per_adapter, new_tokens)
-            label = scenario[0]
-            if label not in best or tokens / seconds > best[label][0] / best[label][1]:
-                best[label] = (tokens, seconds)
-            print(f"round {round_}: {label}: {tokens} tokens in {seconds:.2f} s", flush=True)
-    rows = [(s[0], *best[s[0]]) for s in scenarios]
+    hf_generate(base, 2, 2)  # warm-up
+    scenarios = [*scenario_list(n, ids, tol), (f"transformers generate(), batch {n}", "hf")]
+    runs = measure_rounds(engine, base, scenarios, per_adapter, new_tokens, args.rounds)
     engine.settings.merge_policy = "never"
     engine.adapters.prune_tolerance, engine.adapters.budget = tol, 10_000 * per_adapter
     hot = hot_swap_ms(engine, ids["svda"], args.swap_repeats)
     engine.stop()
-    assert engine.model.state.merged is None
-    engine.model.set_adapter(None)  # the wrapped layers now run the base weights only
-    hf_generate(base, 2, 2)  # warm-up
-    seconds, tokens = hf_generate(base, n, new_tokens)
-    rows.append((f"transformers generate(), batch {n}", tokens, seconds))
-    print_tables(rows, hot, n, new_tokens, tol, kept)
+    print_tables(runs, [s[0] for s in scenarios], hot, n, new_tokens, tol, kept)
 
 
-def print_tables(rows, hot, n: int, new_tokens: int, tol: float, kept: str) -> None:
-    base_rate = rows[0][1] / rows[0][2]
+def measure_rounds(engine, base, scenarios, per_adapter: int, new_tokens: int, rounds: int):
+    """``label -> [(tokens, seconds, ratio to the base runs on either side), ...]``, one entry a
+    round. Every scenario runs between two base runs: this shared machine drifts by ±20 % over
+    tens of seconds, so a scenario is compared with the base measured next to it in time."""
+    runs: dict[str, list[tuple[int, float, float]]] = {}
+
+    def run(scenario) -> tuple[int, float]:
+        if scenario[1] == "hf":  # plain transformers on the same weights, engine idle
+            with engine.adapters.model_lock:
+                assert engine.model.state.merged is None
+                engine.model.set_adapter(None)  # the wrapped layers run the base weights only
+                seconds, tokens = hf_generate(base, len(scenarios[0][3]), new_tokens)
+        else:
+            seconds, tokens = run_scenario(engine, scenario, per_adapter, new_tokens)
+        print(f"{scenario[0]}: {tokens} tokens in {seconds:.2f} s", flush=True)
+        return tokens, seconds
+
+    for round_ in range(rounds):
+        print(f"round {round_}", flush=True)
+        before = run(scenarios[0])
+        runs.setdefault(scenarios[0][0], []).append((*before, 1.0))
+        for scenario in scenarios[1:]:
+            tokens, seconds = run(scenario)
+            after = run(scenarios[0])
+            runs[scenarios[0][0]].append((*after, 1.0))
+            base_rate = (before[0] / before[1] + after[0] / after[1]) / 2
+            runs.setdefault(scenario[0], []).append((tokens, seconds, tokens / seconds / base_rate))
+            before = after
+    return runs
+
+
+def print_tables(runs, labels, hot, n: int, new_tokens: int, tol: float, kept: str) -> None:
+    rounds = len(runs[labels[-1]])
     print(f"\nserve_bench: {n} concurrent requests × {new_tokens} new tokens, greedy, adapters on "
           f"q_proj,v_proj; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.machine()}; SvdA δ components kept at ε={tol:g}: {kept}\n")  # fmt: skip
-    print("| scenario | tokens | seconds | tokens/s | vs base |")
-    print("|---|---:|---:|---:|---:|")
-    for label, tokens, secs in rows:
-        print(f"| {label} | {tokens} | {secs:.2f} | {tokens / secs:.1f} | {tokens / secs / base_rate:.2f} |")  # fmt: skip
+          f"{platform.machine()}; SvdA δ components kept at ε={tol:g}: {kept}; {rounds} rounds; "
+          "tokens/s: the best run; vs base: median over rounds of the ratio to the mean of the "
+          "base runs just before and after\n")  # fmt: skip
+    print("| scenario | tokens | seconds | tokens/s | vs base | ratios per round |")
+    print("|---|---:|---:|---:|---:|---|")
+    for label in labels:
+        tokens, seconds, _ = max(runs[label], key=lambda r: r[0] / r[1])
+        ratios = [r[2] for r in runs[label]]
+        per_round = " ".join(f"{x:.2f}" for x in ratios) if label != labels[0] else ""
+        print(f"| {label} | {tokens} | {seconds:.2f} | {tokens / seconds:.1f} | "
+              f"{statistics.median(ratios):.2f} | {per_round} |")  # fmt: skip
     cold, warm, difference = hot
     print("\n| hot swap (SvdA, median of pairs) | ms |\n|---|---:|")
     print(f"| time to first token, adapter not resident | {cold:.1f} |")
