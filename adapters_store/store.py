@@ -43,17 +43,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import random
 import re
 import sqlite3
-import threading
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .index import StoreIndex
 from .storage import LocalStorage, ObjectStorage, StagedObject
 from .store_types import (
     OBJECT_SUFFIX,
@@ -92,7 +88,6 @@ __all__ = [
     "validate_id",
 ]
 
-SCHEMA_VERSION = 1
 DEFAULT_TEMP_MAX_AGE_S = 15 * 60.0
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _COLUMN_NAMES = (
@@ -100,20 +95,6 @@ _COLUMN_NAMES = (
     "tags",
 )  # fmt: skip
 _COLUMNS = ", ".join(_COLUMN_NAMES)
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS ids (
-    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, last_version INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS adapters (
-    id TEXT NOT NULL, version INTEGER NOT NULL, tenant TEXT NOT NULL, name TEXT,
-    method TEXT NOT NULL, base_fingerprint TEXT NOT NULL, size INTEGER NOT NULL,
-    sha256 TEXT NOT NULL, created TEXT NOT NULL, tags TEXT NOT NULL,
-    PRIMARY KEY (id, version)
-);
-CREATE INDEX IF NOT EXISTS adapters_sha256 ON adapters (sha256);
-CREATE INDEX IF NOT EXISTS adapters_base ON adapters (base_fingerprint);
-CREATE INDEX IF NOT EXISTS adapters_tenant ON adapters (tenant);
-"""
 
 
 class AdapterStore:
@@ -129,10 +110,7 @@ class AdapterStore:
         self.root = Path(root).expanduser().resolve() if root else default_store_root().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.storage = storage if storage is not None else LocalStorage(self.root)
-        self.index_path = self.root / "index.sqlite"
-        self.timeout_s = timeout_s
-        self._local = threading.local()  # this thread's cached read connection
-        self._init_index()
+        self.index = StoreIndex(self.root / "index.sqlite", timeout_s)
 
     def __repr__(self) -> str:
         return f"AdapterStore({str(self.root)!r})"
@@ -166,7 +144,7 @@ class AdapterStore:
         staged = self.storage.stage(data)
         try:
             row.update(sha256=staged.sha256, size=staged.size)
-            with self._transaction() as conn:
+            with self.index.transaction() as conn:
                 row["version"] = self._next_version(conn, row["id"], row["tenant"])
                 self._commit_object(staged)
                 names = ", ".join(f":{c}" for c in _COLUMN_NAMES)
@@ -178,7 +156,7 @@ class AdapterStore:
     def get(self, id: str, version: int | None = None, tenant: str | None = None) -> StoreEntry:
         """The latest (or the given) version of ``id``, if ``tenant`` may read it."""
         id, caller, version = validate_id(id), validate_tenant(tenant), validate_version(version)
-        with self._connect(reuse=True) as conn:
+        with self.index.connect(reuse=True) as conn:
             conn.execute("BEGIN")  # one snapshot for both queries
             check_read(id, self._owner(conn, id), caller)
             rows = self._rows(conn, "WHERE id = ? ORDER BY version", (id,))
@@ -235,7 +213,7 @@ class AdapterStore:
         if latest_only:
             clauses.append("version = (SELECT last_version FROM ids WHERE ids.id = adapters.id)")
         where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
-        with self._connect(reuse=True) as conn:
+        with self.index.connect(reuse=True) as conn:
             rows = self._rows(conn, f"{where}ORDER BY id, version", params)
         entries = [self._entry(r) for r in rows]
         return [e for e in entries if tag is None or tag in e.tags]
@@ -248,7 +226,7 @@ class AdapterStore:
         Objects that no row references any more are removed right away.
         """
         id, caller, version = validate_id(id), validate_tenant(tenant), validate_version(version)
-        with self._transaction() as conn:
+        with self.index.transaction() as conn:
             owner = self._owner(conn, id)
             check_write(id, owner, caller)
             extra = "" if version is None else " AND version = ?"
@@ -272,7 +250,7 @@ class AdapterStore:
         lose its staged file (it then fails and can simply be retried).
         """
         temp = self.storage.remove_stale_temp(temp_max_age_s, dry_run=dry_run)
-        with self._transaction() as conn:
+        with self.index.transaction() as conn:
             referenced = {r[0] for r in conn.execute("SELECT DISTINCT sha256 FROM adapters")}
             orphans = [
                 k for k in self.storage.list() if k.removesuffix(OBJECT_SUFFIX) not in referenced
@@ -295,117 +273,6 @@ class AdapterStore:
         return problems
 
     # -- index helpers ------------------------------------------------------------------------
-
-    @contextmanager
-    def _connect(self, reuse: bool = False) -> Iterator[sqlite3.Connection]:
-        """A connection in autocommit mode. ``reuse=True`` (reads on the serving path): this
-        thread's cached connection, opened once (~0.3 ms saved per lookup); it is dropped after
-        any error and never shared across threads or a fork."""
-        conn = self._cached_connection() if reuse else None
-        fresh = conn is None
-        if fresh:
-            try:
-                conn = sqlite3.connect(
-                    self.index_path, timeout=self.timeout_s, isolation_level=None
-                )
-                conn.execute("PRAGMA synchronous = FULL")
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot open the store index {self.index_path}: {exc}") from exc
-        ok = False
-        try:
-            yield conn
-            ok = True
-        except sqlite3.OperationalError as exc:
-            raise StoreError(
-                f"store index {self.index_path}: {exc}; if it is locked, another process holds "
-                f"it for over {self.timeout_s:.0f} s: retry, or raise timeout_s"
-            ) from exc
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(
-                f"store index {self.index_path} is unusable ({exc}); restore it from a backup "
-                "(objects/ can be re-published)"
-            ) from exc
-        finally:
-            if reuse and ok and not conn.in_transaction:
-                self._local.conn = (self._index_identity(), conn)
-            else:
-                if not fresh:
-                    self._local.conn = None
-                conn.close()
-
-    def _cached_connection(self) -> sqlite3.Connection | None:
-        """This thread's connection, unless the process forked or the index file was replaced
-        (a connection keeps reading the file it opened)."""
-        cached = getattr(self._local, "conn", None)
-        self._local.conn = None  # taken; given back by _connect when it was used cleanly
-        if cached is None:
-            return None
-        if cached[0] != self._index_identity():
-            cached[1].close()
-            return None
-        return cached[1]
-
-    def _index_identity(self) -> tuple[int, int, int] | None:
-        """(process, device, inode) of the index file as this process sees it now."""
-        try:
-            st = os.stat(self.index_path)
-        except OSError:
-            return None
-        return os.getpid(), st.st_dev, st.st_ino
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: ``BEGIN IMMEDIATE`` takes the write lock up front."""
-        with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-
-    def _init_index(self) -> None:
-        self._enable_wal()
-        with self._connect() as conn:
-            if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
-                return
-        with self._transaction() as conn:
-            found = conn.execute("PRAGMA user_version").fetchone()[0]
-            if found > SCHEMA_VERSION:
-                raise StoreError(
-                    f"store index {self.index_path} has schema {found}, newer than this svda "
-                    f"understands ({SCHEMA_VERSION}); upgrade svda"
-                )
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    def _enable_wal(self) -> None:
-        """Switch the index to WAL mode, retrying while other processes race to do the same.
-
-        SQLite answers "database is locked" at once, without waiting for the busy timeout,
-        when several connections switch a new index to WAL together.
-        """
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                with self._connect() as conn:
-                    mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-                    if mode != "wal":
-                        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                break
-            except StoreError as exc:
-                locked = "locked" in str(exc.__cause__) or "busy" in str(exc.__cause__)
-                if not locked or time.monotonic() > deadline:
-                    raise
-                time.sleep(random.uniform(0.005, 0.05))
-        if mode != "wal":
-            raise StoreError(
-                f"store index {self.index_path} cannot use WAL mode (it stays {mode!r}); "
-                "keep the store on a local filesystem"
-            )
 
     def _rows(self, conn: sqlite3.Connection, tail: str, params: Sequence[Any]) -> list[tuple]:
         return conn.execute(f"SELECT {_COLUMNS} FROM adapters {tail}", params).fetchall()
@@ -447,7 +314,7 @@ class AdapterStore:
 
     def _remove_unreferenced(self, shas: set[str]) -> None:
         """Remove the objects of ``shas`` that no row references (under the write lock)."""
-        with self._transaction() as conn:
+        with self.index.transaction() as conn:
             for sha in shas:
                 if not conn.execute("SELECT 1 FROM adapters WHERE sha256 = ?", (sha,)).fetchone():
                     self.storage.delete(f"{sha}{OBJECT_SUFFIX}")
