@@ -112,6 +112,7 @@ async def one_request(client: AsyncClient, i: int, adapter: str, args) -> dict:
         "ttft": first,
         "tokens": tokens,
         "status": status,
+        "index": i,
     }
 
 
@@ -145,6 +146,25 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+def ttft_breakdown(ok: list[dict], adapters: int, concurrency: int) -> list[tuple[str, str]]:
+    """Time to first token of the requests that arrive together at the start (their prefills
+    queue), of each adapter's first request (it loads the adapter), and of all the others."""
+    groups = {
+        f"the first {concurrency} requests (sent at once)": lambda i: i < concurrency,
+        "first request of its adapter (loads it), after those": (
+            lambda i: concurrency <= i < adapters
+        ),
+        "all later requests": lambda i: i >= max(adapters, concurrency),
+    }
+    rows = []
+    for label, chosen in groups.items():
+        ttft = [r["ttft"] * 1e3 for r in ok if r["ttft"] is not None and chosen(r["index"])]
+        if ttft:
+            value = f"{percentile(ttft, 50):.0f} / {percentile(ttft, 99):.0f} ({len(ttft)})"
+            rows.append((f"· time to first token p50 / p99 (ms), {label}", value))
+    return rows
+
+
 def report(results: list[dict], wall: float, adapters: int, args, base_name: str) -> str:
     ok = [r for r in results if r["status"] == "OK"]
     errors = Counter(r["status"] for r in results if r["status"] != "OK")
@@ -161,6 +181,7 @@ def report(results: list[dict], wall: float, adapters: int, args, base_name: str
         ("latency p50 / p99 (ms)", f"{percentile(lat, 50):.0f} / {percentile(lat, 99):.0f}"),
         ("time to first token p50 / p99 (ms)",
          f"{percentile(ttft, 50):.0f} / {percentile(ttft, 99):.0f}"),
+        *ttft_breakdown(ok, adapters, args.concurrency),
         ("mean latency (ms)", f"{statistics.fmean(lat):.0f}" if lat else "nan"),
         ("generated tokens / s", f"{tokens / wall:.1f}"), ("wall time (s)", f"{wall:.1f}"),
     ]  # fmt: skip

@@ -124,6 +124,7 @@ def test_load_test_script_runs_bounded(tiny_folder, capsys):
     assert load_test.main(argv) == 0
     out = capsys.readouterr().out
     assert "| requests | 6 |" in out and "| errors | 0 |" in out and "p50 / p99" in out
+    assert "the first 3 requests (sent at once) | " in out and "all later requests" in out
     with pytest.raises(SystemExit):
         load_test.main(["--target", "example.com:50051"])  # localhost only
 
