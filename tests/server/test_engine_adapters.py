@@ -31,6 +31,15 @@ def test_adapter_bytes_are_the_tensors_of_the_adapter(tiny_base, store):
         assert metric(engine, "svda_resident_adapters") == 2
 
 
+def test_loads_run_torch_on_one_core_and_other_threads_keep_theirs(tiny_base, store):
+    with running_engine(tiny_base, store) as engine:
+        before = torch.get_num_threads()
+        loader = engine.adapters._pool.submit(torch.get_num_threads)
+        assert loader.result(timeout=10) == 1
+        engine.load_adapter("svda-b")  # a real load on that pool
+        assert torch.get_num_threads() == before  # set per calling thread: this one keeps its
+
+
 def test_lru_eviction_and_reload_under_a_small_budget(tiny_folder, tiny_base, store, adapter_bytes):
     want = {
         a: reference_tokens(tiny_folder, adapter_bytes[a], "evict", 8) for a in ("lora-a", "svda-b")
