@@ -117,12 +117,12 @@ class SvdaWeights(AdapterWeights):
         all fit drops every component without a sort. ``memo`` (a bank's) keeps the layer-table
         constants between adapters."""
         s, b = tensors["svda_s"], tensors["svda_b"]
-        plan = _prune_plan(layers, shared, s.dtype, memo if memo is not None else {})
-        b_max = torch.zeros(plan.n_layers, dtype=b.dtype).scatter_reduce(
+        plan = _prune_plan(layers, shared, s, memo if memo is not None else {})
+        b_max = torch.zeros(plan.n_layers, dtype=b.dtype, device=b.device).scatter_reduce(
             0, plan.layer_of_b, b.abs(), "amax", include_self=False
         )
         bound_sq = ((s - plan.sigma).double() * b_max.double()[plan.layer_of_k]) ** 2  # (Σk,)
-        budget = (tolerance * delta_norms.double()) ** 2  # (L,)
+        budget = (tolerance * delta_norms.to(s.device, torch.float64)) ** 2  # (L,)
         totals = torch.zeros_like(budget).index_add_(0, plan.layer_of_k, bound_sq)
         whole = totals <= budget  # layers where every component may go: no sort needed
         drop = whole[plan.layer_of_k]  # (Σk,) bool
@@ -243,8 +243,9 @@ def _smallest_within_budget(
     return (plan.starts[layers, None] + order)[within]
 
 
-def _prune_plan(layers, shared, dtype: torch.dtype, memo: dict) -> _PrunePlan:
-    key = f"svda_prune_plan:{dtype}"
+def _prune_plan(layers, shared, like: torch.Tensor, memo: dict) -> _PrunePlan:
+    """The plan for tensors ``like`` s (dtype, device), from ``memo`` after the first call."""
+    key = f"svda_prune_plan:{like.dtype}:{like.device}"
     if key in memo:
         return memo[key]
     k_sizes = [shape[0] for _, params in layers for kind, shape in params if kind == "svda_s"]
@@ -252,12 +253,13 @@ def _prune_plan(layers, shared, dtype: torch.dtype, memo: dict) -> _PrunePlan:
     layer_of_k = torch.repeat_interleave(torch.arange(len(k_sizes)), torch.tensor(k_sizes))
     starts = torch.tensor([0, *k_sizes[:-1]]).cumsum(0)  # (L,)
     column = torch.arange(int(sum(k_sizes))) - starts[layer_of_k]
+    layer_of_b = torch.repeat_interleave(torch.arange(len(d_sizes)), torch.tensor(d_sizes))
     plan = memo[key] = _PrunePlan(
-        sigma=_sigma_concat(shared, k_sizes, dtype, memo),
-        layer_of_k=layer_of_k,
-        layer_of_b=torch.repeat_interleave(torch.arange(len(d_sizes)), torch.tensor(d_sizes)),
-        starts=starts,
-        padded_index=layer_of_k * max(k_sizes) + column,
+        sigma=_sigma_concat(shared, k_sizes, like.dtype, memo).to(like.device),
+        layer_of_k=layer_of_k.to(like.device),
+        layer_of_b=layer_of_b.to(like.device),
+        starts=starts.to(like.device),
+        padded_index=(layer_of_k * max(k_sizes) + column).to(like.device),
         k_max=max(k_sizes),
     )
     return plan
