@@ -105,6 +105,8 @@ class AdapterWeights(nn.Module):
     method: ClassVar[str] = ""
     target_kind: ClassVar[str] = "linear"  # "block": whole attention / MLP modules
     mergeable: ClassVar[bool] = True  # False: non-linear (served unmerged only)
+    # scalars named alike on the config and the weights, kept per row (LoRA's "scaling")
+    row_constant_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: AdapterConfig, target: TargetInfo, shared: nn.Module | None):
         super().__init__()
@@ -158,12 +160,14 @@ class AdapterWeights(nn.Module):
     @classmethod
     def row_constants(cls, config: AdapterConfig) -> dict[str, float]:
         """Per-adapter scalars the forward reads from tables beside the tensors (e.g. LoRA's
-        α/r); a slot bank fills them from the config."""
-        return {}
+        α/r); a slot bank fills them from the config. Default: the attributes named in
+        ``row_constant_fields``, read from the config."""
+        return {name: getattr(config, name) for name in cls.row_constant_fields}
 
     def constants(self) -> dict[str, float]:
-        """This adapter's values of :meth:`row_constants`."""
-        return {}
+        """This adapter's values of :meth:`row_constants` (default: the same attributes, read
+        from the weights)."""
+        return {name: getattr(self, name) for name in self.row_constant_fields}
 
     @classmethod
     def prune_packed(

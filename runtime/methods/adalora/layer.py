@@ -21,6 +21,7 @@ from .config import AdaLoraConfig
 
 class AdaLoraWeights(AdapterWeights):
     method = "adalora"
+    row_constant_fields = ("scaling",)
 
     def __init__(self, config: AdaLoraConfig, target: TargetInfo, shared: nn.Module | None):
         super().__init__(config, target, shared)
@@ -32,13 +33,6 @@ class AdaLoraWeights(AdapterWeights):
         self.adalora_P = nn.Parameter(p.to(device=device, dtype=dtype))  # (d1, r_l)
         self.adalora_lambda = nn.Parameter(torch.zeros(self.r, device=device, dtype=dtype))
         self.adalora_Q = nn.Parameter(q.to(device=device, dtype=dtype))  # (r_l, d2)
-
-    def constants(self) -> dict[str, float]:
-        return {"scaling": self.scaling}
-
-    @classmethod
-    def row_constants(cls, config: AdaLoraConfig) -> dict[str, float]:
-        return {"scaling": config.scaling}
 
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         return (self.adalora_P * self.adalora_lambda) @ self.adalora_Q * self.scaling

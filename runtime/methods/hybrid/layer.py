@@ -40,6 +40,7 @@ from .config import HybridConfig
 
 class HybridWeights(AdapterWeights):
     method = "hybrid"
+    row_constant_fields = ("scaling",)
 
     def __init__(self, config: HybridConfig, target: TargetInfo, shared: nn.Module | None):
         super().__init__(config, target, shared)
@@ -100,13 +101,6 @@ class HybridWeights(AdapterWeights):
             weight_oi.copy_(kept)
 
     # ----- batched forward -----------------------------------------------------------------
-    def constants(self) -> dict[str, float]:
-        return {"scaling": self.scaling}
-
-    @classmethod
-    def row_constants(cls, config: HybridConfig) -> dict[str, float]:
-        return {"scaling": config.scaling}
-
     @classmethod
     def member_tables(cls, members, shared) -> dict[str, torch.Tensor]:
         """LoRA-GA's padded factor tables plus ``boft_q (n+1, m, D, t)`` and λ ``(n+1, 1)``."""

@@ -20,6 +20,7 @@ from .config import LoraConfig
 
 class LoraWeights(AdapterWeights):
     method = "lora"
+    row_constant_fields = ("scaling",)
 
     def __init__(self, config: LoraConfig, target: TargetInfo, shared: nn.Module | None):
         super().__init__(config, target, shared)
@@ -33,13 +34,6 @@ class LoraWeights(AdapterWeights):
 
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (d1, d2)
-
-    def constants(self) -> dict[str, float]:
-        return {"scaling": self.scaling}
-
-    @classmethod
-    def row_constants(cls, config: LoraConfig) -> dict[str, float]:
-        return {"scaling": config.scaling}
 
     @classmethod
     def member_tables(cls, members, shared) -> dict[str, torch.Tensor]:

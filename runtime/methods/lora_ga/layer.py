@@ -28,6 +28,7 @@ RANK_DIMS = {"lora_A": 0, "lora_B": 1, "lora_A0": 0, "lora_B0": 1}  # kind -> it
 
 class LoraGaWeights(AdapterWeights):
     method = "lora_ga"
+    row_constant_fields = ("scaling",)
 
     def __init__(self, config: LoraGaConfig, target: TargetInfo, shared: nn.Module | None):
         super().__init__(config, target, shared)
@@ -43,13 +44,6 @@ class LoraGaWeights(AdapterWeights):
     def initialise_from_gradient(self, grad_oi: torch.Tensor) -> None:
         """Set A0, B0 (and A, B to them) from the gradient ∂L/∂W0 as (d1, d2)."""
         set_factors_from_gradient(self, grad_oi)
-
-    def constants(self) -> dict[str, float]:
-        return {"scaling": self.scaling}
-
-    @classmethod
-    def row_constants(cls, config: LoraGaConfig) -> dict[str, float]:
-        return {"scaling": config.scaling}
 
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         return (self.lora_B @ self.lora_A - self.lora_B0 @ self.lora_A0) * self.scaling

@@ -37,6 +37,7 @@ class Activation(nn.Module):
 
 
 class BottleneckWeights(AdapterWeights):
+    row_constant_fields = ("scale",)
     target_kind = "block"
     mergeable = False
     reads_input: ClassVar[bool] = False  # parallel adapters read the block input
@@ -65,13 +66,6 @@ class BottleneckWeights(AdapterWeights):
 
     def delta_norm(self, shared: nn.Module | None) -> float:
         return 0.0  # no ΔW; the file's regeneration probe does not apply (no frozen tensors)
-
-    def constants(self) -> dict[str, float]:
-        return {"scale": self.scale}
-
-    @classmethod
-    def row_constants(cls, config: BottleneckConfig) -> dict[str, float]:
-        return {"scale": config.scale}
 
     def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
         """The plain g(z) of this adapter (the reference)."""
