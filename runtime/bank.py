@@ -19,6 +19,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,7 +89,7 @@ class AdapterBank:
         self.device = device
         self.slots: dict[str, int] = {}  # adapter name -> slot
         self.shared_modules: list[nn.Module | None] = []  # per layer, set by the model
-        self.memo: dict[str, torch.Tensor] = {}  # a method's per-bank constants (prepare_bank)
+        self.memo: dict[str, Any] = {}  # a method's per-bank constants (prepare_bank, pruning)
         self.trainable_kinds: set[str] = set()  # kinds training updates (set by the model)
         self._rows: tuple = ((), None)  # (stamp, table row of each batch row)
         self._prepared: dict[int, list[dict]] = {}  # ndim -> per-layer prepared, for _rows
