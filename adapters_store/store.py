@@ -43,8 +43,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import sqlite3
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -152,6 +154,15 @@ class AdapterStore:
         finally:
             self.storage.discard(staged)  # no-op once committed
         return self._entry(tuple(row[c] for c in _COLUMN_NAMES))
+
+    def staging_file(self, prefix: str = "upload-") -> Path:
+        """A new empty file in the store's staging folder (``tmp/``, which ``gc`` cleans of
+        leftovers) for a caller to write a file to publish from; the caller removes it."""
+        folder = getattr(self.storage, "temp_dir", self.root / "tmp")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=folder)
+        os.close(fd)
+        return Path(path)
 
     def get(self, id: str, version: int | None = None, tenant: str | None = None) -> StoreEntry:
         """The latest (or the given) version of ``id``, if ``tenant`` may read it."""

@@ -112,11 +112,20 @@ def default_store_root() -> Path:
     return svda_home() / "store"
 
 
+def _short(value: object, limit: int = 40) -> str:
+    """``value`` quoted for an error message, cut to ``limit`` characters (ids can be huge)."""
+    if not isinstance(value, str):
+        return f"of type {type(value).__name__}"
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"
+
+
 def validate_id(id: str) -> str:
     """Return ``id`` if it is a valid adapter id, else raise :class:`InvalidAdapterId`."""
     if not isinstance(id, str) or not _ID_RE.fullmatch(id) or ".." in id:
         raise InvalidAdapterId(
-            f"invalid adapter id {id!r}: use 1-128 characters from [A-Za-z0-9._-], "
+            f"invalid adapter id {_short(id)}: use 1-128 characters from [A-Za-z0-9._-], "
             "starting with a letter or digit, without '..' or '/'"
         )
     return id
@@ -132,7 +141,7 @@ def validate_tenant(tenant: str | None) -> str | None:
         )
     if not isinstance(tenant, str) or not _ID_RE.fullmatch(tenant) or ".." in tenant:
         raise InvalidMetadata(
-            f"invalid tenant {tenant!r}: use 1-128 characters from [A-Za-z0-9._-], "
+            f"invalid tenant {_short(tenant)}: use 1-128 characters from [A-Za-z0-9._-], "
             "starting with a letter or digit"
         )
     return tenant
@@ -194,9 +203,8 @@ def publish_denied(id: str, owner: str, namespace: str) -> str:
             f"adapter id {id!r} belongs to tenant {owner!r}; an admin publish (tenant=None) "
             f"writes the shared namespace: publish with tenant={owner!r} or choose another id"
         )
-    if owner == "":
-        return (
-            f"adapter id {id!r} is in the shared namespace, which only an admin call "
-            "(tenant=None) may publish to; choose another id"
-        )
-    return f"adapter id {id!r} belongs to another tenant; choose another id"
+    # the same answer as for a shared id: whose id it is stays private
+    return (
+        f"adapter id {id!r} is taken in another namespace; tenant {namespace!r} may publish "
+        "only to ids it owns or new ones: choose another id"
+    )

@@ -95,12 +95,22 @@ def _chat_message(m: Message) -> pb.ChatMessage:
 def upload_messages(
     source: str | os.PathLike | bytes, adapter_id: str, tags: Sequence[str] = ()
 ) -> Iterator[pb.UploadAdapterRequest]:
-    """The header message, then the file's bytes in chunks."""
-    data = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
-    header = pb.UploadHeader(adapter_id=adapter_id, tags=list(tags), size_bytes=len(data))
-    yield pb.UploadAdapterRequest(header=header)
-    for start in range(0, len(data), UPLOAD_CHUNK_BYTES):
-        yield pb.UploadAdapterRequest(chunk=data[start : start + UPLOAD_CHUNK_BYTES])
+    """The header message, then the file's bytes in chunks (a file is read chunk by chunk)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = memoryview(source).cast("B")
+        header = pb.UploadHeader(adapter_id=adapter_id, tags=list(tags), size_bytes=len(data))
+        yield pb.UploadAdapterRequest(header=header)
+        for start in range(0, len(data), UPLOAD_CHUNK_BYTES):
+            yield pb.UploadAdapterRequest(chunk=bytes(data[start : start + UPLOAD_CHUNK_BYTES]))
+        return
+    path = Path(source)
+    size = path.stat().st_size
+    yield pb.UploadAdapterRequest(
+        header=pb.UploadHeader(adapter_id=adapter_id, tags=list(tags), size_bytes=size)
+    )
+    with path.open("rb") as file:
+        while chunk := file.read(UPLOAD_CHUNK_BYTES):
+            yield pb.UploadAdapterRequest(chunk=chunk)
 
 
 def _stream_event(response: pb.GenerateStreamResponse) -> TokenChunk | Completion:

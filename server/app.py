@@ -118,8 +118,10 @@ class SvdaServer:
                      ("grpc.max_send_message_length", limit)],
         )  # fmt: skip
         servicer = ServingServicer(
-            self.engine, self.store, self.auth, self.settings.max_upload_bytes
-        )
+            self.engine, self.store, self.auth, self.settings.max_upload_bytes,
+            upload_stall_timeout_s=self.settings.upload_stall_timeout_s,
+            max_concurrent_uploads=self.settings.max_concurrent_uploads,
+        )  # fmt: skip
         serving_pb2_grpc.add_ServingServicer_to_server(servicer, server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

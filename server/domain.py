@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -46,11 +47,39 @@ class PermissionDenied(ServingError):
     """The caller's tenant may not do this (PERMISSION_DENIED)."""
 
 
+MAX_ID_CHARS = 128
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def short_id(adapter_id: str, limit: int = 40) -> str:
+    """``adapter_id`` quoted for an error message: at most ``limit`` characters of it."""
+    if len(adapter_id) <= limit:
+        return repr(adapter_id)
+    return f"{adapter_id[:limit]!r}… ({len(adapter_id)} characters)"
+
+
+def check_adapter_id(adapter_id: str) -> str:
+    """``adapter_id`` if it is a valid store id (1-128 of [A-Za-z0-9._-], no '..'), else
+    :class:`InvalidRequest` quoting at most a short prefix of it."""
+    if not _ID_RE.fullmatch(adapter_id) or ".." in adapter_id:
+        raise InvalidRequest(
+            f"invalid adapter id {short_id(adapter_id)}: use 1-{MAX_ID_CHARS} characters "
+            "from [A-Za-z0-9._-], starting with a letter or digit, without '..'"
+        )
+    return adapter_id
+
+
 # ----- requests ---------------------------------------------------------------------------------
 class MergeMode(str, enum.Enum):
     AUTO = "auto"  # the server decides (see the merge policy in the README)
     UNMERGED = "unmerged"  # always the batched, unmerged path
     MERGED = "merged"  # merge this request's adapter into the weights while it runs
+
+
+# Sampling ranges (outside them the logits overflow to inf/nan or the request is nonsense).
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # or exactly 0: greedy
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0  # 1: no penalty
+MAX_TOP_K = 1 << 20  # 0: no top-k filtering
 
 
 @dataclass(frozen=True)
@@ -69,13 +98,17 @@ class SamplingParams:
         checks = [
             (1 <= self.max_new_tokens <= max_new_tokens_limit,
              f"max_new_tokens must be between 1 and {max_new_tokens_limit}, got {self.max_new_tokens}"),
-            (math.isfinite(self.temperature) and 0 <= self.temperature <= 100,
-             f"temperature must be in [0, 100], got {self.temperature}"),
+            (math.isfinite(self.temperature)
+             and (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE),
+             f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+             f"got {self.temperature}"),
             (math.isfinite(self.top_p) and 0 < self.top_p <= 1,
              f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
-            (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,
-             f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}"),
+            (0 <= self.top_k <= MAX_TOP_K, f"top_k must be in [0, {MAX_TOP_K}], got {self.top_k}"),
+            (math.isfinite(self.repetition_penalty)
+             and MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+             f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, "
+             f"{MAX_REPETITION_PENALTY}] (1: off), got {self.repetition_penalty}"),
             (len(self.stop) <= 16 and all(0 < len(s) <= 256 for s in self.stop),
              "stop: at most 16 non-empty strings of at most 256 characters"),
         ]  # fmt: skip

@@ -46,6 +46,10 @@ class DeadlinePassed(ServingError):
     """The request's deadline passed before it finished (DEADLINE_EXCEEDED)."""
 
 
+class UploadStalled(ServingError):
+    """An upload sent nothing for ``upload_stall_timeout_s`` (DEADLINE_EXCEEDED)."""
+
+
 # Checked in order: the first class the exception is an instance of wins (BaseMismatch is an
 # AdapterFormatError, so it comes first).
 STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
@@ -62,6 +66,7 @@ STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (StorePermissionError, grpc.StatusCode.PERMISSION_DENIED),
     (CorruptObjectError, grpc.StatusCode.DATA_LOSS),
     (DeadlinePassed, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (UploadStalled, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 
 
@@ -90,6 +95,8 @@ class StatusInterceptor(aio.ServerInterceptor):
         if handler is None:
             return None
         rpc = handler_call_details.method.rsplit("/", 1)[-1]
+        if handler.request_deserializer is not None:
+            handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
         if handler.unary_unary:
             return handler._replace(unary_unary=self._unary(rpc, handler.unary_unary))
         if handler.stream_unary:
@@ -102,7 +109,7 @@ class StatusInterceptor(aio.ServerInterceptor):
         async def wrapper(request: Any, context: aio.ServicerContext) -> Any:
             start = time.perf_counter()
             try:
-                result = behavior(request, context)
+                result = behavior(_checked(request), context)
                 response = await result if inspect.isawaitable(result) else result
             except BaseException as exc:
                 await self._fail(rpc, exc, context, start)
@@ -116,7 +123,7 @@ class StatusInterceptor(aio.ServerInterceptor):
         async def wrapper(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
             start = time.perf_counter()
             try:
-                result = behavior(request, context)
+                result = behavior(_checked(request), context)
                 if hasattr(result, "__aiter__"):
                     async for item in result:
                         yield item
@@ -155,6 +162,48 @@ class StatusInterceptor(aio.ServerInterceptor):
         elapsed = time.perf_counter() - start
         self.metrics.requests.labels(rpc=rpc, status=code.name).inc()
         self.metrics.request_latency.labels(rpc=rpc, status=code.name).observe(elapsed)
+
+
+class Undecodable:
+    """Stands for a request message that failed to parse (e.g. invalid UTF-8 in a string)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def invalid(self) -> InvalidRequest:
+        return InvalidRequest(
+            f"the request message could not be parsed ({type(self.error).__name__}: "
+            f"{str(self.error)[:200]}); string fields must be valid UTF-8"
+        )
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """``deserializer`` that returns :class:`Undecodable` instead of raising: grpc would
+    answer UNKNOWN, the handler wrapper answers INVALID_ARGUMENT."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf DecodeError and friends
+            return Undecodable(exc)
+
+    return deserialize
+
+
+def _checked(request: Any) -> Any:
+    """``request`` (a message or a stream of them) with :class:`Undecodable` raised."""
+    if isinstance(request, Undecodable):
+        raise request.invalid()
+    if hasattr(request, "__aiter__"):
+        return _checked_stream(request)
+    return request
+
+
+async def _checked_stream(requests: Any) -> AsyncIterator[Any]:
+    async for message in requests:
+        if isinstance(message, Undecodable):
+            raise message.invalid()
+        yield message
 
 
 def _final_code(context: aio.ServicerContext) -> grpc.StatusCode:

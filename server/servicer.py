@@ -16,19 +16,28 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from grpc import aio
 
-from svda.adapters_store import BaseMismatch, read_adapter
+from svda.adapters_store import AdapterFormatError, BaseMismatch
 from svda.adapters_store.store import AdapterStore, StoreEntry
 from svda.proto.svda.v1 import serving_pb2 as pb
 from svda.proto.svda.v1 import serving_pb2_grpc
 
 from . import convert
 from .auth import Authenticator, Caller
-from .domain import Completion, FinishReason, InvalidRequest, TokenChunk
-from .interceptor import DeadlinePassed
+from .domain import (
+    Completion,
+    FinishReason,
+    InvalidRequest,
+    Overloaded,
+    ServingError,
+    TokenChunk,
+    check_adapter_id,
+)
+from .interceptor import DeadlinePassed, UploadStalled
 
 log = logging.getLogger("svda.server")
 
@@ -37,12 +46,22 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
     """Implements every RPC of ``svda/v1/serving.proto`` on one engine and one store."""
 
     def __init__(
-        self, engine: Any, store: AdapterStore, auth: Authenticator, max_upload_bytes: int
+        self,
+        engine: Any,
+        store: AdapterStore,
+        auth: Authenticator,
+        max_upload_bytes: int,
+        *,
+        upload_stall_timeout_s: float = 30.0,
+        max_concurrent_uploads: int = 4,
     ) -> None:
         self.engine = engine
         self.store = store
         self.auth = auth
         self.max_upload_bytes = max_upload_bytes
+        self.upload_stall_timeout_s = upload_stall_timeout_s
+        self.max_concurrent_uploads = max_concurrent_uploads
+        self._uploads = 0  # running uploads (only touched on the event loop)
         self.info = engine.info()  # fixed for the server's lifetime
 
     def _caller(self, context: aio.ServicerContext) -> Caller:
@@ -111,7 +130,9 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: aio.ServicerContext):
         caller = self._caller(context)
-        adapter_id = _required_id(request.adapter_id)
+        if not request.adapter_id:
+            raise InvalidRequest("adapter_id is required")
+        adapter_id = request.adapter_id  # malformed, absent or foreign: NOT_FOUND alike
         unloaded = await asyncio.to_thread(self.engine.unload_adapter, adapter_id, caller.tenant)
         return pb.UnloadAdapterResponse(unloaded=bool(unloaded))
 
@@ -146,30 +167,56 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
     async def UploadAdapter(self, request_iterator, context: aio.ServicerContext):
         caller = self._caller(context)
-        header, data = await self._receive_upload(request_iterator)
-        entry = await asyncio.to_thread(self._check_and_publish, header, data, caller.tenant)
+        if self._uploads >= self.max_concurrent_uploads:
+            raise Overloaded(
+                f"{self._uploads} uploads are running, the server's limit "
+                "(max_concurrent_uploads); retry in a moment"
+            )
+        self._uploads += 1
+        path = self.store.staging_file()
+        try:
+            header = await self._receive_upload(request_iterator, path)
+            entry = await asyncio.to_thread(self._check_and_publish, header, path, caller.tenant)
+        finally:
+            self._uploads -= 1
+            path.unlink(missing_ok=True)
         log.info(json.dumps({"rpc": "UploadAdapter", "adapter_id": entry.id, "version": entry.version,
                              "tenant": caller.tenant, "bytes": entry.size}))  # fmt: skip
         return pb.UploadAdapterResponse(adapter=convert.entry_pb(entry, self.info.base_fingerprint))
 
-    async def _receive_upload(self, request_iterator) -> tuple[pb.UploadHeader, bytes]:
-        header, data = None, bytearray()
-        async for part in request_iterator:
-            kind = part.WhichOneof("part")
-            if kind == "header" and header is None:
-                header = part.header
-                _required_id(header.adapter_id)
-                self._check_size(header.size_bytes)
-            elif kind == "chunk" and header is not None:
-                data += part.chunk
-                self._check_size(len(data))
-            else:
-                raise InvalidRequest(
-                    "an upload is one `header` message followed by `chunk` messages"
-                )
-        if header is None or not data:
+    async def _receive_upload(self, request_iterator, path: Path) -> pb.UploadHeader:
+        """Stream the upload into ``path`` (never whole in memory); return its header."""
+        header, size = None, 0
+        parts = request_iterator.__aiter__()
+        with path.open("wb") as out:
+            while True:
+                try:
+                    part = await asyncio.wait_for(
+                        parts.__anext__(), timeout=self.upload_stall_timeout_s
+                    )
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise UploadStalled(
+                        f"the upload sent nothing for {self.upload_stall_timeout_s:g} s "
+                        "(upload_stall_timeout_s); send the file without pauses"
+                    ) from None
+                kind = part.WhichOneof("part")
+                if kind == "header" and header is None:
+                    header = part.header
+                    _required_id(header.adapter_id)
+                    self._check_size(header.size_bytes)
+                elif kind == "chunk" and header is not None:
+                    size += len(part.chunk)
+                    self._check_size(size)
+                    out.write(part.chunk)
+                else:
+                    raise InvalidRequest(
+                        "an upload is one `header` message followed by `chunk` messages"
+                    )
+        if header is None or not size:
             raise InvalidRequest("empty upload: send a `header` message, then the file's bytes")
-        return header, bytes(data)
+        return header
 
     def _check_size(self, size: int) -> None:
         if size > self.max_upload_bytes:
@@ -178,16 +225,14 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
                 "bytes (max_upload_bytes)"
             )
 
-    def _check_and_publish(self, header: pb.UploadHeader, data: bytes, tenant: str | None):
-        """Every check that needs no model (read_adapter), the served base, then publish."""
-        adapter = read_adapter(data).header
-        if adapter.base_fingerprint != self.info.base_fingerprint:
-            raise BaseMismatch(
-                f"adapter {header.adapter_id!r} was made for base {adapter.base_fingerprint[:16]}…, "
-                f"but this server serves {self.info.base_model} ({self.info.base_fingerprint[:16]}…)"
-            )
+    def _check_and_publish(self, header: pb.UploadHeader, path: Path, tenant: str | None):
+        """Every load check against the served model, then publish: a file that cannot be
+        served is never stored."""
+        adapter_file = self._verify(header.adapter_id, path)
+        adapter = adapter_file.header
+        del adapter_file  # the tensors: publish copies from the file
         entry: StoreEntry = self.store.publish(
-            data,
+            path,
             header.adapter_id,
             tenant=tenant,
             tags=[*adapter.tags, *header.tags],
@@ -196,6 +241,25 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             name=adapter.name,
         )
         return entry
+
+    def _verify(self, adapter_id: str, path: Path):
+        try:
+            adapter_file = self.engine.verify_adapter(path)
+        except BaseMismatch as exc:
+            raise BaseMismatch(
+                f"adapter {adapter_id!r} was made for base other than the served one: {exc}; this server serves "
+                f"{self.info.base_model} ({self.info.base_fingerprint[:16]}…)"
+            ) from exc
+        except (AdapterFormatError, ServingError):
+            raise
+        except Exception as exc:  # a file no check anticipated: still the file's fault
+            log.info("upload of %r failed a load check", adapter_id, exc_info=exc)
+            raise InvalidRequest(
+                f"adapter {adapter_id!r} cannot be loaded into the served model "
+                f"({type(exc).__name__}: {str(exc)[:200]}); check it with "
+                "`svda-adapters verify` against this base and export it again"
+            ) from exc
+        return adapter_file
 
     # ----- server ------------------------------------------------------------------------------
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: aio.ServicerContext):
@@ -226,4 +290,4 @@ def _check_deadline(gen, done: Completion) -> None:
 def _required_id(adapter_id: str) -> str:
     if not adapter_id:
         raise InvalidRequest("adapter_id is required")
-    return adapter_id
+    return check_adapter_id(adapter_id)

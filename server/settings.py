@@ -68,6 +68,12 @@ class ServerSettings(BaseSettings):
     admin_tenant: str = Field("admin", description="tenant whose tokens make admin calls")
     # limits
     max_upload_bytes: int = Field(64 << 20, gt=0, description="largest adapter upload")
+    upload_stall_timeout_s: float = Field(
+        30.0, gt=0, description="an upload that sends nothing for this long is cancelled"
+    )
+    max_concurrent_uploads: int = Field(
+        4, gt=0, description="uploads at once; more are refused with RESOURCE_EXHAUSTED"
+    )
     max_message_bytes: int = Field(8 << 20, gt=0, description="largest gRPC message")
     grace_s: float = Field(10.0, ge=0, description="seconds running RPCs get at shutdown")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")

@@ -23,6 +23,7 @@ import hashlib
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from svda.adapters_store import AdapterStore, BaseMismatch, load_adapter, read_stored_adapter
+from svda.adapters_store.format import AdapterFile
 from svda.adapters_store.store_types import (
     AdapterNotFound,
     InvalidMetadata,
@@ -45,6 +47,7 @@ from ..domain import (
     PermissionDenied,
     ResidentAdapter,
     UnknownAdapter,
+    short_id,
 )
 from ..metrics import Metrics
 
@@ -88,6 +91,15 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
+def unknown_adapter(adapter_id: str, tenant: str | None) -> UnknownAdapter:
+    """The one answer for an id the caller may not see: absent, or another tenant's."""
+    who = f" for tenant {tenant!r}" if tenant is not None else ""
+    return UnknownAdapter(
+        f"adapter {short_id(adapter_id)} is not in the store{who}; list the adapters you may "
+        "use, or upload it first"
+    )
+
+
 def visible(entry: StoreEntry, tenant: str | None) -> bool:
     return tenant is None or entry.tenant is None or entry.tenant == tenant
 
@@ -125,13 +137,12 @@ class AdapterManager:
         try:
             entry = self.store.get(adapter_id, tenant=tenant)
         except (AdapterNotFound, StorePermissionError):
-            who = f" for tenant {tenant!r}" if tenant is not None else ""
-            raise UnknownAdapter(
-                f"adapter {adapter_id!r} is not in the store{who}; list the adapters you may "
-                "use, or upload it first"
+            raise unknown_adapter(adapter_id, tenant) from None
+        except InvalidMetadata:
+            raise InvalidRequest(
+                f"invalid adapter id {short_id(adapter_id)}: use 1-128 characters from "
+                "[A-Za-z0-9._-], starting with a letter or digit, without '..'"
             ) from None
-        except InvalidMetadata as exc:
-            raise InvalidRequest(f"adapter id {adapter_id!r} is invalid: {exc}") from None
         if entry.base_fingerprint != self.model.fingerprint.whole:
             raise AdapterBaseMismatch(
                 f"adapter {adapter_id!r} (version {entry.version}) was made for base model "
@@ -212,6 +223,17 @@ class AdapterManager:
         return Resident(
             (entry.id, entry.version), name, entry, nbytes, last_used=time.time(), uses=1
         )
+
+    def verify(self, adapter_file: AdapterFile) -> None:
+        """Every load check of ``adapter_file`` against the served model (shapes, config,
+        base, regeneration probe), by attaching it under a throwaway name and deleting it."""
+        name = f"svda-upload-check-{uuid.uuid4().hex[:12]}"
+        with self.model_lock:
+            if self.model.state.merged is not None:
+                self.model.unmerge()
+                self.model.set_adapter(None)
+            load_adapter(adapter_file, self.model, name, probe="always")
+            self.model.delete_adapter(name)
 
     @staticmethod
     def _translate(entry: StoreEntry, exc: BaseException) -> BaseException:
@@ -325,11 +347,17 @@ class AdapterManager:
         )
 
     def unload(self, adapter_id: str, tenant: str | None = None) -> bool:
-        """Detach every version of ``adapter_id`` now, or when its requests finish."""
+        """Detach every version of ``adapter_id`` now, or when its requests finish; False if
+        none is resident. An id ``tenant`` may not read (absent, malformed, another tenant's)
+        raises :class:`UnknownAdapter` with the same message in every case."""
         with self._lock:
             found = [r for r in self._resident.values() if r.key[0] == adapter_id]
         visible_found = [r for r in found if visible(r.entry, tenant)]
         if not visible_found:
+            try:
+                self.store.get(adapter_id, tenant=tenant)
+            except (AdapterNotFound, StorePermissionError, InvalidMetadata):
+                raise unknown_adapter(adapter_id, tenant) from None
             return False
         for r in visible_found:
             self._check_owner(r.entry, tenant, "unload")

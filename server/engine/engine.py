@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable
 
-from svda.adapters_store import AdapterStore
+from svda.adapters_store import AdapterFile, AdapterStore, read_adapter
 from svda.runtime import AdapterModel, BaseModel, available_methods
 
 from ..domain import (
@@ -38,6 +39,7 @@ from .sequence import RequestHandle, Sequence
 from .settings import EngineSettings, context_limit
 
 ROLES = ("system", "user", "assistant")
+MAX_CHARS_PER_TOKEN = 16  # prompts over max_context × this many characters are refused untokenized
 log = logging.getLogger(__name__)
 
 
@@ -156,9 +158,13 @@ class Engine:
         return RequestHandle(request_id, seq.cancelled, self.scheduler.wake)
 
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
-        """Token ids of the prompt text, or of the chat messages through the chat template."""
+        """Token ids of the prompt text, or of the chat messages through the chat template.
+        Text longer than ``max_context × MAX_CHARS_PER_TOKEN`` characters is refused before
+        tokenizing (it could not fit the context anyway, and tokenizing it costs time and
+        memory)."""
         if (request.prompt is None) == (request.messages is None):
             raise InvalidRequest("give exactly one of prompt and messages")
+        self._check_text_length(request)
         if request.prompt is not None:
             if not request.prompt:
                 raise InvalidRequest("the prompt is empty")
@@ -168,6 +174,29 @@ class Engine:
         if not ids:
             raise InvalidRequest("the prompt encodes to no tokens")
         return list(ids)
+
+    def _check_text_length(self, request: GenerationRequest) -> None:
+        texts = (
+            [request.prompt]
+            if request.prompt is not None
+            else [m.content for m in request.messages or ()]
+        )
+        chars = sum(len(t) for t in texts)
+        limit = self.max_context * MAX_CHARS_PER_TOKEN
+        if chars > limit:
+            raise InvalidRequest(
+                f"the prompt has {chars} characters, more than fit the context of "
+                f"{self.max_context} tokens (at most {limit} characters are accepted); "
+                "shorten the prompt"
+            )
+
+    def verify_adapter(self, source: str | os.PathLike) -> AdapterFile:
+        """Every load check of the adapter file at ``source`` against the served model, as a
+        load would run them (file, shapes, config, base, regeneration probe); nothing stays
+        attached. Returns the parsed file."""
+        adapter_file = read_adapter(source)
+        self.adapters.verify(adapter_file)
+        return adapter_file
 
     def _encode_chat(self, request: GenerationRequest) -> list[int]:
         if not request.messages:

@@ -43,9 +43,15 @@ class RowSampler:
         logits = top_k_filter(logits, self.params.top_k)
         logits = top_p_filter(logits, self.params.top_p)
         probs = torch.softmax(logits, dim=-1)
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+            # overflowed logits (inf/nan): the most likely finite token instead of a crash
+            return int(torch.argmax(torch.nan_to_num(logits, nan=float("-inf"))))
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def _penalise(self, logits: torch.Tensor) -> torch.Tensor:
+        return _finite(self._penalised(logits))
+
+    def _penalised(self, logits: torch.Tensor) -> torch.Tensor:
         penalty = self.params.repetition_penalty
         if penalty == 1.0 or not self.history:
             return logits
@@ -54,6 +60,12 @@ class RowSampler:
         scores = logits[ids]
         scores = torch.where(scores < 0, scores * penalty, scores / penalty)
         return logits.scatter(0, ids, scores)
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """NaN logits become -inf and ±inf the largest/smallest float: softmax stays defined."""
+    info = torch.finfo(logits.dtype)
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=info.max, neginf=float("-inf"))
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -203,11 +203,28 @@ def test_shared_namespace_is_readable_by_all_writable_by_admin_only(store):
     assert shared.tenant is None
     assert store.get("public-adapter", tenant="acme") == shared
     assert [e.ref for e in store.list(tenant="acme")] == ["public-adapter@1"]
-    with pytest.raises(StorePermissionError, match="shared namespace"):
+    with pytest.raises(StorePermissionError, match="taken in another namespace"):
         store.publish(b"mine now", "public-adapter", tenant="acme", **META)
     with pytest.raises(StorePermissionError, match="shared namespace"):
         store.delete("public-adapter", tenant="acme")
     assert store.publish(b"public 2", "public-adapter", **META).version == 2
+
+
+def test_a_refused_publish_says_the_same_for_shared_and_foreign_ids(store):
+    store.publish(b"public", "public-id", **META)
+    store.publish(b"theirs", "globex-id", tenant="globex", **META)
+    messages = []
+    for adapter_id in ("public-id", "globex-id"):
+        with pytest.raises(StorePermissionError) as info:
+            store.publish(b"mine", adapter_id, tenant="acme", **META)
+        messages.append(str(info.value).replace(adapter_id, "ID"))
+    assert messages[0] == messages[1] and "globex" not in messages[1]
+
+
+def test_invalid_ids_are_not_echoed_whole(store):
+    with pytest.raises(InvalidMetadata) as info:
+        store.publish(b"x", "x" * 10_000, **META)
+    assert len(str(info.value)) < 300
 
 
 @pytest.mark.parametrize("bad", ["", "../acme", "a/b", "x" * 200])

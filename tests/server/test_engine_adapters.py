@@ -116,7 +116,8 @@ def test_tenants_see_their_own_and_shared_adapters(tiny_base, store, adapter_byt
         assert ("acme.private", 1) not in resident(engine, tenant="globex")
         assert ("acme.private", 1) in resident(engine, tenant="acme")
         assert ("lora-a", 1) in resident(engine, tenant="globex")
-        assert not engine.unload_adapter("acme.private", tenant="globex")
+        with pytest.raises(UnknownAdapter):
+            engine.unload_adapter("acme.private", tenant="globex")
         with pytest.raises(PermissionDenied, match="shared"):
             engine.pin_adapter("lora-a", tenant="acme")
         assert engine.unload_adapter("acme.private", tenant="acme")
