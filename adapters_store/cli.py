@@ -27,7 +27,7 @@ from svda.runtime.errors import SvdaError
 from .checkpoint import load_checkpoint, publish_adapter, read_checkpoint
 from .format import AdapterFile, export_adapter, read_adapter, save_adapter_file
 from .loader import load_adapter, verify_adapter
-from .peft_compat import export_peft, import_peft, read_peft_folder
+from .peft_compat import check_peft_folder, export_peft, import_peft
 from .store import AdapterStore
 from .store_types import StoreError
 
@@ -55,12 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(_base_arg(p))
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import-peft", help="a PEFT LoRA/VeRA folder to a .svda file or the store")
+    help_import = "a PEFT LoRA/VeRA/BOFT folder to a .svda file or the store (exact or refused)"
+    p = sub.add_parser("import-peft", help=help_import)
     p.add_argument("folder")
     _output_args(_base_arg(p))
     p.set_defaults(func=cmd_import_peft)
 
-    p = sub.add_parser("to-peft", help="a LoRA/VeRA adapter to a PEFT folder")
+    p = sub.add_parser("to-peft", help="a LoRA/VeRA/BOFT adapter to a PEFT folder")
     p.add_argument("adapter", help="FILE or ID[@VERSION]")
     _base_arg(p).add_argument("--out", required=True, help="PEFT folder to write")
     p.set_defaults(func=cmd_to_peft)
@@ -116,7 +117,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_import_peft(args) -> None:
-    read_peft_folder(args.folder)  # fail fast, before loading the base
+    check_peft_folder(args.folder)  # refuse what svda cannot represent before loading the base
     model = _model(args.base)
     name = args.name or Path(args.folder).resolve().name or "peft"
     import_peft(args.folder, model, "imported")
@@ -125,9 +126,13 @@ def cmd_import_peft(args) -> None:
 
 def cmd_to_peft(args) -> None:
     data = _read(args)  # fail fast, before loading the base
-    model = _model(args.base)
+    base = load_base_model(args.base)
+    model = AdapterModel(base.model)
     header = load_adapter(data, model, "adapter")
-    export_peft(model, "adapter", args.out, base_name=args.base)
+    # the local folder svda loaded (for the default: the converted SmolLM2 under $SVDA_HOME),
+    # so that AutoPeftModel loads the base offline instead of asking the hub
+    base_name = str(Path(base.source).resolve())
+    export_peft(model, "adapter", args.out, base_name=base_name)
     print(f"wrote PEFT {header.method} adapter {header.name!r} to {args.out}")
 
 

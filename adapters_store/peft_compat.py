@@ -1,4 +1,10 @@
-"""Converting between Hugging Face PEFT adapter folders and svda adapters (LoRA and VeRA).
+"""Converting between Hugging Face PEFT adapter folders and svda adapters (LoRA, VeRA, BOFT).
+
+What is accepted is decided first, from the folder alone (``check_peft_folder``, rules in
+``peft_rules``); conversions are exact: rsLoRA and per-layer ``rank_pattern``/``alpha_pattern``
+become one svda LoRA of the largest rank, A and B zero-padded to it and each layer's scale
+folded into B relative to the stored alpha; BOFT's ``boft_R``/``boft_s`` become svda's upper
+triangles and scale offsets.
 
 A PEFT folder is ``adapter_config.json`` + ``adapter_model.safetensors`` with keys such as
 ``base_model.model.<layer>.lora_A.weight`` (r, d_in), ``...lora_B.weight`` (d_out, r),
@@ -11,6 +17,9 @@ only the trainable tensors: VeRA projections are checked against the ones regene
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +28,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from svda.runtime import AdapterModel, LoraConfig, VeraConfig
+from svda.runtime.errors import AdapterConfigError
+from svda.runtime.methods import BoftConfig
+from svda.runtime.methods.base import AdapterConfig
+from svda.runtime.methods.boft.ops import peft_to_upper, upper_to_peft
 from svda.runtime.regeneration.seeded import vera_projections
 from svda.runtime.targets import is_conv1d
 
 from .errors import AdapterFormatError
+from .peft_rules import PREFIX, PeftConversionError, check_config, layer_tensors, pattern_key
 
-PREFIX = "base_model.model."
-LORA_KEYS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
-VERA_KEYS = {"vera_lambda_d": "vera_d", "vera_lambda_b": "vera_b"}
-
-
-class PeftConversionError(AdapterFormatError):
-    check = "peft"
+__all__ = ["PeftConversionError", "check_peft_folder", "export_peft", "import_peft"]
 
 
 def read_peft_folder(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -46,28 +54,36 @@ def read_peft_folder(folder: str | Path) -> tuple[dict[str, Any], dict[str, torc
         tensors = load_file(str(weights_path))
     except (OSError, ValueError, SafetensorError) as exc:
         raise PeftConversionError(f"cannot read the PEFT adapter in {folder}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise PeftConversionError(f"{config_path} is not a JSON object; re-save the adapter")
     return config, tensors
 
 
-def import_peft(folder: str | Path, model: AdapterModel, name: str) -> None:
-    """Attach the PEFT LoRA/VeRA adapter in ``folder`` to ``model`` as ``name``."""
+def check_peft_folder(folder: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The svda config and tensors for the PEFT adapter in ``folder``, without a base model:
+    refuses (PeftConversionError) anything svda cannot represent exactly."""
     config, tensors = read_peft_folder(folder)
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type == "LORA":
-        _check_lora_supported(config)
-        svda_config, keys = _lora_config(config, tensors), LORA_KEYS
-    elif peft_type == "VERA":
-        svda_config, keys = _vera_config(config, tensors), VERA_KEYS
-    else:
-        raise PeftConversionError(
-            f"PEFT adapter type {peft_type or 'unknown'!r} cannot be imported; svda imports LORA and VERA"
-        )
-    layer_tensors = _layer_tensors(tensors, keys)
-    model.add_adapter(name, svda_config)
+    peft_type = check_config(config)
+    layers = layer_tensors(peft_type, tensors)
+    if peft_type == "VERA":
+        _check_projections(config, tensors)
     try:
-        model.load_adapter_state_dict(name, layer_tensors)
-        if peft_type == "VERA":
-            _check_projections(config, tensors, model, name)
+        return CONVERTERS[peft_type](config, layers)
+    except AdapterConfigError as exc:
+        raise PeftConversionError(
+            f"the PEFT {peft_type} config has no svda equivalent: {exc}"
+        ) from exc
+
+
+def import_peft(folder: str | Path, model: AdapterModel, name: str) -> None:
+    """Attach the PEFT LoRA/VeRA/BOFT adapter in ``folder`` to ``model`` as ``name``."""
+    svda_config, layer_params = check_peft_folder(folder)
+    try:
+        model.add_adapter(name, svda_config)
+    except Exception as exc:
+        raise PeftConversionError(f"the PEFT adapter does not fit this base model: {exc}") from exc
+    try:
+        model.load_adapter_state_dict(name, layer_params)
     except Exception as exc:
         model.delete_adapter(name)
         if isinstance(exc, AdapterFormatError):
@@ -75,70 +91,135 @@ def import_peft(folder: str | Path, model: AdapterModel, name: str) -> None:
         raise PeftConversionError(f"the PEFT adapter does not fit this base model: {exc}") from exc
 
 
-def _check_lora_supported(config: dict[str, Any]) -> None:
-    unsupported = {
-        "use_dora": bool(config.get("use_dora")),
-        "use_rslora": bool(config.get("use_rslora")),
-        "rank_pattern": bool(config.get("rank_pattern")),
-        "alpha_pattern": bool(config.get("alpha_pattern")),
-        "modules_to_save": bool(config.get("modules_to_save")),
-        "bias": config.get("bias", "none") != "none",
-    }
-    used = sorted(k for k, on in unsupported.items() if on)
-    if used:
+def _targets(layers: Iterable[str]) -> str:
+    return "re:(" + "|".join(re.escape(name) for name in sorted(layers)) + ")"
+
+
+def _positive_int(config: dict[str, Any], field: str, default: int) -> int:
+    value = config.get(field, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise PeftConversionError(
-            f"this PEFT LoRA uses {used}, which svda's LoRA does not represent"
+            f"adapter_config.json: {field} must be an integer ≥ 0, got {value!r}"
         )
+    return value
 
 
-def _targets_from(tensors: dict[str, torch.Tensor], keys: dict[str, str]) -> str:
-    layers = sorted({_layer_name(k, keys) for k in tensors if _layer_name(k, keys)})
-    if not layers:
-        raise PeftConversionError("the PEFT adapter holds no tensors of the expected kind")
-    return "re:(" + "|".join(name.replace(".", r"\.") for name in layers) + ")"
+# ----- LoRA (rsLoRA, rank_pattern, alpha_pattern) ------------------------------------------------
+def _lora_scale(config: dict[str, Any], layer: str, rank: int) -> float:
+    """PEFT's scaling of one layer: alpha / r, or alpha / √r with rsLoRA (per-layer patterns)."""
+    alpha = config.get("lora_alpha", 8)
+    pattern = config.get("alpha_pattern") or {}
+    alpha = float(pattern.get(pattern_key(pattern, layer), alpha))
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
-def _layer_name(key: str, keys: dict[str, str]) -> str | None:
-    for suffix in keys:
-        if key.startswith(PREFIX) and key.endswith("." + suffix):
-            return key[len(PREFIX) : -len(suffix) - 1]
-    return None
+def _unpatterned_scale(config: dict[str, Any]) -> float:
+    """The scale of layers that no pattern names (the stored alpha keeps their B unchanged)."""
+    rank = float(config.get("r", 8))
+    alpha = float(config.get("lora_alpha", 8))
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank) if rank > 0 else 0.0
 
 
-def _layer_tensors(
-    tensors: dict[str, torch.Tensor], keys: dict[str, str]
-) -> dict[str, torch.Tensor]:
+def _lora_rank(config: dict[str, Any], layer: str, found: dict[str, torch.Tensor]) -> int:
+    a, b = found["lora_A.weight"], found["lora_B.weight"]
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        raise PeftConversionError(
+            f"layer {layer}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not a LoRA "
+            "pair of linear layers (svda imports LoRA on Linear/Conv1D layers only)"
+        )
+    pattern = config.get("rank_pattern") or {}
+    expected = int(pattern.get(pattern_key(pattern, layer), config.get("r", 8)))
+    if a.shape[0] != expected:
+        raise PeftConversionError(
+            f"layer {layer}: lora_A has rank {a.shape[0]} but the config (r, rank_pattern) says "
+            f"{expected}; the folder is inconsistent, re-save it with PEFT"
+        )
+    return expected
+
+
+def _lora(
+    config: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]]
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """One svda LoRA of rank max(r_l): A and B zero-padded to it, and each layer's scale folded
+    into B relative to the stored alpha, so that every ΔW = B A · scale_l is exact."""
+    ranks = {layer: _lora_rank(config, layer, found) for layer, found in layers.items()}
+    scales = {layer: _lora_scale(config, layer, ranks[layer]) for layer in layers}
+    r = max(ranks.values())
+    reference = _unpatterned_scale(config)
+    if not reference > 0:
+        raise PeftConversionError(
+            f"lora_alpha={config.get('lora_alpha')!r} gives a scale ≤ 0, which svda's LoRA (alpha "
+            "> 0) cannot store; re-save the adapter with a positive lora_alpha"
+        )
     out = {}
-    for key, value in tensors.items():
-        layer = _layer_name(key, keys)
-        if layer is not None:
-            suffix = next(s for s in keys if key.endswith("." + s))
-            out[f"{layer}.{keys[suffix]}"] = value.float()
-    return out
-
-
-def _lora_config(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LoraConfig:
-    return LoraConfig(
-        targets=_targets_from(tensors, LORA_KEYS),
-        r=int(config["r"]),
-        alpha=float(config.get("lora_alpha", config["r"])),
+    for layer, found in layers.items():
+        a, b = found["lora_A.weight"].float(), found["lora_B.weight"].float()
+        factor = scales[layer] / reference
+        out[f"{layer}.lora_A"] = torch.cat([a, a.new_zeros(r - a.shape[0], a.shape[1])])
+        b = b if factor == 1.0 else b * factor
+        out[f"{layer}.lora_B"] = torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1])], dim=1)
+    svda = LoraConfig(
+        targets=_targets(layers),
+        r=r,
+        alpha=reference * r,
         dropout=float(config.get("lora_dropout", 0.0)),
     )
+    return svda, out
 
 
-def _vera_config(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> VeraConfig:
-    return VeraConfig(
-        targets=_targets_from(tensors, VERA_KEYS),
-        r=int(config["r"]),
+# ----- VeRA ----------------------------------------------------------------------------------
+def _vera(
+    config: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]]
+) -> tuple[VeraConfig, dict[str, torch.Tensor]]:
+    svda = VeraConfig(
+        targets=_targets(layers),
+        r=_positive_int(config, "r", 256),
         d_init=float(config.get("d_initial", 0.1)),
-        projection_seed=int(config.get("projection_prng_key", 0)),
+        projection_seed=_positive_int(config, "projection_prng_key", 0),
         dropout=float(config.get("vera_dropout", 0.0)),
     )
+    out = {}
+    for layer, found in layers.items():
+        out[f"{layer}.vera_d"] = found["vera_lambda_d"].float()
+        out[f"{layer}.vera_b"] = found["vera_lambda_b"].float()
+    return svda, out
 
 
-def _check_projections(
-    config: dict[str, Any], tensors: dict[str, torch.Tensor], model: AdapterModel, name: str
-) -> None:
+# ----- BOFT ----------------------------------------------------------------------------------
+def _boft(
+    config: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]]
+) -> tuple[BoftConfig, dict[str, torch.Tensor]]:
+    """``boft_R (m, D, b, b)`` to svda's upper triangles, ``boft_s (d_out, 1)`` to ``ds = s − 1``.
+    The factor count comes from the tensors: PEFT without its CUDA extension trains (and serves)
+    one factor whatever boft_n_butterfly_factor says."""
+    factors = {found["boft_R"].shape[0] for found in layers.values() if found["boft_R"].dim() == 4}
+    if len(factors) != 1 or any(f["boft_R"].dim() != 4 for f in layers.values()):
+        raise PeftConversionError(
+            "the PEFT BOFT adapter's boft_R tensors are not (factors, blocks, b, b) with one "
+            "factor count for every layer; re-save it with PEFT"
+        )
+    out = {}
+    for layer, found in layers.items():
+        out[f"{layer}.boft_q"] = peft_to_upper(found["boft_R"].float())
+        out[f"{layer}.boft_ds"] = found["boft_s"].float().reshape(-1) - 1.0
+    svda = BoftConfig(
+        targets=_targets(layers),
+        block_size=_positive_int(config, "boft_block_size", 4),
+        block_num=_positive_int(config, "boft_block_num", 0),
+        n_butterfly_factor=factors.pop(),
+        dropout=float(config.get("boft_dropout", 0.0)),
+    )
+    return svda, out
+
+
+CONVERTERS: dict[str, Callable[..., tuple[AdapterConfig, dict[str, torch.Tensor]]]] = {
+    "LORA": _lora,
+    "VERA": _vera,
+    "BOFT": _boft,
+}
+
+
+def _check_projections(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     stored_a, stored_b = tensors.get("base_model.vera_A"), tensors.get("base_model.vera_B")
     if stored_a is None and stored_b is None:
         return  # saved with save_projection=False: PEFT itself regenerates them from the key
@@ -160,51 +241,22 @@ def _check_projections(
 def export_peft(
     model: AdapterModel, name: str, folder: str | Path, base_name: str | None = None
 ) -> Path:
-    """Write adapter ``name`` (LoRA or VeRA) as a PEFT folder that ``PeftModel.from_pretrained`` loads."""
+    """Write adapter ``name`` (LoRA, VeRA or BOFT) as a folder ``PeftModel.from_pretrained``
+    loads. ``base_name`` becomes ``base_model_name_or_path`` (what AutoPeftModel loads): give
+    the base's local folder so it loads offline."""
     config = model.configs[name]
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     params = model.adapter_state_dict(name)
     layers = sorted({k.rsplit(".", 1)[0] for k in params})
-    target_modules = layers  # full module names: PEFT matches a target as a name suffix
-    if config.method == "lora":
-        tensors = {
-            f"{PREFIX}{k.rsplit('.', 1)[0]}.{k.rsplit('.', 1)[1]}.weight": v
-            for k, v in params.items()
-        }
-        peft_config = {
-            "peft_type": "LORA",
-            "r": config.r,
-            "lora_alpha": config.alpha,
-            "lora_dropout": config.dropout,
-        }
-    elif config.method == "vera":
-        inverse = {v: k for k, v in VERA_KEYS.items()}
-        tensors = {
-            f"{PREFIX}{k.rsplit('.', 1)[0]}.{inverse[k.rsplit('.', 1)[1]]}": v
-            for k, v in params.items()
-        }
-        # PEFT stores the max-size pair once; regenerate it exactly as PEFT would
-        d_out = max(model.layers[n].weight_out_in().shape[0] for n in layers)
-        d_in = max(model.layers[n].weight_out_in().shape[1] for n in layers)
-        a, b = vera_projections(config.projection_seed, config.r, d_out, d_in)
-        tensors.update({"base_model.vera_A": a, "base_model.vera_B": b})
-        peft_config = {
-            "peft_type": "VERA",
-            "r": config.r,
-            "projection_prng_key": config.projection_seed,
-            "save_projection": True,
-            "d_initial": config.d_init,
-            "vera_dropout": config.dropout,
-        }
-    else:
+    writers = {"lora": _export_lora, "vera": _export_vera, "boft": _export_boft}
+    if config.method not in writers:
         raise PeftConversionError(
-            f"method {config.method!r} has no PEFT equivalent svda writes (LoRA and VeRA only)"
+            f"method {config.method!r} has no PEFT equivalent svda writes (LoRA, VeRA and BOFT)"
         )
+    tensors, peft_config = writers[config.method](model, config, params, layers)
     conv1d = any(is_conv1d(model.layers[layer].base_layer) for layer in layers)
     peft_config.update(
         {
-            "target_modules": target_modules,
+            "target_modules": target_modules(model, layers),
             "base_model_name_or_path": base_name,
             "bias": "none",
             "fan_in_fan_out": conv1d,
@@ -212,8 +264,89 @@ def export_peft(
             "task_type": "CAUSAL_LM",
         }
     )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors")
     )
     (folder / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
     return folder
+
+
+def target_modules(model: AdapterModel, layers: list[str]) -> list[str] | str:
+    """Module-name suffixes (``["q_proj", "v_proj"]``) when they select exactly ``layers`` in
+    the base model, else a regex PEFT full-matches against module names."""
+    suffixes = sorted({layer.rsplit(".", 1)[-1] for layer in layers})
+    chosen = set(layers)
+    matched = {
+        n
+        for n, _ in model.model.named_modules()
+        if n.rsplit(".", 1)[-1] in suffixes and not n.endswith(".base_layer")
+    }
+    if matched == chosen:
+        return suffixes
+    return "(" + "|".join(re.escape(layer) for layer in layers) + ")"
+
+
+def _key(layer: str, suffix: str) -> str:
+    return f"{PREFIX}{layer}.{suffix}"
+
+
+def _export_lora(model, config, params, layers) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {
+        _key(layer, f"{part}.weight"): params[f"{layer}.{part}"]
+        for layer in layers
+        for part in ("lora_A", "lora_B")
+    }
+    return tensors, {
+        "peft_type": "LORA",
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+    }
+
+
+def _export_vera(model, config, params, layers) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {}
+    for layer in layers:
+        tensors[_key(layer, "vera_lambda_d")] = params[f"{layer}.vera_d"]
+        tensors[_key(layer, "vera_lambda_b")] = params[f"{layer}.vera_b"]
+    # PEFT stores the max-size pair once; regenerate it exactly as PEFT would
+    d_out = max(model.layers[n].weight_out_in().shape[0] for n in layers)
+    d_in = max(model.layers[n].weight_out_in().shape[1] for n in layers)
+    a, b = vera_projections(config.projection_seed, config.r, d_out, d_in)
+    tensors.update({"base_model.vera_A": a, "base_model.vera_B": b})
+    return tensors, {
+        "peft_type": "VERA",
+        "r": config.r,
+        "projection_prng_key": config.projection_seed,
+        "save_projection": True,
+        "d_initial": config.d_init,
+        "vera_dropout": config.dropout,
+    }
+
+
+def _export_boft(model, config, params, layers) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """PEFT without its CUDA extension (any CPU) serves one butterfly factor only, so a folder
+    with ``n_butterfly_factor > 1`` loads in PEFT only where that extension builds."""
+    tensors = {}
+    for layer in layers:
+        q = params[f"{layer}.boft_q"]
+        block = _block_size_of(q.shape[-1])
+        tensors[_key(layer, "boft_R")] = upper_to_peft(q, block)
+        ds = params.get(f"{layer}.boft_ds")
+        d_out = model.layers[layer].weight_out_in().shape[0]
+        s = torch.ones(d_out, dtype=q.dtype) if ds is None else 1.0 + ds
+        tensors[_key(layer, "boft_s")] = s.reshape(-1, 1)
+    return tensors, {
+        "peft_type": "BOFT",
+        "boft_block_size": config.block_size,
+        "boft_block_num": config.block_num,
+        "boft_n_butterfly_factor": config.n_butterfly_factor,
+        "boft_dropout": config.dropout,
+    }
+
+
+def _block_size_of(triangle: int) -> int:
+    """b from b(b-1)/2."""
+    return round((1 + math.sqrt(1 + 8 * triangle)) / 2)
