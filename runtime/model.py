@@ -30,7 +30,7 @@ from .layer import HALF_DTYPES, AdapterLinear, AdapterState
 from .methods import AdapterConfig, TargetInfo, get_method
 from .packed import PackedAdapters
 from .regeneration.svd_basis import SvdBasisCache
-from .targets import iter_candidate_blocks, select_targets, weight_out_in
+from .targets import iter_candidate_blocks, resolve_module, select_targets, weight_out_in
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
 
@@ -70,17 +70,26 @@ class AdapterModel(PackedAdapters, nn.Module):
         spec = get_method(config.method)
         names = select_targets(self.model, config.targets, spec.weights_cls.target_kind)
         targets = [self.target_info(n) for n in names]
+        spec.weights_cls.check_targets(config, targets)  # before anything is allocated
         key = spec.weights_cls.shared_key(config, targets)
-        for target in targets:
-            layer = self._wrap(target.name)
-            if key in layer.shared:
-                shared = layer.shared[key]
-            else:
-                shared = spec.weights_cls.build_shared(config, target, targets, self._ctx)
-            weights = spec.weights_cls(config, target, shared)
-            layer.add(name, weights, key, shared)
+        added: list[AdapterLinear] = []
+        try:
+            for target in targets:
+                layer = self._wrap(target.name)
+                if key in layer.shared:
+                    shared = layer.shared[key]
+                else:
+                    shared = spec.weights_cls.build_shared(config, target, targets, self._ctx)
+                weights = spec.weights_cls(config, target, shared)
+                layer.add(name, weights, key, shared)
+                added.append(layer)
+        except BaseException:
+            for layer in added:  # a failed add leaves no weights or shared tensors behind
+                layer.remove(name)
+            raise
+        finally:
+            self._ctx.memo.clear()
         self.configs[name] = config
-        self._ctx.memo.clear()
 
     def delete_adapter(self, name: str) -> None:
         self._require(name)
@@ -156,12 +165,14 @@ class AdapterModel(PackedAdapters, nn.Module):
     def _base_module(self, layer_name: str) -> nn.Module:
         if layer_name in self.layers:
             return self.layers[layer_name].base_layer
-        return self.model.get_submodule(layer_name)
+        return resolve_module(self.model, layer_name)
 
     def _wrap(self, layer_name: str) -> AdapterLinear:
         if layer_name not in self.layers:
             parent_name, _, child = layer_name.rpartition(".")
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            parent = resolve_module(self.model, parent_name) if parent_name else self.model
+            if isinstance(parent, AdapterLinear):  # a linear inside a wrapped block
+                parent = parent.base_layer
             module = getattr(parent, child)
             if layer_name in self.blocks():
                 hidden = self.blocks()[layer_name][0]

@@ -33,6 +33,7 @@ class PackedAdapters:
         self._require_unmerged("add_packed_adapter")  # bases must come from the original W0
         if not layers:
             raise AdapterConfigError(f"adapter {name!r} has no target layers")
+        self._check_packed_targets(config, layers)  # before anything is allocated
         dtype = self.target_info(layers[0][0]).dtype
         layout = BankLayout.of(config, dtype, layers, layer_key)
         bank = self.banks.get(layout) or self._new_bank(layout, config)
@@ -45,23 +46,40 @@ class PackedAdapters:
         self._banked[name] = bank
         self.configs[name] = config
 
+    def _check_packed_targets(
+        self, config: AdapterConfig, layers: Sequence[tuple[str, dict[str, Sequence[int]]]]
+    ) -> None:
+        """The layers exist and the config fits their shapes (the method's bounds)."""
+        shapes = self.layer_shapes()
+        unknown = [layer_name for layer_name, _ in layers if layer_name not in shapes]
+        if unknown:
+            raise AdapterConfigError(
+                f"layers {unknown[:5]} are not layers or blocks of this base model; the adapter "
+                "was made for another base"
+            )
+        targets = [self.target_info(layer_name) for layer_name, _ in layers]
+        get_method(config.method).weights_cls.check_targets(config, targets)
+
     def _new_bank(self, layout: BankLayout, config: AdapterConfig) -> AdapterBank:
         spec = get_method(config.method)
         targets = [self.target_info(layer_name) for layer_name, _ in layout.layers]  # once
         key = spec.weights_cls.shared_key(config, targets)
         bank = AdapterBank(layout, config, spec.weights_cls, targets, key, self._device())
         shared_modules = []
-        for target, (_, params) in zip(targets, bank.layers, strict=True):
-            layer = self.layers.get(target.name)
-            if layer is not None and key in layer.shared:
-                shared = layer.shared[key]
-            else:
-                shared = spec.weights_cls.build_shared(config, target, targets, self._ctx)
-            weights = spec.weights_cls(config, target, shared)
-            _check_layer_shapes(weights, target.name, params)
-            bank.trainable_kinds |= {k for k, p in weights.named_parameters() if p.requires_grad}
-            shared_modules.append(shared)
-        self._ctx.memo.clear()
+        try:
+            for target, (_, params) in zip(targets, bank.layers, strict=True):
+                layer = self.layers.get(target.name)
+                if layer is not None and key in layer.shared:
+                    shared = layer.shared[key]
+                else:
+                    shared = spec.weights_cls.build_shared(config, target, targets, self._ctx)
+                weights = spec.weights_cls(config, target, shared)
+                _check_layer_shapes(weights, target.name, params)
+                kinds = {k for k, p in weights.named_parameters() if p.requires_grad}
+                bank.trainable_kinds |= kinds
+                shared_modules.append(shared)
+        finally:
+            self._ctx.memo.clear()  # a failed add keeps no regenerated projections
         bank.shared_modules = shared_modules
         for index, (target, shared) in enumerate(zip(targets, shared_modules, strict=True)):
             self._wrap(target.name).add_bank(bank, index, shared)

@@ -38,32 +38,56 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     return module.weight.T if is_conv1d(module) else module.weight
 
 
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The original module behind an svda wrapper (a module with a ``base_layer``), else itself."""
+    base = getattr(module, "base_layer", None)
+    return base if isinstance(base, nn.Module) else module
+
+
 def iter_candidate_layers(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Every linear-like layer of ``model`` except the output head, in module order. A layer
-    already wrapped by svda (a module with a ``base_layer``) is reported under its own name as
-    its original layer; nothing inside a wrapper (adapter tensors) is a candidate."""
+    """Every linear-like layer of ``model`` except the output head, in module order. A module
+    wrapped by svda (one with a ``base_layer``: a linear layer or a whole attention / MLP block)
+    is reported under its own name as its original module, and the layers inside a wrapped block
+    under their names in the original model; nothing else inside a wrapper (adapter tensors) is
+    a candidate."""
     for child_name, child in model.named_children():
         name = f"{prefix}{child_name}"
         if child_name in EXCLUDED_NAMES:
             continue
-        base = getattr(child, "base_layer", None)
-        if isinstance(base, nn.Module) and is_linear_like(base):
+        base = unwrapped(child)
+        if is_linear_like(base):
             yield name, base
-        elif is_linear_like(child):
-            yield name, child
         else:
-            yield from iter_candidate_layers(child, prefix=f"{name}.")
+            yield from iter_candidate_layers(base, prefix=f"{name}.")
 
 
-def iter_candidate_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def iter_candidate_blocks(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """Every attention / MLP block (``mlp``, ``self_attn``, ``attn``) that contains linear layers,
-    in module order; a block wrapped by svda is reported as its original module."""
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] not in BLOCK_NAMES or ".base_layer" in name:
+    in module order; a block wrapped by svda is reported as its original module, and nothing
+    inside a wrapper but its original module is searched."""
+    for child_name, child in model.named_children():
+        name = f"{prefix}{child_name}"
+        base = unwrapped(child)
+        if is_linear_like(base):
             continue
-        block = getattr(module, "base_layer", module)
-        if any(True for _ in iter_candidate_layers(block)):
-            yield name, block
+        if child_name in BLOCK_NAMES and any(True for _ in iter_candidate_layers(base)):
+            yield name, base
+        yield from iter_candidate_blocks(base, prefix=f"{name}.")
+
+
+def resolve_module(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)`` where the path may pass through svda wrappers: a component
+    missing on a wrapper is looked up on the module it wraps (``...mlp.gate_proj`` while ``mlp``
+    is wrapped). The module returned may itself be a wrapper."""
+    module = model
+    for part in name.split(".") if name else ():
+        children = dict(module.named_children())
+        if part not in children and part != "base_layer":
+            children = dict(unwrapped(module).named_children())
+        if part not in children:
+            raise AttributeError(f"{type(module).__name__} has no submodule {part!r} (in {name})")
+        module = children[part]
+    return module
 
 
 def parse_targets(targets: str | Sequence[str]) -> list[str]:
@@ -74,6 +98,14 @@ def parse_targets(targets: str | Sequence[str]) -> list[str]:
         raise AdapterConfigError(
             "targets is empty: name layers like 'q_proj,v_proj' or 'all-linear'"
         )
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as error:
+                raise AdapterConfigError(
+                    f"targets pattern {pattern!r} is not a valid regular expression ({error})"
+                ) from None
     return patterns
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import AdapterConfig, config_field, require
+from ..base import INT_LIMIT, MAX_DIM, AdapterConfig, config_field, require, require_range
 
 
 @dataclass
@@ -36,32 +36,21 @@ class AdaLoraConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(
-            isinstance(self.r, int) and self.r >= 1,
-            f"adalora r must be an integer ≥ 1, got {self.r!r}",
-        )
-        require(
-            isinstance(self.target_r, int) and 1 <= self.target_r <= self.r,
-            f"adalora target_r must be an integer in [1, r={self.r}], got {self.target_r!r}",
-        )
-        require(self.alpha > 0, f"adalora alpha must be > 0, got {self.alpha!r}")
-        require(
-            min(self.tinit, self.tfinal) >= 0 and self.delta_t >= 1,
-            "adalora tinit, tfinal must be ≥ 0 and delta_t ≥ 1",
-        )
-        require(
-            0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "adalora beta1, beta2 must be in [0, 1)"
-        )
-        require(self.orth_reg_weight >= 0, "adalora orth_reg_weight must be ≥ 0")
-        ranks = self.layer_ranks
-        require(
-            ranks is None
-            or (
-                isinstance(ranks, dict)
-                and all(isinstance(v, int) and 1 <= v <= self.r for v in ranks.values())
-            ),
-            f"adalora layer_ranks must map layer names to ranks in [1, {self.r}]",
-        )
+        require_range(self, "r", 1, MAX_DIM)
+        require_range(self, "target_r", 1, self.r)
+        require_range(self, "alpha", 0, float("inf"), low_open=True, high_open=True)
+        require_range(self, "init_seed", 0, INT_LIMIT, high_open=True)
+        for name in ("tinit", "tfinal"):
+            require_range(self, name, 0, INT_LIMIT, high_open=True)
+        require_range(self, "delta_t", 1, INT_LIMIT, high_open=True)
+        for name in ("beta1", "beta2"):
+            require_range(self, name, 0.0, 1.0, high_open=True)
+        require_range(self, "orth_reg_weight", 0.0, float("inf"), high_open=True)
+        for layer, rank in (self.layer_ranks or {}).items():
+            require(
+                1 <= rank <= self.r,
+                f"adalora layer_ranks[{layer!r}]={rank} is out of range: allowed [1, r={self.r}]",
+            )
 
     @property
     def scaling(self) -> float:

@@ -8,13 +8,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ...regeneration.seeded import seeded_generator
-from ..base import AdapterWeights, TargetInfo, constant_table, stack_padded_ranks
+from ..base import (
+    AdapterWeights,
+    TargetInfo,
+    check_rank_per_layer,
+    constant_table,
+    require,
+    stack_padded_ranks,
+)
 from ..lora.layer import add_lora_rows, lora_rows
 from .config import AdaLoraConfig
 
@@ -36,6 +44,16 @@ class AdaLoraWeights(AdapterWeights):
 
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         return (self.adalora_P * self.adalora_lambda) @ self.adalora_Q * self.scaling
+
+    @classmethod
+    def check_targets(cls, config: AdaLoraConfig, targets: Sequence[TargetInfo]) -> None:
+        check_rank_per_layer(config, "r", config.r, targets)
+        unknown = sorted(set(config.layer_ranks or {}) - {t.name for t in targets})
+        require(
+            not unknown,
+            f"adalora layer_ranks names layers {unknown[:5]} that are not targets; "
+            "name only targeted layers",
+        )
 
     @classmethod
     def member_tables(cls, members, shared) -> dict[str, torch.Tensor]:

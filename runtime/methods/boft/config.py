@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import AdapterConfig, config_field, require
+from ..base import (
+    MAX_BUTTERFLY_FACTORS,
+    MAX_DIM,
+    AdapterConfig,
+    config_field,
+    require,
+    require_range,
+)
 
 
 @dataclass
@@ -39,39 +46,36 @@ class BoftConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("block_size", "block_num", "n_butterfly_factor"):
-            value = getattr(self, name)
-            require(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                f"boft {name} must be an integer ≥ 0, got {value!r}",
-            )
+        check_butterfly_fields(self)
+        require_range(self, "dropout", 0.0, 1.0, high_open=True)
+
+
+def check_butterfly_fields(config: AdapterConfig) -> None:
+    """The block fields BOFT and the hybrid share (``block_size``, ``block_num``,
+    ``n_butterfly_factor``), bounded before any power of two is computed from them."""
+    require_range(config, "n_butterfly_factor", 1, MAX_BUTTERFLY_FACTORS)
+    require_range(config, "block_size", 0, MAX_DIM)
+    require_range(config, "block_num", 0, MAX_DIM)
+    size, num, m = config.block_size, config.block_num, config.n_butterfly_factor
+    require(
+        (size > 0) != (num > 0),
+        f"{config.method} needs exactly one of block_size and block_num > 0 (the other 0), got "
+        f"block_size={size}, block_num={num}",
+    )
+    require(
+        size != 1,
+        f"{config.method} block_size=1 is out of range: allowed ≥ 2 (a 1×1 orthogonal block "
+        "is fixed)",
+    )
+    spread = 2 ** (m - 1)
+    if spread > 1 and size:
         require(
-            (self.block_size > 0) != (self.block_num > 0),
-            "boft needs exactly one of block_size and block_num > 0 (the other 0), got "
-            f"block_size={self.block_size}, block_num={self.block_num}",
+            size % 2 == 0,
+            f"{config.method} with n_butterfly_factor {m} needs an even block_size, got {size}",
         )
+    if spread > 1 and num:
         require(
-            self.n_butterfly_factor >= 1,
-            f"boft n_butterfly_factor must be ≥ 1, got {self.n_butterfly_factor}",
+            num % max(spread, 2) == 0,
+            f"{config.method} with n_butterfly_factor {m} needs block_num divisible by "
+            f"{max(spread, 2)}, got {num}",
         )
-        require(
-            self.block_size != 1,
-            "boft block_size must be ≥ 2 (a 1×1 orthogonal block is fixed): got 1",
-        )
-        spread = 2 ** (self.n_butterfly_factor - 1)
-        if spread > 1 and self.block_size:
-            require(
-                self.block_size % 2 == 0,
-                f"boft with n_butterfly_factor {self.n_butterfly_factor} needs an even block_size, "
-                f"got {self.block_size}",
-            )
-        if spread > 1 and self.block_num:
-            require(
-                self.block_num % max(spread, 2) == 0,
-                f"boft with n_butterfly_factor {self.n_butterfly_factor} needs block_num divisible "
-                f"by {max(spread, 2)}, got {self.block_num}",
-            )
-        require(
-            isinstance(self.scale, bool), f"boft scale must be true or false, got {self.scale!r}"
-        )
-        require(0.0 <= self.dropout < 1.0, f"boft dropout must be in [0, 1), got {self.dropout!r}")

@@ -96,6 +96,11 @@ class BoftWeights(AdapterWeights):
         self.dropout = BlockDropout(config.dropout) if config.dropout > 0 else None
 
     @classmethod
+    def check_targets(cls, config: BoftConfig, targets: Sequence[TargetInfo]) -> None:
+        for target in targets:
+            block_layout_of(config, target)
+
+    @classmethod
     def shared_key(cls, config: BoftConfig, targets: Sequence[TargetInfo]) -> str:
         """Also checks every target's block layout first (the model asks for the key before
         attaching anything), so a layer that does not fit fails before any layer is touched."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import config_field, require
+from ..base import config_field, require_range
+from ..boft.config import check_butterfly_fields
 from ..lora_ga.config import LoraGaConfig
 
 
@@ -34,25 +35,7 @@ class HybridConfig(LoraGaConfig):
 
     def validate(self) -> None:
         super().validate()  # the LoRA-GA fields
-        require(
-            isinstance(self.n_butterfly_factor, int) and self.n_butterfly_factor >= 1,
-            f"hybrid n_butterfly_factor must be an integer ≥ 1, got {self.n_butterfly_factor!r}",
-        )
-        require(
-            (self.block_size > 0) != (self.block_num > 0) and self.block_size != 1,
-            "hybrid needs exactly one of block_size (≥ 2) and block_num > 0, the other 0; got "
-            f"block_size={self.block_size}, block_num={self.block_num}",
-        )
-        require(
-            0.0 <= self.lambda_min < 0.5,
-            f"hybrid lambda_min must be in [0, 0.5), got {self.lambda_min!r}",
-        )
-        require(
-            self.lambda_min <= self.lambda_init <= 1.0 - self.lambda_min,
-            f"hybrid lambda_init must be in [lambda_min, 1 − lambda_min] = "
-            f"[{self.lambda_min}, {1 - self.lambda_min}], got {self.lambda_init!r}",
-        )
-        require(
-            0.0 <= self.lambda_smoothing < 1.0,
-            f"hybrid lambda_smoothing must be in [0, 1), got {self.lambda_smoothing!r}",
-        )
+        check_butterfly_fields(self)
+        require_range(self, "lambda_min", 0.0, 0.5, high_open=True)
+        require_range(self, "lambda_init", self.lambda_min, 1.0 - self.lambda_min)
+        require_range(self, "lambda_smoothing", 0.0, 1.0, high_open=True)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...regeneration.seeded import kaiming_uniform, seeded_generator
-from ..base import AdapterWeights, TargetInfo, stack_with_zero_row, table_rows
+from ..base import AdapterWeights, TargetInfo, check_rank_per_layer, stack_with_zero_row, table_rows
 from ..boft.layer import BoftShared, BoftWeights, block_layout_of
 from ..boft.ops import cayley, dense_rotation, rotate_rows, triangle_size
 from ..lora.layer import add_lora_rows, lora_rows
@@ -63,6 +63,12 @@ class HybridWeights(AdapterWeights):
         set_factors_from_gradient(self, grad_oi)
 
     # ----- shared frozen state: BOFT's (the live base weight and the butterfly permutations) ----
+    @classmethod
+    def check_targets(cls, config: HybridConfig, targets: Sequence[TargetInfo]) -> None:
+        check_rank_per_layer(config, "r", config.r, targets, factor=2)
+        for target in targets:
+            block_layout_of(config, target)
+
     @classmethod
     def shared_key(cls, config: HybridConfig, targets: Sequence[TargetInfo]) -> str:
         return BoftWeights.shared_key(config, targets)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import AdapterConfig, config_field, require
+from ..base import INT_LIMIT, MAX_DIM, AdapterConfig, config_field, require_range
 
 
 @dataclass
@@ -20,12 +20,10 @@ class LoraConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(
-            isinstance(self.r, int) and self.r >= 1,
-            f"lora r must be an integer ≥ 1, got {self.r!r}",
-        )
-        require(self.alpha > 0, f"lora alpha must be > 0, got {self.alpha!r}")
-        require(0.0 <= self.dropout < 1.0, f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        require_range(self, "r", 1, MAX_DIM)
+        require_range(self, "alpha", 0, float("inf"), low_open=True, high_open=True)
+        require_range(self, "dropout", 0.0, 1.0, high_open=True)
+        require_range(self, "init_seed", 0, INT_LIMIT, high_open=True)
 
     @property
     def scaling(self) -> float:

@@ -7,6 +7,7 @@ zeros to the largest rank present; α/r is a per-row constant beside the tables.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,7 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...regeneration.seeded import kaiming_uniform, seeded_generator
-from ..base import AdapterWeights, TargetInfo, constant_table, stack_padded_ranks
+from ..base import (
+    AdapterWeights,
+    TargetInfo,
+    check_rank_per_layer,
+    constant_table,
+    stack_padded_ranks,
+)
 from .config import LoraConfig
 
 
@@ -34,6 +41,10 @@ class LoraWeights(AdapterWeights):
 
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (d1, d2)
+
+    @classmethod
+    def check_targets(cls, config: LoraConfig, targets: Sequence[TargetInfo]) -> None:
+        check_rank_per_layer(config, "r", config.r, targets)
 
     @classmethod
     def member_tables(cls, members, shared) -> dict[str, torch.Tensor]:

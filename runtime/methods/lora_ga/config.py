@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import AdapterConfig, config_field, require
+from ..base import INT_LIMIT, MAX_DIM, AdapterConfig, config_field, require_range
+
+MAX_GRADIENT_BATCHES = 1_000_000
 
 
 @dataclass
@@ -30,19 +32,12 @@ class LoraGaConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(
-            isinstance(self.r, int) and self.r >= 1,
-            f"{self.method} r must be an integer ≥ 1, got {self.r!r}",
-        )
-        require(self.alpha > 0, f"{self.method} alpha must be > 0, got {self.alpha!r}")
-        require(
-            isinstance(self.gradient_batches, int) and self.gradient_batches >= 1,
-            f"{self.method} gradient_batches must be an integer ≥ 1, got {self.gradient_batches!r}",
-        )
-        require(
-            self.stable_gamma > 0,
-            f"{self.method} stable_gamma must be > 0, got {self.stable_gamma!r}",
-        )
+        positive = {"low_open": True, "high_open": True}
+        require_range(self, "r", 1, MAX_DIM // 2)
+        require_range(self, "alpha", 0, float("inf"), **positive)
+        require_range(self, "init_seed", 0, INT_LIMIT, high_open=True)
+        require_range(self, "gradient_batches", 1, MAX_GRADIENT_BATCHES)
+        require_range(self, "stable_gamma", 0, float("inf"), **positive)
 
     @property
     def scaling(self) -> float:

@@ -13,13 +13,20 @@ plain LoRA.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ...regeneration.seeded import kaiming_uniform, seeded_generator
-from ..base import AdapterWeights, TargetInfo, constant_table, stack_padded_ranks
+from ..base import (
+    AdapterWeights,
+    TargetInfo,
+    check_rank_per_layer,
+    constant_table,
+    stack_padded_ranks,
+)
 from ..lora.layer import add_lora_rows, lora_rows
 from .config import LoraGaConfig
 
@@ -47,6 +54,10 @@ class LoraGaWeights(AdapterWeights):
 
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         return (self.lora_B @ self.lora_A - self.lora_B0 @ self.lora_A0) * self.scaling
+
+    @classmethod
+    def check_targets(cls, config: LoraGaConfig, targets: Sequence[TargetInfo]) -> None:
+        check_rank_per_layer(config, "r", config.r, targets, factor=2)
 
     @classmethod
     def member_tables(cls, members, shared) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import AdapterConfig, config_field, require
+from ..base import MAX_DIM, AdapterConfig, config_field, require_range
 
 
 @dataclass
@@ -19,7 +19,4 @@ class PissaConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(
-            isinstance(self.r, int) and self.r >= 1,
-            f"pissa r must be an integer ≥ 1, got {self.r!r}",
-        )
+        require_range(self, "r", 1, MAX_DIM)

@@ -11,13 +11,21 @@ residual ``W0 − B0·A0`` (the same function of A, B).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import AdapterWeights, TargetInfo, constant_table, stack_padded_ranks, table_rows
+from ..base import (
+    AdapterWeights,
+    TargetInfo,
+    check_rank_any_layer,
+    constant_table,
+    stack_padded_ranks,
+    table_rows,
+)
 from ..lora.layer import add_lora_rows, lora_rows
 from ..svda.layer import SvdaWeights
 from .config import PissaConfig
@@ -33,6 +41,10 @@ class PissaWeights(AdapterWeights):
         a0 = (root[:, None] * shared.V[:, : self.r].T).contiguous()  # (r, d2)
         b0 = (shared.U[:, : self.r] * root[None, :]).contiguous()  # (d1, r)
         self.lora_A, self.lora_B = nn.Parameter(a0), nn.Parameter(b0)
+
+    @classmethod
+    def check_targets(cls, config: PissaConfig, targets: Sequence[TargetInfo]) -> None:
+        check_rank_any_layer(config, "r", config.r, targets)
 
     @classmethod
     def shared_key(cls, config, targets) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import AdapterConfig, config_field, require
+from ..base import INT_LIMIT, MAX_DIM, AdapterConfig, config_field, require, require_range
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 
@@ -24,10 +24,8 @@ class BottleneckConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(
-            isinstance(self.bottleneck, int) and self.bottleneck >= 1,
-            f"{self.method} bottleneck must be an integer ≥ 1, got {self.bottleneck!r}",
-        )
+        require_range(self, "bottleneck", 1, MAX_DIM)
+        require_range(self, "init_seed", 0, INT_LIMIT, high_open=True)
         require(
             self.activation in ACTIVATIONS,
             f"{self.method} activation must be one of {ACTIVATIONS}, got {self.activation!r}",

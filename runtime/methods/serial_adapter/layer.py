@@ -12,6 +12,7 @@ nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 
 from ...errors import AdapterStateError
 from ...regeneration.seeded import kaiming_uniform, seeded_generator
-from ..base import AdapterWeights, TargetInfo, table_rows
+from ..base import AdapterWeights, TargetInfo, require_dim_bound, table_rows
 from .config import BottleneckConfig
 
 ACTIVATION_FNS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -52,6 +53,12 @@ class BottleneckWeights(AdapterWeights):
         self.adapter_up = nn.Parameter(torch.zeros(d, k, device=device, dtype=dtype))  # (d, k)
         self.adapter_up_bias = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
         self.activation, self.scale = config.activation, config.scale
+
+    @classmethod
+    def check_targets(cls, config: BottleneckConfig, targets: Sequence[TargetInfo]) -> None:
+        for t in targets:
+            what = f"bottleneck ≤ hidden size {t.d_out}"
+            require_dim_bound(config, "bottleneck", config.bottleneck, t.d_out, what, t.name)
 
     @classmethod
     def shared_key(cls, config: BottleneckConfig, targets) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import AdapterConfig, config_field, require
+from ..base import MAX_DIM, AdapterConfig, config_field, require, require_range
 
 S_INITS = ("singular", "constant")
 
@@ -30,7 +30,5 @@ class SvdaConfig(AdapterConfig):
         require(
             self.s_init in S_INITS, f"svda s_init must be one of {S_INITS}, got {self.s_init!r}"
         )
-        require(
-            self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 1),
-            f"svda top_k must be None or an integer ≥ 1, got {self.top_k!r}",
-        )
+        if self.top_k is not None:
+            require_range(self, "top_k", 1, MAX_DIM)

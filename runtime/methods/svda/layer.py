@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...regeneration.svd_basis import SVD_ALGORITHM
-from ..base import AdapterWeights, TargetInfo, stack_with_zero_row, table_rows
+from ..base import AdapterWeights, TargetInfo, check_rank_any_layer, stack_with_zero_row, table_rows
 from .config import SvdaConfig
 
 
@@ -56,6 +56,11 @@ class SvdaWeights(AdapterWeights):
         self.svda_b = nn.Parameter(
             torch.zeros(target.d_out, device=sigma.device, dtype=sigma.dtype)
         )
+
+    @classmethod
+    def check_targets(cls, config: SvdaConfig, targets: Sequence[TargetInfo]) -> None:
+        if config.top_k is not None:
+            check_rank_any_layer(config, "top_k", config.top_k, targets)
 
     @classmethod
     def shared_key(cls, config: SvdaConfig, targets: Sequence[TargetInfo]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import AdapterConfig, config_field, require
+from ..base import INT_LIMIT, AdapterConfig, config_field, require_range
 
 
 @dataclass
@@ -22,9 +22,4 @@ class UrnnConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(
-            isinstance(self.permutation_seed, int)
-            and not isinstance(self.permutation_seed, bool)
-            and 0 <= self.permutation_seed < 2**63,
-            f"urnn permutation_seed must be an integer in [0, 2**63), got {self.permutation_seed!r}",
-        )
+        require_range(self, "permutation_seed", 0, INT_LIMIT, high_open=True)

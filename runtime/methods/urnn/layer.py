@@ -94,6 +94,11 @@ class UrnnWeights(AdapterWeights):
         self.urnn_v = nn.Parameter(torch.zeros(2, n, 2, device=device, dtype=dtype))
 
     @classmethod
+    def check_targets(cls, config: UrnnConfig, targets: Sequence[TargetInfo]) -> None:
+        for target in targets:
+            half_width(target)
+
+    @classmethod
     def shared_key(cls, config: UrnnConfig, targets: Sequence[TargetInfo]) -> str:
         """Also checks every target first (the model asks for the key before attaching
         anything), so an odd width fails before any layer is touched."""

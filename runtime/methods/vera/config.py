@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import AdapterConfig, config_field, require
+from ..base import INT_LIMIT, MAX_DIM, AdapterConfig, config_field, require_range
 
 
 @dataclass
@@ -22,12 +22,6 @@ class VeraConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(
-            isinstance(self.r, int) and self.r >= 1,
-            f"vera r must be an integer ≥ 1, got {self.r!r}",
-        )
-        require(
-            isinstance(self.projection_seed, int) and 0 <= self.projection_seed < 2**63,
-            f"vera projection_seed must be an integer in [0, 2**63), got {self.projection_seed!r}",
-        )
-        require(0.0 <= self.dropout < 1.0, f"vera dropout must be in [0, 1), got {self.dropout!r}")
+        require_range(self, "r", 1, MAX_DIM)
+        require_range(self, "projection_seed", 0, INT_LIMIT, high_open=True)
+        require_range(self, "dropout", 0.0, 1.0, high_open=True)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...regeneration.seeded import vera_projections
-from ..base import AdapterWeights, TargetInfo, table_rows
+from ..base import AdapterWeights, TargetInfo, check_rank_any_layer, table_rows
 from .config import VeraConfig
 
 
@@ -45,6 +45,10 @@ class VeraWeights(AdapterWeights):
         )
         self.vera_b = nn.Parameter(torch.zeros(target.d_out, device=device, dtype=dtype))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    @classmethod
+    def check_targets(cls, config: VeraConfig, targets: Sequence[TargetInfo]) -> None:
+        check_rank_any_layer(config, "r", config.r, targets)
 
     @classmethod
     def shared_key(cls, config: VeraConfig, targets: Sequence[TargetInfo]) -> str:
