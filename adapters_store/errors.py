@@ -17,6 +17,10 @@ class AdapterMetadataError(AdapterFormatError):
     check = "metadata"
 
 
+class HeaderHashMismatch(AdapterMetadataError):
+    """The header's semantic fields do not match its content hash (``svda.content_sha256``)."""
+
+
 class UnsupportedFormatVersion(AdapterMetadataError):
     check = "format-version"
 

@@ -38,10 +38,11 @@ from .errors import (
     PayloadHashMismatch,
     UnreadableAdapterFile,
 )
-from .header import FORMAT_VERSION, AdapterHeader, LayerEntry, ProbeSpec, Recipe
+from .header import FORMAT_VERSION, AdapterHeader, LayerEntry, ProbeSpec, Recipe, bounded_json
 from .probe import layer_sketches
 
-MAX_HEADER_BYTES = 16 << 20
+MAX_HEADER_BYTES = 1 << 20  # a 210-layer adapter's header is ~10 KiB; 4096 layers fit
+MAX_TENSORS = 64  # entries of the safetensors tensor table (a .svda file has 2 or 3)
 PAYLOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROBE = ProbeSpec(seed=0x5DA, count=3, tolerance=5e-5)
 
@@ -202,6 +203,7 @@ def read_adapter(
     data = _read_bytes(source)
     metadata = _parse_safetensors_header(data)
     header = AdapterHeader.from_safetensors_metadata(metadata)
+    _check_implied_size(header, len(data))
     try:
         tensors = load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -229,31 +231,61 @@ def _read_bytes(source: bytes | str | os.PathLike) -> bytes:
         ) from exc
 
 
+NOT_SAFETENSORS = (
+    "this is not a .svda adapter file: a .svda file is a safetensors file (an 8-byte header "
+    "length, then a JSON header starting with '{{'), these {size} bytes are not one (no valid "
+    "header length); upload the .svda file that svda-pack export wrote"
+)
+
+
 def _parse_safetensors_header(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file, with bounded, validated sizes."""
-    if len(data) < 8:
-        raise UnreadableAdapterFile(
-            f"not a safetensors file: {len(data)} bytes is shorter than its length field"
-        )
+    if len(data) < 9 or data[8:9] != b"{":
+        raise UnreadableAdapterFile(NOT_SAFETENSORS.format(size=len(data)))
     (length,) = struct.unpack("<Q", data[:8])
     if length > MAX_HEADER_BYTES:
         raise UnreadableAdapterFile(
-            f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit"
+            f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit: "
+            "this is not a .svda adapter file, or it is damaged"
         )
     if length > len(data) - 8:
         raise UnreadableAdapterFile(
-            f"header length {length} runs past the end of the {len(data)}-byte file"
+            f"header length {length} runs past the end of the {len(data)}-byte file: "
+            "the file is truncated or is not a .svda adapter file"
         )
     try:
-        header = json.loads(data[8 : 8 + length].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnreadableAdapterFile(f"the safetensors header is not valid JSON: {exc}") from exc
+        text = data[8 : 8 + length].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnreadableAdapterFile(f"the safetensors header is not UTF-8 text: {exc}") from exc
+    header = bounded_json(
+        text,
+        "the safetensors header",
+        max_chars=MAX_HEADER_BYTES,
+        max_depth=4,  # {tensor: {shape: [..]}}, {__metadata__: {key: string}}
+        max_values=16 * MAX_TENSORS,
+        error=UnreadableAdapterFile,
+    )
     if not isinstance(header, dict):
         raise UnreadableAdapterFile("the safetensors header is not a JSON object")
+    if len(header) > MAX_TENSORS + 1:
+        raise UnreadableAdapterFile(
+            f"the file holds {len(header) - 1} tensors; a .svda file has at most {MAX_TENSORS}"
+        )
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise UnreadableAdapterFile("the safetensors __metadata__ is not a string map")
     return metadata
+
+
+def _check_implied_size(header: AdapterHeader, file_bytes: int) -> None:
+    """The layer table's tensor shapes must fit in the file before any tensor is built."""
+    itemsize = PAYLOAD_DTYPES[header.payload_dtype].itemsize
+    implied = sum(header.kind_totals().values()) * itemsize
+    if implied > file_bytes:
+        raise UnreadableAdapterFile(
+            f"the layer table implies {implied} payload bytes, but the file has only "
+            f"{file_bytes} bytes: the file is truncated or damaged"
+        )
 
 
 def _check_payload(header: AdapterHeader, tensors: dict[str, torch.Tensor]) -> None:

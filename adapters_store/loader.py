@@ -63,16 +63,17 @@ def load_adapter(
     check_base(adapter_file, model)
     try:
         config = adapter_config(adapter_file)
-    except AdapterConfigError as exc:
+    except (AdapterConfigError, TypeError, ValueError) as exc:
         raise AdapterMetadataError(f"adapter config is invalid: {exc}") from exc
     name = name or adapter_file.header.name
     model.check_new_name(name)
     _attach(adapter_file, model, name, config, trainable)
     try:
+        norms = None
         if verify and not (probe == "auto" and frozen_identical(adapter_file, model, name)):
-            check_probe(adapter_file, model, name)
+            norms = check_probe(adapter_file, model, name)
         if prune_tolerance and not trainable:
-            norms = [entry.delta_norm for entry in adapter_file.header.layers]
+            norms = norms or delta_norms(adapter_file, model, name)  # never the file's own
             model.prune_adapter(name, prune_tolerance, norms)
     except BaseException:
         model.delete_adapter(name)
@@ -101,23 +102,45 @@ def _attach(
 
 
 def frozen_identical(adapter_file: AdapterFile, model: AdapterModel, name: str) -> bool:
+    """Whether the probe may be skipped: the header is covered by a matching content hash
+    (format ≥ 2; a format-1 file always runs the probe) and this model's frozen tensors are
+    bit-identical to the exporter's."""
     expected = adapter_file.header.frozen_sha256
-    return bool(expected) and frozen_sha256(model, name) == expected
+    if not (adapter_file.header.content_hashed and expected):
+        return False
+    return frozen_sha256(model, name) == expected
 
 
-def check_probe(adapter_file: AdapterFile, model: AdapterModel, name: str) -> None:
-    """Regenerated ΔW must reproduce the exporter's sketches within the stored tolerance."""
+def delta_norms(adapter_file: AdapterFile, model: AdapterModel, name: str) -> list[float]:
+    """‖ΔW‖_F per layer of attached adapter ``name``, from its payload and our frozen tensors."""
+    norms = []
+    for entry in adapter_file.header.layers:
+        layer = model.layers[entry.name]
+        norms.append(layer.weights_of(name).delta_norm(layer.shared_of(name)))
+    return norms
+
+
+def check_probe(adapter_file: AdapterFile, model: AdapterModel, name: str) -> list[float]:
+    """Regenerated ΔW must reproduce the exporter's sketches and ``‖ΔW‖_F`` within the stored
+    tolerance, relative to ‖ΔW‖_F as recomputed here (the file's norm is checked, never trusted:
+    a huge one would switch the probe off). Returns the recomputed norms."""
     spec = adapter_file.header.probe
-    layers = [model.layers[entry.name] for entry in adapter_file.header.layers]
-    for index, (entry, layer) in enumerate(zip(adapter_file.header.layers, layers, strict=True)):
-        sketches, _ = layer_sketches(layer, name, spec.seed, index, spec.count)
+    entries = adapter_file.header.layers
+    norms = []
+    for index, entry in enumerate(entries):
+        layer = model.layers[entry.name]
+        sketches, norm = layer_sketches(layer, name, spec.seed, index, spec.count, exact_norm=True)
+        allowed = spec.tolerance * norm + 1e-30
         worst = max(abs(a - b) for a, b in zip(sketches, entry.probe, strict=True))
-        if worst > spec.tolerance * entry.delta_norm + 1e-30:
+        if worst > allowed or abs(norm - entry.delta_norm) > allowed:
             raise RegenerationMismatch(
                 f"layer {entry.name}: regenerated ΔW differs from the exporter's by "
-                f"{worst / max(entry.delta_norm, 1e-30):.2e} of ‖ΔW‖ (tolerance {spec.tolerance:.0e}); "
-                "the frozen tensors could not be reproduced on this machine"
+                f"{max(worst, abs(norm - entry.delta_norm)) / max(norm, 1e-30):.2e} of ‖ΔW‖ "
+                f"(tolerance {spec.tolerance:.0e}); the frozen tensors could not be reproduced "
+                "on this machine, or the file's probe values were edited"
             )
+        norms.append(norm)
+    return norms
 
 
 @dataclass
