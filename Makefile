@@ -22,7 +22,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/python -m svda.runtime.demo
+	$(BIN)/python -m svda.server.demo
 
 lint: install
 	$(BIN)/ruff check .
