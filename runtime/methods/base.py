@@ -69,6 +69,10 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        if not isinstance(data, dict):
+            raise AdapterConfigError(
+                f"{cls.method} config must be an object of fields, got {type(data).__name__}"
+            )
         data = dict(data)
         method = data.pop("method", cls.method)
         if method != cls.method:

@@ -54,6 +54,15 @@ def available_methods() -> list[str]:
 
 def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     """Rebuild any method's config from ``AdapterConfig.to_dict`` output."""
+    if not isinstance(data, dict):
+        raise AdapterConfigError(
+            f"adapter config must be an object of fields, got {type(data).__name__}"
+        )
     if "method" not in data:
         raise AdapterConfigError("adapter config has no 'method' field")
+    if not isinstance(data["method"], str):
+        raise AdapterConfigError(
+            f"adapter config field 'method' must be a string, got {data['method']!r}; "
+            f"registered methods: {sorted(_METHODS)}"
+        )
     return get_method(data["method"]).config_cls.from_dict(data)
