@@ -11,6 +11,9 @@
 
 ``FILE|ID``: a path to a ``.svda`` file, else an id in the store (``ID`` or ``ID@VERSION``).
 ``--base``: a Hugging Face model folder; default the embedded SmolLM2-135M-Instruct.
+``import-peft`` refuses, before loading the base, any PEFT field or tensor svda cannot represent
+exactly; ``to-peft`` writes the local base folder as ``base_model_name_or_path`` (for the default
+base, its converted copy under ``$SVDA_HOME/models/``), so AutoPeftModel loads it offline.
 Exit codes: 0 success; 1 a verification failed; 2 bad input (one line on stderr).
 """
 

@@ -146,6 +146,8 @@ def _lora(
     scales = {layer: _lora_scale(config, layer, ranks[layer]) for layer in layers}
     r = max(ranks.values())
     reference = _unpatterned_scale(config)
+    if not reference > 0:  # lora_alpha ≤ 0 with positive alpha_pattern entries: store one of those
+        reference = max(scales.values())
     if not reference > 0:
         raise PeftConversionError(
             f"lora_alpha={config.get('lora_alpha')!r} gives a scale ≤ 0, which svda's LoRA (alpha "

@@ -247,3 +247,19 @@ def test_to_peft_targets_a_regex_when_suffixes_would_select_more(tmp_path):
     model.set_adapter("a")
     with torch.no_grad():
         torch.testing.assert_close(peft_model(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
+
+
+def test_to_peft_with_the_default_base_writes_its_local_folder(tmp_path, monkeypatch):
+    """Without --base the embedded SmolLM2 is used: the folder svda converted it into (under
+    $SVDA_HOME) is written, never null (stood in for here by a tiny base)."""
+    import svda.adapters_store.cli as cli
+    from svda.runtime import load_base_model
+
+    base = tiny_base_folder(tmp_path / "converted-default")
+    monkeypatch.setattr(cli, "load_base_model", lambda path: load_base_model(path or base))
+    model = AdapterModel(LlamaForCausalLM.from_pretrained(base).eval())
+    model.add_adapter("a", LoraConfig(targets="q_proj", r=2))
+    (tmp_path / "a.svda").write_bytes(export_adapter(model, "a"))
+    assert main(["to-peft", str(tmp_path / "a.svda"), "--out", str(tmp_path / "peft")]) == 0
+    written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == str(base.resolve())
