@@ -173,13 +173,15 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
                 "(max_concurrent_uploads); retry in a moment"
             )
         self._uploads += 1
-        path = self.store.staging_file()
+        path: Path | None = None
         try:
+            path = self.store.staging_file()
             header = await self._receive_upload(request_iterator, path)
             entry = await asyncio.to_thread(self._check_and_publish, header, path, caller.tenant)
         finally:
             self._uploads -= 1
-            path.unlink(missing_ok=True)
+            if path is not None:
+                path.unlink(missing_ok=True)
         log.info(json.dumps({"rpc": "UploadAdapter", "adapter_id": entry.id, "version": entry.version,
                              "tenant": caller.tenant, "bytes": entry.size}))  # fmt: skip
         return pb.UploadAdapterResponse(adapter=convert.entry_pb(entry, self.info.base_fingerprint))

@@ -149,17 +149,17 @@ class GenerateRequest(_message.Message):
     adapter_id: _builtins.str
     """empty: the base model"""
     prompt: _builtins.str
-    """raw text, tokenized as is"""
+    """raw text, tokenized as is; at most 16 characters per context token"""
     max_new_tokens: _builtins.int
     """0: the default (64)"""
     temperature: _builtins.float
-    """unset: 0 (greedy decoding)"""
+    """unset: 0 (greedy decoding); else in [0.01, 100]"""
     top_p: _builtins.float
-    """unset: 1"""
+    """unset: 1; in (0, 1]"""
     top_k: _builtins.int
-    """0: no top-k filtering"""
+    """0: no top-k filtering; at most 2^20"""
     repetition_penalty: _builtins.float
-    """unset: 1"""
+    """unset: 1 (off); in [0.01, 10]"""
     seed: _builtins.int
     """sampling seed"""
     mode: Global___MergeMode.ValueType
@@ -400,6 +400,7 @@ class UnloadAdapterRequest(_message.Message):
 
     ADAPTER_ID_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
+    """ids: 1-128 characters of [A-Za-z0-9._-], no ".." """
     def __init__(
         self,
         *,

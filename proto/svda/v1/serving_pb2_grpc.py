@@ -101,7 +101,8 @@ class ServingServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UnloadAdapter(self, request, context):
-        """Drop an adapter from adapter memory (it stays in the store).
+        """Drop an adapter from adapter memory (it stays in the store). NOT_FOUND for an id the caller
+        may not see (absent, malformed, or another tenant's: one answer for all).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +124,12 @@ class ServingServicer:
 
     def UploadAdapter(self, request_iterator, context):
         """Upload a .svda file into the store: first message the header, then the bytes in chunks.
+        The server streams it to a staging file (max_upload_bytes enforced while streaming), runs
+        every load check against the served model (file, shapes, config, base, regeneration probe)
+        and publishes only a file that loads. A stream that sends nothing for
+        upload_stall_timeout_s ends DEADLINE_EXCEEDED; beyond max_concurrent_uploads at once,
+        RESOURCE_EXHAUSTED. An id taken in another namespace (another tenant's or shared) is
+        PERMISSION_DENIED with the same message either way.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -53,13 +53,22 @@ class ServingStub:
     LoadAdapter: _grpc.UnaryUnaryMultiCallable[_serving_pb2.LoadAdapterRequest, _serving_pb2.LoadAdapterResponse]
     """Load an adapter from the store into adapter memory (a no-op if it is resident)."""
     UnloadAdapter: _grpc.UnaryUnaryMultiCallable[_serving_pb2.UnloadAdapterRequest, _serving_pb2.UnloadAdapterResponse]
-    """Drop an adapter from adapter memory (it stays in the store)."""
+    """Drop an adapter from adapter memory (it stays in the store). NOT_FOUND for an id the caller
+    may not see (absent, malformed, or another tenant's: one answer for all).
+    """
     PinAdapter: _grpc.UnaryUnaryMultiCallable[_serving_pb2.PinAdapterRequest, _serving_pb2.PinAdapterResponse]
     """Pin (or unpin) an adapter: a pinned adapter is never evicted. Loads it if needed."""
     ListAdapters: _grpc.UnaryUnaryMultiCallable[_serving_pb2.ListAdaptersRequest, _serving_pb2.ListAdaptersResponse]
     """Store entries the caller may use, and which of them are resident."""
     UploadAdapter: _grpc.StreamUnaryMultiCallable[_serving_pb2.UploadAdapterRequest, _serving_pb2.UploadAdapterResponse]
-    """Upload a .svda file into the store: first message the header, then the bytes in chunks."""
+    """Upload a .svda file into the store: first message the header, then the bytes in chunks.
+    The server streams it to a staging file (max_upload_bytes enforced while streaming), runs
+    every load check against the served model (file, shapes, config, base, regeneration probe)
+    and publishes only a file that loads. A stream that sends nothing for
+    upload_stall_timeout_s ends DEADLINE_EXCEEDED; beyond max_concurrent_uploads at once,
+    RESOURCE_EXHAUSTED. An id taken in another namespace (another tenant's or shared) is
+    PERMISSION_DENIED with the same message either way.
+    """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_serving_pb2.GetServerInfoRequest, _serving_pb2.GetServerInfoResponse]
     """Base model, fingerprint, supported methods and limits."""
 
@@ -73,13 +82,22 @@ class ServingAsyncStub(ServingStub):
     LoadAdapter: _aio.UnaryUnaryMultiCallable[_serving_pb2.LoadAdapterRequest, _serving_pb2.LoadAdapterResponse]  # type: ignore[assignment]
     """Load an adapter from the store into adapter memory (a no-op if it is resident)."""
     UnloadAdapter: _aio.UnaryUnaryMultiCallable[_serving_pb2.UnloadAdapterRequest, _serving_pb2.UnloadAdapterResponse]  # type: ignore[assignment]
-    """Drop an adapter from adapter memory (it stays in the store)."""
+    """Drop an adapter from adapter memory (it stays in the store). NOT_FOUND for an id the caller
+    may not see (absent, malformed, or another tenant's: one answer for all).
+    """
     PinAdapter: _aio.UnaryUnaryMultiCallable[_serving_pb2.PinAdapterRequest, _serving_pb2.PinAdapterResponse]  # type: ignore[assignment]
     """Pin (or unpin) an adapter: a pinned adapter is never evicted. Loads it if needed."""
     ListAdapters: _aio.UnaryUnaryMultiCallable[_serving_pb2.ListAdaptersRequest, _serving_pb2.ListAdaptersResponse]  # type: ignore[assignment]
     """Store entries the caller may use, and which of them are resident."""
     UploadAdapter: _aio.StreamUnaryMultiCallable[_serving_pb2.UploadAdapterRequest, _serving_pb2.UploadAdapterResponse]  # type: ignore[assignment]
-    """Upload a .svda file into the store: first message the header, then the bytes in chunks."""
+    """Upload a .svda file into the store: first message the header, then the bytes in chunks.
+    The server streams it to a staging file (max_upload_bytes enforced while streaming), runs
+    every load check against the served model (file, shapes, config, base, regeneration probe)
+    and publishes only a file that loads. A stream that sends nothing for
+    upload_stall_timeout_s ends DEADLINE_EXCEEDED; beyond max_concurrent_uploads at once,
+    RESOURCE_EXHAUSTED. An id taken in another namespace (another tenant's or shared) is
+    PERMISSION_DENIED with the same message either way.
+    """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_serving_pb2.GetServerInfoRequest, _serving_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """Base model, fingerprint, supported methods and limits."""
 
@@ -114,7 +132,9 @@ class ServingServicer(metaclass=_abc_1.ABCMeta):
         request: _serving_pb2.UnloadAdapterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_serving_pb2.UnloadAdapterResponse, _abc.Awaitable[_serving_pb2.UnloadAdapterResponse]]:
-        """Drop an adapter from adapter memory (it stays in the store)."""
+        """Drop an adapter from adapter memory (it stays in the store). NOT_FOUND for an id the caller
+        may not see (absent, malformed, or another tenant's: one answer for all).
+        """
 
     @_abc_1.abstractmethod
     def PinAdapter(
@@ -138,7 +158,14 @@ class ServingServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_serving_pb2.UploadAdapterRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_serving_pb2.UploadAdapterResponse, _abc.Awaitable[_serving_pb2.UploadAdapterResponse]]:
-        """Upload a .svda file into the store: first message the header, then the bytes in chunks."""
+        """Upload a .svda file into the store: first message the header, then the bytes in chunks.
+        The server streams it to a staging file (max_upload_bytes enforced while streaming), runs
+        every load check against the served model (file, shapes, config, base, regeneration probe)
+        and publishes only a file that loads. A stream that sends nothing for
+        upload_stall_timeout_s ends DEADLINE_EXCEEDED; beyond max_concurrent_uploads at once,
+        RESOURCE_EXHAUSTED. An id taken in another namespace (another tenant's or shared) is
+        PERMISSION_DENIED with the same message either way.
+        """
 
     @_abc_1.abstractmethod
     def GetServerInfo(
