@@ -57,6 +57,7 @@ HASHED_FIELDS = (
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 LAYER_FINGERPRINT = re.compile(r"^[0-9a-f]{16,64}$")  # a prefix of the layer fingerprint
 MAX_LAYER_NAME = 512
+MAX_PROBE_FLOATS = 17  # per layer: at most 16 sketches and ‖ΔW‖_F
 MAX_PROBE_TOLERANCE = 1e-3  # a file cannot loosen the probe past this (the exporter writes 5e-5)
 # Bounds checked before any JSON is parsed or any table entry is built (FORMAT.md, "Limits").
 MAX_HEADER_JSON = 64 << 10  # characters of svda.header
@@ -394,6 +395,8 @@ def _kind_totals(layer_params: Iterable[dict[str, list[int]]]) -> dict[str, int]
 def _unpack_layers(packed: str, probes: str) -> list[LayerEntry]:
     columns = layer_columns(packed)
     n = len(columns.name)
+    if not isinstance(probes, str) or len(probes) > 4 * MAX_PROBE_FLOATS * n:
+        raise AdapterMetadataError("the probe values (svda.probes) do not fit the layer table")
     blob = base64.b64decode(probes.encode("ascii"), validate=True)
     floats = struct.unpack(f"<{len(blob) // 4}f", blob[: len(blob) // 4 * 4])
     if len(blob) % 4 or len(floats) % n or not floats:

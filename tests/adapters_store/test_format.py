@@ -346,3 +346,10 @@ def test_fuzzed_files_load_or_fail_cleanly(good, svd_cache, data):
         blob = blob[: data.draw(st.integers(0, len(blob)))]
     with contextlib.suppress(AdapterFormatError):
         load_adapter(bytes(blob), fresh(svd_cache))
+
+
+def test_exported_files_are_format_2_with_a_content_hash(good):
+    adapter_file = read_adapter(good)
+    assert adapter_file.header.format_version == 2 and adapter_file.header.content_hashed
+    with pytest.raises(UnreadableAdapterFile, match=r"not a \.svda adapter file"):
+        read_adapter(b"just some text, not an adapter\n")
