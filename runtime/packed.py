@@ -64,10 +64,9 @@ class PackedAdapters:
         spec = get_method(config.method)
         targets = [self.target_info(layer_name) for layer_name, _ in layout.layers]  # once
         key = spec.weights_cls.shared_key(config, targets)
-        bank = AdapterBank(layout, config, spec.weights_cls, targets, key, self._device())
-        shared_modules = []
-        try:
-            for target, (_, params) in zip(targets, bank.layers, strict=True):
+        shared_modules, trainable_kinds = [], set()
+        try:  # shapes are checked before the bank allocates its storage from them
+            for target, (_, params) in zip(targets, layout.layers, strict=True):
                 layer = self.layers.get(target.name)
                 if layer is not None and key in layer.shared:
                     shared = layer.shared[key]
@@ -75,11 +74,12 @@ class PackedAdapters:
                     shared = spec.weights_cls.build_shared(config, target, targets, self._ctx)
                 weights = spec.weights_cls(config, target, shared)
                 _check_layer_shapes(weights, target.name, params)
-                kinds = {k for k, p in weights.named_parameters() if p.requires_grad}
-                bank.trainable_kinds |= kinds
+                trainable_kinds |= {k for k, p in weights.named_parameters() if p.requires_grad}
                 shared_modules.append(shared)
         finally:
             self._ctx.memo.clear()  # a failed add keeps no regenerated projections
+        bank = AdapterBank(layout, config, spec.weights_cls, targets, key, self._device())
+        bank.trainable_kinds = trainable_kinds
         bank.shared_modules = shared_modules
         for index, (target, shared) in enumerate(zip(targets, shared_modules, strict=True)):
             self._wrap(target.name).add_bank(bank, index, shared)

@@ -197,3 +197,16 @@ def test_failed_add_keeps_no_shared_projections(monkeypatch):
 def test_config_that_is_not_an_object_is_refused(data):
     with pytest.raises(AdapterConfigError):
         config_from_dict(data)
+
+
+def test_packed_layer_table_with_huge_shapes_is_refused_before_the_bank(model):
+    config = config_from_dict(base_config("vera"))
+    layers = [(Q, {"vera_d": [10**9], "vera_b": [32]})]
+    start = time.perf_counter()
+    with pytest.raises(AdapterConfigError, match="do not match the method's"):
+        model.add_packed_adapter("x", config, {}, layers)
+    assert time.perf_counter() - start < 1.0
+    nothing_cached(model)
+    with pytest.raises(AdapterConfigError, match="not layers or blocks of this base"):
+        model.add_packed_adapter("x", config, {}, [("model.nowhere", {})])
+    nothing_cached(model)
