@@ -74,10 +74,19 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client gets for ``exc``."""
     for cls, code in STATUS_OF:
         if isinstance(exc, cls):
-            return code, str(exc) or cls.__name__
+            return code, _bounded(str(exc)) or cls.__name__
     return grpc.StatusCode.INTERNAL, (
-        f"internal error ({type(exc).__name__}: {exc}); the server log has the traceback"
+        f"internal error ({type(exc).__name__}: {str(exc)[:200]}); the server log has the traceback"
     )
+
+
+MAX_MESSAGE_CHARS = 2000  # status details travel in a header: keep them well under its limit
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[: MAX_MESSAGE_CHARS - 20]}… ({len(message)} characters)"
 
 
 class StatusInterceptor(aio.ServerInterceptor):

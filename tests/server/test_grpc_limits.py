@@ -290,3 +290,10 @@ def test_invalid_utf8_is_invalid_argument(tiny_base, store):
         assert info.value.code() == S.INVALID_ARGUMENT, info.value.details()
         assert raw_generate(good, timeout=30).completion_tokens == 2  # still serving
         channel.close()
+
+
+def test_status_messages_are_bounded():
+    code, message = status_of(InvalidRequest("x" * 100_000))
+    assert code == S.INVALID_ARGUMENT and len(message) < 2100
+    code, message = status_of(RuntimeError("y" * 100_000))
+    assert code == S.INTERNAL and len(message) < 400
