@@ -259,7 +259,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             raise InvalidRequest(
                 f"adapter {adapter_id!r} cannot be loaded into the served model "
                 f"({type(exc).__name__}: {str(exc)[:200]}); check it with "
-                "`svda-adapters verify` against this base and export it again"
+                "`svda-pack verify` against this base and export it again"
             ) from exc
         return adapter_file
 
