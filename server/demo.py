@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\n3. uploading the adapters over gRPC")
             for adapter_id, path in files.items():
                 entry = client.upload_adapter(path, adapter_id)
-                print(f"   {entry.id} v{entry.version}: {entry.method}, {entry.size_bytes:,} bytes")
+                print(
+                    f"   {entry.adapter_id} v{entry.version}: {entry.method}, {entry.size_bytes:,} bytes"
+                )
             print("\n4. the same prompts with each adapter and with the base (greedy, one server)")
             show_answers(client, list(files))
             client.close()
