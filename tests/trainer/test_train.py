@@ -112,7 +112,7 @@ def test_only_adapter_parameters_train(tmp_path, tiny_base, toy_data):
 def test_bad_settings_fail_clearly(tmp_path, tiny_base, toy_data):
     with pytest.raises(TrainConfigError, match="no training data"):
         train(TrainConfig(method="lora", base=tiny_base, output_dir=str(tmp_path)))
-    with pytest.raises(TrainConfigError, match="lora r must be"):
+    with pytest.raises(TrainConfigError, match="lora r=0 is out of range"):
         TrainConfig(method="lora", adapter={"r": 0}, data=toy_data).check_runnable()
     with pytest.raises(TrainConfigError, match="unknown adapter method"):
         TrainConfig(method="nope", data=toy_data).check_runnable()

@@ -15,9 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import AdapterConfigError
 from ...regeneration.seeded import vera_projections
-from ..base import AdapterWeights, TargetInfo, check_rank_any_layer, table_rows
+from ..base import AdapterWeights, TargetInfo, table_rows
 from .config import VeraConfig
+
+MAX_PROJECTION_VALUES = 1 << 24  # 64 MiB of float32 for A and B together
 
 
 class VeraProjections(nn.Module):
@@ -48,7 +51,15 @@ class VeraWeights(AdapterWeights):
 
     @classmethod
     def check_targets(cls, config: VeraConfig, targets: Sequence[TargetInfo]) -> None:
-        check_rank_any_layer(config, "r", config.r, targets)
+        """The shared projections hold r·(d_in_max + d_out_max) values: bounded, so that a file's
+        r cannot make the server allocate gigabytes (r may exceed the layers' rank, as in PEFT)."""
+        d_out, d_in = _max_dims(targets)
+        if config.r * (d_in + d_out) > MAX_PROJECTION_VALUES:
+            raise AdapterConfigError(
+                f"vera r={config.r} needs shared projections of {config.r * (d_in + d_out):,} "
+                f"values for layers up to {d_out}x{d_in}; the limit is {MAX_PROJECTION_VALUES:,} "
+                f"(r ≤ {MAX_PROJECTION_VALUES // (d_in + d_out)}): lower r"
+            )
 
     @classmethod
     def shared_key(cls, config: VeraConfig, targets: Sequence[TargetInfo]) -> str:
