@@ -1,4 +1,4 @@
-"""The compact ``.svda`` adapter file: write, read, and load with every check (SPEC.md §4).
+"""The compact ``.svda`` adapter file: write, read, and load with every check (docs/methods.md, regeneration).
 
 A ``.svda`` file is a safetensors file holding only trainable tensors, one flat tensor per kind
 (e.g. ``svda_s``, ``svda_b``: every layer's tensor of that kind concatenated in layer-table

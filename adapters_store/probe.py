@@ -1,7 +1,7 @@
 """Regeneration probes: a few sketches ``q_jᵀ ΔW p_j`` per layer, with fixed random p_j, q_j.
 
 For Gaussian ``p, q`` the sketch of an error ``E`` has standard deviation ``‖E‖_F``, so comparing
-the loader's sketches with the exporter's, relative to the stored ``‖ΔW‖_F``, checks SPEC.md §4's
+the loader's sketches with the exporter's, relative to the stored ``‖ΔW‖_F``, checks the regeneration contract's
 contract (ΔW reproduced within relative Frobenius error 1e-5) with a handful of floats per layer
 and no ``d1 × d2`` matrix: ``ΔW p`` goes through the method's own fast path.
 """

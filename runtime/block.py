@@ -1,5 +1,5 @@
-"""The wrapper for block-level adapters: around a whole attention or MLP module (SPEC.md §3,
-serial / parallel adapters of seed 001).
+"""The wrapper for block-level adapters: around a whole attention or MLP module (docs/methods.md,
+serial / parallel bottleneck adapters).
 
 It shares :class:`~svda.runtime.layer.AdapterLinear`'s bookkeeping (attached modules, slot banks,
 per-row groups) but its base is a module, not a weight:

@@ -1,4 +1,4 @@
-"""Base-model fingerprints (SPEC.md §4): a stable hash of the weights that adapters target.
+"""Base-model fingerprints (docs/methods.md, regeneration): a stable hash of the weights that adapters target.
 
 A layer fingerprint is the SHA-256 of the layer's weight as ``(out, in)`` little-endian float32
 bytes, prefixed by its shape, so the same numbers give the same fingerprint whether the model was

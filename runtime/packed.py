@@ -108,7 +108,7 @@ class PackedAdapters:
     ) -> dict[str, int]:
         """Let frozen adapter ``name`` serve with ΔW within ``tolerance · ‖ΔW‖_F`` of the exact
         one per layer, where its method can make that cheaper (SvdA drops components of δ;
-        SPEC.md §3). ``delta_norms``: exact ‖ΔW‖_F per layer, in the adapter's layer order.
+        docs/methods.md). ``delta_norms``: exact ‖ΔW‖_F per layer, in the adapter's layer order.
         Changes the adapter's tensors in place; returns the method's counts."""
         if not tolerance >= 0:
             raise AdapterConfigError(f"tolerance must be >= 0, got {tolerance}")

@@ -2,7 +2,7 @@
 
 A target is an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2 style, weight stored as
 ``(in, out)``). The output head (``lm_head``) is never a target. Everywhere in svda a target's
-weight is seen as ``W0 ∈ R^{d1×d2}`` (d1 = out features, d2 = in features), as in SPEC.md §2.
+weight is seen as ``W0 ∈ R^{d1×d2}`` (d1 = out features, d2 = in features), as in docs/methods.md.
 """
 
 from __future__ import annotations

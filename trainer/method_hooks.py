@@ -6,7 +6,7 @@
 * AdaLoRA (Zhang et al., 2023): after every backward, the orthogonality regulariser's gradient is
   added and the rank allocator updates importances and prunes on schedule (the kept triplets
   are logged); before export the adapter is compacted to its kept ranks.
-* Hybrid LoRA-GA/BOFT (seed 003): LoRA-GA's initialisation, then after every backward each
+* Hybrid LoRA-GA/BOFT: LoRA-GA's initialisation, then after every backward each
   layer's λ follows the branches' gradient norms (:class:`HybridLambda`); λ per layer is written
   to ``lambda.csv`` and plotted in ``lambda.png``; the adapter stores the last value.
 """

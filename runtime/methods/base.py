@@ -16,7 +16,7 @@ multi-LoRA path (a per-row adapter index, -1 for the base model). A method is th
 
 Frozen tensors that several adapters share (VeRA's random projections, SvdA's singular vectors)
 live in a per-layer *shared* module built by ``build_shared``; they are never trainable and never
-stored in adapter files (SPEC.md §4).
+stored in adapter files (docs/methods.md, regeneration).
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ class AdapterWeights(nn.Module):
 
     # ----- reference math -------------------------------------------------------------------
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
-        """ΔW as ``(d1, d2)`` in the parameters' dtype: the plain formula of SPEC.md §3."""
+        """ΔW as ``(d1, d2)`` in the parameters' dtype: the plain formula of docs/methods.md."""
         raise NotImplementedError
 
     def delta_norm(self, shared: nn.Module | None) -> float:

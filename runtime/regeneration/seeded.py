@@ -1,4 +1,4 @@
-"""Random frozen matrices regenerated from a stored seed (SPEC.md §4).
+"""Random frozen matrices regenerated from a stored seed (docs/methods.md, regeneration).
 
 Always drawn on the CPU in float32 from ``torch.Generator(device="cpu")`` seeded with the stored
 seed, in a fixed order, then cast and moved: bit-identical across runs, thread counts, devices and

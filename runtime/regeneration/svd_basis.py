@@ -1,4 +1,4 @@
-"""SVD bases of base weights, computed once per machine and cached on disk (SPEC.md §4).
+"""SVD bases of base weights, computed once per machine and cached on disk (docs/methods.md, regeneration).
 
 ``W0 = U diag(σ) Vᵀ`` is computed on the CPU in float64 by LAPACK (``torch.linalg.svd``, thin),
 then the canonical sign is applied: for every singular pair the entry of largest magnitude in the

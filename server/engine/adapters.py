@@ -119,7 +119,7 @@ class AdapterManager:
         prune_tolerance: float = 0.0,
     ):
         self.model, self.store, self.budget = model, store, budget_bytes
-        self.prune_tolerance = prune_tolerance  # SvdA δ pruning bound ε (SPEC.md §3)
+        self.prune_tolerance = prune_tolerance  # SvdA δ pruning bound ε (docs/methods.md)
         self.model_lock = model_lock
         self.metrics = metrics
         self._is_merged = is_merged or (lambda name: model.state.merged == name)

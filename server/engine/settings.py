@@ -28,7 +28,7 @@ class EngineSettings:
     max_context_tokens: int = 0  # 0: the model's max_position_embeddings (capped at 8192)
     max_new_tokens_limit: int = 1024
     adapter_memory_bytes: int = 256 << 20  # budget for resident adapters' tensors (LRU beyond)
-    svda_prune_tolerance: float = 0.05  # ε of SPEC.md §3: SvdA δ pruning bound (0 = exact)
+    svda_prune_tolerance: float = 0.05  # ε of docs/methods.md: SvdA δ pruning bound (0 = exact)
     merge_policy: str = "auto"  # "auto" | "never" | "always-single"
     device: str = "cpu"
     merge_min_tokens: int = 32  # "auto": merge only if at least this many tokens remain

@@ -311,7 +311,7 @@ def test_gguf_and_converted_safetensors_are_the_same_model(smollm2):
 
 @pytest.mark.real_model
 def test_float32_svd_of_a_real_weight_reproduces_a_trained_delta(smollm2):
-    """SPEC.md §4's measurement: float32 vs float64 SVD of a 576×576 SmolLM2 weight."""
+    """the regeneration contract's measurement: float32 vs float64 SVD of a 576×576 SmolLM2 weight."""
     w = smollm2.model.model.layers[0].self_attn.q_proj.weight
     exact, rough = compute_svd_basis(w), compute_svd_basis(w, dtype=torch.float32)
     generator = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""Regeneration contract (SPEC.md §4): seeded matrices bit-identical; SVD bases canonical, cached,
+"""Regeneration contract (docs/methods.md, regeneration): seeded matrices bit-identical; SVD bases canonical, cached,
 validated, and reproducing ΔW within relative Frobenius error 1e-5."""
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ def test_closed_form_delta_norm_equals_the_plain_one(svd_cache):
 
 
 def reference_prune(model: AdapterModel, name: str, norms, tolerance: float) -> dict:
-    """SPEC.md §3 pruning layer by layer, the plain way: sort the bounds |δ_i|·max|b|, drop the
+    """docs/methods.md pruning layer by layer, the plain way: sort the bounds |δ_i|·max|b|, drop the
     smallest while their squares sum to at most (ε‖ΔW‖)²."""
     pruned = {}
     for layer, norm in zip(model.layers_of(name), norms, strict=True):

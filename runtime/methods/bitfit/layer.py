@@ -1,4 +1,4 @@
-"""BitFit on one layer: only a bias offset β (d1,) is trained; ΔW = 0 (SPEC.md §3).
+"""BitFit on one layer: only a bias offset β (d1,) is trained; ΔW = 0 (docs/methods.md).
 
 The batched path gathers each row's β; merging adds β into the base bias, or creates the bias
 where the base layer has none (and removes it again on unmerge).

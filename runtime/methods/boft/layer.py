@@ -1,4 +1,4 @@
-"""BOFT weights on one layer (Liu et al., 2024; SPEC.md §3, multiplicative methods).
+"""BOFT weights on one layer (Liu et al., 2024; docs/methods.md, multiplicative methods).
 
     W' = diag(s) · W0 · Rᵀ,   R = M_{m-1} ⋯ M_0,   M_i = P_i · blockdiag(B_i1 … B_iD) · P_iᵀ,
     B = (I + Q)(I − Q)⁻¹ (Cayley, Q skew-symmetric b × b),   s = 1 + ds

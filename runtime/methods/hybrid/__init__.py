@@ -1,4 +1,4 @@
-"""Hybrid LoRA-GA / BOFT (seed 003): W' = W0 + λ·ΔW_LoRA-GA + (1 − λ)·W0·(Rᵀ − I)."""
+"""Hybrid LoRA-GA / BOFT: W' = W0 + λ·ΔW_LoRA-GA + (1 − λ)·W0·(Rᵀ − I)."""
 
 from .config import HybridConfig
 from .layer import HybridWeights

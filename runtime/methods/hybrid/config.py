@@ -1,4 +1,4 @@
-"""Configuration of the hybrid LoRA-GA / BOFT method (seed 003, SPEC.md §3 "Hybrid")."""
+"""Configuration of the hybrid LoRA-GA / BOFT method (docs/methods.md, "Hybrid")."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Hybrid LoRA-GA / BOFT weights on one layer (seed 003; SPEC.md §3 "Hybrid").
+"""Hybrid LoRA-GA / BOFT weights on one layer (docs/methods.md, "Hybrid").
 
     W' = W0 + λ · (α/r)(B·A − B0·A0) + (1 − λ) · W0 · (Rᵀ − I)
 
 ``B·A − B0·A0`` is LoRA-GA's update (A0, B0 from the gradient's SVD, stored), ``R`` a BOFT
 rotation of the input side (butterfly product of Cayley-orthogonal blocks; the seed rotates the
-output side, ``(R − I)·W0``: SPEC.md allows the input-side equivalent, which reuses BOFT's
+output side, ``(R − I)·W0``: both sides allow the input-side equivalent, which reuses BOFT's
 kernels and PEFT's layout). ``λ ∈ [0, 1]`` is one number per layer, set by the trainer from the
 branches' smoothed gradient norms (``svda.trainer.method_hooks.HybridLambda``), frozen at export
 and stored as the tensor ``hybrid_lambda (1,)``. Unlike the seed's Algorithm 2, the hybrid delta

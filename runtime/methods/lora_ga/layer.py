@@ -1,4 +1,4 @@
-"""LoRA-GA weights on one layer (SPEC.md §3).
+"""LoRA-GA weights on one layer (docs/methods.md).
 
     ΔW = (α/r) · (B·A − B0·A0),   A, A0 (r, d2),   B, B0 (d1, r)
 

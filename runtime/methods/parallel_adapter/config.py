@@ -1,4 +1,4 @@
-"""Parallel bottleneck adapter configuration (seed 001: LLM-Adapters; He et al., 2022,
+"""Parallel bottleneck adapter configuration (LLM-Adapters, Hu et al., 2023; He et al., 2022,
 "Towards a Unified View of Parameter-Efficient Transfer Learning")."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Parallel bottleneck adapter on one block: ``H_out ← H_out + s · g(H_in)`` (seed 001; the
+"""Parallel bottleneck adapter on one block: ``H_out ← H_out + s · g(H_in)`` (LLM-Adapters; the
 shared bottleneck code and shapes are in ``serial_adapter.layer``)."""
 
 from __future__ import annotations

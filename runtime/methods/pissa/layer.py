@@ -1,4 +1,4 @@
-"""PiSSA weights on one layer (SPEC.md §3): LoRA factors initialised from the principal part of
+"""PiSSA weights on one layer (docs/methods.md): LoRA factors initialised from the principal part of
 W0, served on the unmodified base as
 
     ΔW = B·A − B0·A0,   A0 = diag(√σ_r)·V_rᵀ (r, d2),   B0 = U_r·diag(√σ_r) (d1, r)

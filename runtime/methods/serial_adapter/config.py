@@ -1,4 +1,4 @@
-"""Serial (Houlsby-style) bottleneck adapter configuration (seed 001: LLM-Adapters; Houlsby et
+"""Serial (Houlsby-style) bottleneck adapter configuration (LLM-Adapters, Hu et al., 2023; Houlsby et
 al., 2019, "Parameter-Efficient Transfer Learning for NLP")."""
 
 from __future__ import annotations

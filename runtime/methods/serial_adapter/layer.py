@@ -1,4 +1,4 @@
-"""Bottleneck adapters on one attention/MLP block (seed 001; SPEC.md §3), serial here, parallel
+"""Bottleneck adapters on one attention/MLP block (Houlsby et al., 2019; docs/methods.md), serial here, parallel
 in ``parallel_adapter``:
 
     serial:    H ← H + s · g(H),          parallel:  H_out ← H_out + s · g(H_in)

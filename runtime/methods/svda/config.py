@@ -1,4 +1,4 @@
-"""SvdA configuration (seed 000: SVD-based adaptation; SPEC.md §3)."""
+"""SvdA configuration (SVD-based adaptation; docs/methods.md)."""
 
 from __future__ import annotations
 

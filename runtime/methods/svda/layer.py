@@ -1,4 +1,4 @@
-"""SvdA weights on one layer (seed 000; SPEC.md §3).
+"""SvdA weights on one layer (SVD-based adaptation; docs/methods.md).
 
     ΔW = diag(b) · U · diag(s) · Vᵀ,   W0 = U diag(σ) Vᵀ (thin SVD, canonical sign)
 
@@ -114,7 +114,7 @@ class SvdaWeights(AdapterWeights):
     def prune_packed(
         cls, tensors, layers, shared, delta_norms, tolerance, memo=None
     ) -> dict[str, int]:
-        """SPEC.md §3: dropping component i changes ΔW by ``|δ_i| · ‖b ⊙ u_i‖`` in Frobenius
+        """docs/methods.md: dropping component i changes ΔW by ``|δ_i| · ‖b ⊙ u_i‖`` in Frobenius
         norm, orthogonally across i, and ``‖b ⊙ u_i‖ ≤ max|b|`` (u_i has unit norm). Per layer,
         the components with the smallest bounds ``|δ_i| · max|b|`` are dropped (δ_i := 0, i.e.
         s_i := σ_i) while the sum of their squares stays within ``(tolerance · ‖ΔW‖_F)²``: an

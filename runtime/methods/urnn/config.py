@@ -1,5 +1,5 @@
 """uRNN-unitary configuration (Arjovsky et al., 2016, "Unitary Evolution Recurrent Neural
-Networks"; seed 003 applies it to transformer weights)."""
+Networks"; applied here to transformer weights)."""
 
 from __future__ import annotations
 

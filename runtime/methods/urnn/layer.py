@@ -1,4 +1,4 @@
-"""uRNN-unitary weights on one layer (Arjovsky et al., 2016; seed 003; SPEC.md §3).
+"""uRNN-unitary weights on one layer (Arjovsky et al., 2016; docs/methods.md).
 
     W' = R · W0,   R = U(θ, v0 + dv) · U(0, v0)ᴴ,   U = D3 R2 F⁻¹ D2 Π R1 F D1  on C^{d1/2}
 

@@ -94,7 +94,7 @@ class VeraWeights(AdapterWeights):
             )
         a, b = pair
         dtype, device = target.dtype, target.weight.device
-        # seeded generation is bit-identical everywhere (SPEC.md §4): the recipe is the identity
+        # seeded generation is bit-identical everywhere (docs/methods.md, regeneration): the recipe is the identity
         recipe = f"{key}:A[:, :{target.d_in}]:B[:{target.d_out}]:{dtype}"
         return VeraProjections(
             a[:, : target.d_in].to(device=device, dtype=dtype),
