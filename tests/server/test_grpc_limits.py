@@ -136,8 +136,10 @@ def test_upload_flood_keeps_memory_bounded_and_refuses_extras(tiny_base, store):
         assert S.RESOURCE_EXHAUSTED in results  # more than max_concurrent_uploads at once
         assert set(results) <= {S.RESOURCE_EXHAUSTED, S.INVALID_ARGUMENT}
         mib = (before >> 20, peak >> 20, after >> 20)
-        assert peak - before < 250 << 20, mib
-        assert after - before < 200 << 20, mib
+        # the clients run in this process too (their gRPC buffers count); buffered whole, the
+        # server alone held >= 2 x 24 MiB per upload: >= 576 MiB for one round of 12
+        assert peak - before < 480 << 20, mib
+        assert after - before < 400 << 20, mib
         with Client(address) as client:
             assert client.info().max_batch_size == 16  # still serving
     assert _staged(store) == []
