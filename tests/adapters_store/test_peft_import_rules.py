@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from peft import AutoPeftModelForCausalLM, BOFTConfig, PeftModel, get_peft_model
+from peft import AutoPeftModelForCausalLM, BOFTConfig, PeftModel
 from peft import LoraConfig as PeftLoraConfig
 from peft import VeraConfig as PeftVeraConfig
 from transformers import LlamaForCausalLM
@@ -24,21 +24,11 @@ from svda.adapters_store.peft_compat import (
 )
 from svda.runtime import AdapterModel, LoraConfig
 from svda.runtime.methods import BoftConfig
+from tests.adapters_store.test_peft_compat import peft_folder
 from tests.runtime.helpers import perturb, tiny_gpt2, tiny_llama
 from tests.tiny_base import tiny_base_folder
 
 IDS = torch.arange(14).view(2, 7)
-
-
-@torch.no_grad()
-def peft_folder(folder, peft_config, make=tiny_llama):
-    """A PEFT model with random trainable parameters, saved to ``folder``."""
-    peft_model = get_peft_model(make(), peft_config)
-    for name, p in peft_model.named_parameters():
-        if p.requires_grad:
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
-    peft_model.save_pretrained(folder)
-    return peft_model.eval()
 
 
 def edit_config(folder, **fields) -> None:
