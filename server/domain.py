@@ -2,7 +2,9 @@
 
 The servicer (``svda.server.servicer``) converts protobuf messages to these and back; the engine
 (``svda.server.engine``) never sees protobuf. Errors raised by the engine are the classes below
-(or the store's / format's own errors); one interceptor maps them to gRPC status codes
+or the store's / format's own errors, one name per concept: an adapter the caller may not see is
+``svda.adapters_store.AdapterNotFound`` (NOT_FOUND), one made for another base is
+``svda.adapters_store.BaseMismatch`` (FAILED_PRECONDITION)); one interceptor maps them to gRPC status codes
 (``svda.server.interceptor``).
 """
 
@@ -22,17 +24,6 @@ class ServingError(Exception):
 
 class InvalidRequest(ServingError, ValueError):
     """Bad sampling parameters, an empty prompt, a prompt over the context length (INVALID_ARGUMENT)."""
-
-
-class UnknownAdapter(ServingError, KeyError):
-    """The adapter id is in neither memory nor the store, or the caller may not see it (NOT_FOUND)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
-class AdapterBaseMismatch(ServingError):
-    """The adapter was made for another base model (FAILED_PRECONDITION)."""
 
 
 class Overloaded(ServingError):

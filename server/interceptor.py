@@ -29,13 +29,11 @@ from svda.adapters_store.store import (
 )
 
 from .domain import (
-    AdapterBaseMismatch,
     InvalidRequest,
     Overloaded,
     PermissionDenied,
     ServingError,
     Unauthenticated,
-    UnknownAdapter,
 )
 from .metrics import Metrics
 
@@ -53,9 +51,7 @@ class UploadStalled(ServingError):
 # Checked in order: the first class the exception is an instance of wins (BaseMismatch is an
 # AdapterFormatError, so it comes first).
 STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (UnknownAdapter, grpc.StatusCode.NOT_FOUND),
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
-    (AdapterBaseMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (BaseMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterFormatError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),

@@ -41,12 +41,10 @@ from svda.adapters_store.store_types import (
 from svda.runtime import AdapterModel
 
 from ..domain import (
-    AdapterBaseMismatch,
     InvalidRequest,
     Overloaded,
     PermissionDenied,
     ResidentAdapter,
-    UnknownAdapter,
     short_id,
 )
 from ..metrics import Metrics
@@ -91,10 +89,10 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
-def unknown_adapter(adapter_id: str, tenant: str | None) -> UnknownAdapter:
+def unknown_adapter(adapter_id: str, tenant: str | None) -> AdapterNotFound:
     """The one answer for an id the caller may not see: absent, or another tenant's."""
     who = f" for tenant {tenant!r}" if tenant is not None else ""
-    return UnknownAdapter(
+    return AdapterNotFound(
         f"adapter {short_id(adapter_id)} is not in the store{who}; list the adapters you may "
         "use, or upload it first"
     )
@@ -144,7 +142,7 @@ class AdapterManager:
                 "[A-Za-z0-9._-], starting with a letter or digit, without '..'"
             ) from None
         if entry.base_fingerprint != self.model.fingerprint.whole:
-            raise AdapterBaseMismatch(
+            raise BaseMismatch(
                 f"adapter {adapter_id!r} (version {entry.version}) was made for base model "
                 f"{entry.base_fingerprint[:16]}…, this server serves "
                 f"{self.model.fingerprint.whole[:16]}…; retrain or re-export it for this base"
@@ -238,7 +236,7 @@ class AdapterManager:
     @staticmethod
     def _translate(entry: StoreEntry, exc: BaseException) -> BaseException:
         if isinstance(exc, BaseMismatch):
-            error = AdapterBaseMismatch(f"adapter {entry.id!r} (version {entry.version}): {exc}")
+            error = BaseMismatch(f"adapter {entry.id!r} (version {entry.version}): {exc}")
             error.__cause__ = exc
             return error
         return exc
@@ -349,7 +347,7 @@ class AdapterManager:
     def unload(self, adapter_id: str, tenant: str | None = None) -> bool:
         """Detach every version of ``adapter_id`` now, or when its requests finish; False if
         none is resident. An id ``tenant`` may not read (absent, malformed, another tenant's)
-        raises :class:`UnknownAdapter` with the same message in every case."""
+        raises :class:`AdapterNotFound` with the same message in every case."""
         with self._lock:
             found = [r for r in self._resident.values() if r.key[0] == adapter_id]
         visible_found = [r for r in found if visible(r.entry, tenant)]

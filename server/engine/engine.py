@@ -120,8 +120,8 @@ class Engine:
         request: GenerationRequest,
         on_event: Callable[[object], None],
     ) -> RequestHandle:
-        """Check ``request`` and queue it; raises InvalidRequest, UnknownAdapter,
-        AdapterBaseMismatch or Overloaded before queuing (see the module docstring)."""
+        """Check ``request`` and queue it; raises InvalidRequest, AdapterNotFound,
+        BaseMismatch or Overloaded before queuing (see the module docstring)."""
         params = request.params
         params.validate(self.settings.max_new_tokens_limit)
         prompt_ids = self.encode_prompt(request)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from svda.adapters_store import load_adapter, publish_adapter
+from svda.adapters_store.store_types import AdapterNotFound
 from svda.runtime import AdapterModel, load_base_model
-from svda.server.domain import Overloaded, PermissionDenied, UnknownAdapter
+from svda.server.domain import Overloaded, PermissionDenied
 from svda.server.engine import EngineSettings
 from svda.server.engine.adapters import AdapterManager
 from tests.server.conftest import make_adapter
@@ -109,14 +110,14 @@ def test_tenants_see_their_own_and_shared_adapters(tiny_base, store, adapter_byt
     with running_engine(tiny_base, store) as engine:
         assert submit(engine, request("acme.private", "mine", 4, tenant="acme")).wait()
         assert submit(engine, request("lora-a", "shared", 4, tenant="globex")).wait()
-        with pytest.raises(UnknownAdapter, match=r"acme\.private"):
+        with pytest.raises(AdapterNotFound, match=r"acme\.private"):
             engine.submit(request("acme.private", "not yours", 4, tenant="globex"), print)
-        with pytest.raises(UnknownAdapter):
+        with pytest.raises(AdapterNotFound):
             engine.load_adapter("acme.private", tenant="globex")
         assert ("acme.private", 1) not in resident(engine, tenant="globex")
         assert ("acme.private", 1) in resident(engine, tenant="acme")
         assert ("lora-a", 1) in resident(engine, tenant="globex")
-        with pytest.raises(UnknownAdapter):
+        with pytest.raises(AdapterNotFound):
             engine.unload_adapter("acme.private", tenant="globex")
         with pytest.raises(PermissionDenied, match="shared"):
             engine.pin_adapter("lora-a", tenant="acme")

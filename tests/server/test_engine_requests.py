@@ -9,16 +9,15 @@ import time
 
 import pytest
 
-from svda.adapters_store import AdapterStore, publish_adapter
+from svda.adapters_store import AdapterStore, BaseMismatch, publish_adapter
+from svda.adapters_store.store_types import AdapterNotFound
 from svda.server.domain import (
-    AdapterBaseMismatch,
     ChatMessage,
     FinishReason,
     GenerationRequest,
     InvalidRequest,
     Overloaded,
     SamplingParams,
-    UnknownAdapter,
 )
 from svda.server.engine import Engine, EngineSettings
 from tests.server.conftest import make_adapter
@@ -129,9 +128,9 @@ def test_unknown_adapter_base_mismatch_and_overload(tmp_path, tiny_base, store):
     other_base = tiny_base_folder(tmp_path / "other", seed=1)
     publish_adapter(store, make_adapter(other_base, "lora"), "foreign")
     engine = Engine(tiny_base, store, EngineSettings(max_waiting=1, svda_prune_tolerance=0.0))
-    with pytest.raises(UnknownAdapter, match="nope"):
+    with pytest.raises(AdapterNotFound, match="nope"):
         engine.submit(request("nope", "x"), Collector())
-    with pytest.raises(AdapterBaseMismatch, match="foreign"):
+    with pytest.raises(BaseMismatch, match="foreign"):
         engine.submit(request("foreign", "x"), Collector())
     engine.submit(request(None, "x"), Collector())  # not started: it waits
     with pytest.raises(Overloaded, match="waiting"):
@@ -179,7 +178,7 @@ def test_base_mismatch_found_at_load_time_is_reported(tmp_path, tiny_base, store
     store.publish(foreign, "lying", method="lora", base_fingerprint=engine.model.fingerprint.whole)
     engine.start()
     try:
-        with pytest.raises(AdapterBaseMismatch, match="lying"):
+        with pytest.raises(BaseMismatch, match="lying"):
             submit(engine, request("lying", "x", 4)).wait()
     finally:
         engine.stop()

@@ -21,12 +21,10 @@ from svda.adapters_store.store import (
 from svda.server import cli
 from svda.server.auth import Authenticator, TokenFileError, read_token_file
 from svda.server.domain import (
-    AdapterBaseMismatch,
     InvalidRequest,
     Overloaded,
     PermissionDenied,
     Unauthenticated,
-    UnknownAdapter,
 )
 from svda.server.interceptor import StatusInterceptor, status_of
 from svda.server.metrics import Metrics
@@ -125,9 +123,7 @@ def test_serve_argument_parsing(tmp_path, capsys):
 
 # ----- the interceptor --------------------------------------------------------------------------
 ERRORS = [
-    (UnknownAdapter("adapter 'x' is not in the store"), grpc.StatusCode.NOT_FOUND),
     (AdapterNotFound("no version 3"), grpc.StatusCode.NOT_FOUND),
-    (AdapterBaseMismatch("made for base 1234"), grpc.StatusCode.FAILED_PRECONDITION),
     (BaseMismatch("trained on base 1234"), grpc.StatusCode.FAILED_PRECONDITION),
     (PayloadHashMismatch("payload hash differs"), grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidRequest("top_p must be in (0, 1]"), grpc.StatusCode.INVALID_ARGUMENT),
