@@ -14,6 +14,7 @@ from .registry import (
     available_methods,
     config_from_dict,
     get_method,
+    linear_methods,
     register_method,
 )
 from .serial_adapter import SerialAdapterConfig, SerialAdapterWeights
@@ -92,5 +93,6 @@ __all__ = [
     "available_methods",
     "config_from_dict",
     "get_method",
+    "linear_methods",
     "register_method",
 ]

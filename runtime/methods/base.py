@@ -286,6 +286,15 @@ class AdapterWeights(nn.Module):
         """Change of the layer's bias (d1,), or None: most methods leave the bias alone."""
         return None
 
+    def serving_form(self, shared: nn.Module | None, base_bias: torch.Tensor | None = None) -> Any:
+        """This adapter on this layer as a one-slot ``serving_form.LayerForm`` (detached): what
+        engines serve. ``base_bias``: the layer's ``b0`` (d1,) or None. Every linear method
+        implements it; the common suite checks it against ``get_delta_weight``."""
+        raise NotImplementedError(
+            f"{self.method} has no serving form: block-level methods are served by the native "
+            "engine only"
+        )
+
     def merge_into(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
         """``W0 ← W0 + ΔW`` in place (computed in float64, cast back)."""
         delta = self.get_delta_weight(shared).to(torch.float64)

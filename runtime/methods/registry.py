@@ -1,7 +1,9 @@
 """The one registry of adapter methods: name -> (config class, weights class).
 
 A new method lives in its own folder (``config.py`` + ``layer.py``) and is added here with
-:func:`register_method`; nothing else in the runtime changes.
+:func:`register_method`; nothing else in the runtime changes. Every linear-layer method must
+answer ``serving_form`` (its per-layer serving form, ``runtime.serving_form``): registration
+refuses one that does not.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ class MethodSpec:
     weights_cls: type[AdapterWeights]
     summary: str
 
+    @property
+    def has_serving_form(self) -> bool:
+        """True for linear-layer methods (they compile to ``runtime.serving_form``); block-level
+        methods (serial/parallel adapters) are served by the native engine only."""
+        return self.weights_cls.target_kind == "linear"
+
 
 _METHODS: dict[str, MethodSpec] = {}
 
@@ -31,6 +39,14 @@ def register_method(
     if not name or name != weights_cls.method:
         raise ValueError(
             f"config and weights disagree on the method name: {name!r} vs {weights_cls.method!r}"
+        )
+    if (
+        weights_cls.target_kind == "linear"
+        and weights_cls.serving_form is AdapterWeights.serving_form
+    ):
+        raise ValueError(
+            f"linear method {name!r} must implement serving_form (runtime.serving_form): "
+            "engines serve linear methods through it"
         )
     if name in _METHODS and _METHODS[name].weights_cls is not weights_cls:
         raise ValueError(f"method {name!r} is already registered")
@@ -50,6 +66,11 @@ def get_method(name: str) -> MethodSpec:
 
 def available_methods() -> list[str]:
     return sorted(_METHODS)
+
+
+def linear_methods() -> list[str]:
+    """Registered methods that compile to a per-layer serving form."""
+    return sorted(name for name, spec in _METHODS.items() if spec.has_serving_form)
 
 
 def config_from_dict(data: dict[str, Any]) -> AdapterConfig:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ...regeneration.seeded import seeded_generator
+from ...serving_form.primitives import LayerForm, LowRank
 from ..base import (
     AdapterWeights,
     TargetInfo,
@@ -44,6 +45,11 @@ class AdaLoraWeights(AdapterWeights):
 
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         return (self.adalora_P * self.adalora_lambda) @ self.adalora_Q * self.scaling
+
+    def serving_form(self, shared, base_bias=None) -> LayerForm:
+        """``LowRank(Q, (α/r)·P·diag(λ))``."""
+        b = self.adalora_P * self.adalora_lambda * self.scaling  # (d1, r_l)
+        return LayerForm(self.d_in, self.d_out, terms=(LowRank(self.adalora_Q[None], b[None]),))
 
     @classmethod
     def check_targets(cls, config: AdaLoraConfig, targets: Sequence[TargetInfo]) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...serving_form.primitives import BiasDelta, LayerForm
 from ..base import AdapterWeights, TargetInfo, table_rows
 from .config import BitFitConfig
 
@@ -32,6 +33,10 @@ class BitFitWeights(AdapterWeights):
 
     def get_delta_bias(self, shared: nn.Module | None) -> torch.Tensor:
         return self.bitfit_bias
+
+    def serving_form(self, shared, base_bias=None) -> LayerForm:
+        """``BiasDelta(β)``."""
+        return LayerForm(self.d_in, self.d_out, bias=BiasDelta(self.bitfit_bias[None]))
 
     def merge_into(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
         """ΔW = 0: the weight is untouched; the layer merges the bias (see ``get_delta_bias``)."""

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import AdapterStateError
+from ...serving_form.primitives import InputRotation, LayerForm, OutputScale
 from ..base import AdapterWeights, TargetInfo, table_rows
 from .config import BoftConfig
 from .ops import (
@@ -135,6 +136,14 @@ class BoftWeights(AdapterWeights):
         delta = w0 @ (r - eye).T  # W0 Rᵀ − W0
         ds = self.scale_offset()
         return delta if ds is None else delta + ds[:, None] * (w0 + delta)
+
+    def serving_form(self, shared, base_bias=None) -> LayerForm:
+        """``InputRotation(Cayley(Q), mix 1)`` then ``OutputScale(ds)``: ``s ⊙ W0 (Rᵀx)``."""
+        blocks = cayley(self.boft_q, self.block_size)[None]  # (1, m, D, b, b)
+        rotation = InputRotation(blocks, shared.perms, blocks.new_ones(1))
+        ds = self.scale_offset()
+        scale = None if ds is None else OutputScale(ds[None])
+        return LayerForm(self.d_in, self.d_out, input_rotation=rotation, output_scale=scale)
 
     def merge_into(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
         """``W ← diag(s) W Rᵀ`` (float64)."""

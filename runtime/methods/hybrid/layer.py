@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...regeneration.seeded import kaiming_uniform, seeded_generator
+from ...serving_form.primitives import InputRotation, LayerForm, LowRank
 from ..base import AdapterWeights, TargetInfo, check_rank_per_layer, stack_with_zero_row, table_rows
 from ..boft.layer import BoftShared, BoftWeights, block_layout_of
 from ..boft.ops import cayley, dense_rotation, rotate_rows, triangle_size
@@ -93,6 +94,16 @@ class HybridWeights(AdapterWeights):
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         lam = self.hybrid_lambda
         return lam * self.low_rank_delta() + (1 - lam) * self.rotation_delta(shared)
+
+    def serving_form(self, shared, base_bias=None) -> LayerForm:
+        """``InputRotation(Cayley(Q), mix 1 − λ)`` and rank-2r ``LowRank`` scaled by λ·α/r."""
+        lam = self.hybrid_lambda  # (1,)
+        blocks = cayley(self.boft_q, self.block_size)[None]  # (1, m, D, b, b)
+        rotation = InputRotation(blocks, shared.perms, 1 - lam)
+        a = torch.cat([self.lora_A, self.lora_A0])  # (2r, d2)
+        b = torch.cat([self.lora_B, -self.lora_B0], dim=1) * (lam * self.scaling)  # (d1, 2r)
+        terms = (LowRank(a[None], b[None]),)
+        return LayerForm(self.d_in, self.d_out, input_rotation=rotation, terms=terms)
 
     def merge_into(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
         """``W ← W + ΔW`` (float64), keeping the original for an exact unmerge."""

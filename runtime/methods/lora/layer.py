@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...regeneration.seeded import kaiming_uniform, seeded_generator
+from ...serving_form.primitives import LayerForm, LowRank
 from ..base import (
     AdapterWeights,
     TargetInfo,
@@ -41,6 +42,11 @@ class LoraWeights(AdapterWeights):
 
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (d1, d2)
+
+    def serving_form(self, shared, base_bias=None) -> LayerForm:
+        """``LowRank(A, (α/r)·B)``."""
+        low_rank = LowRank(self.lora_A[None], (self.lora_B * self.scaling)[None])
+        return LayerForm(self.d_in, self.d_out, terms=(low_rank,))
 
     @classmethod
     def check_targets(cls, config: LoraConfig, targets: Sequence[TargetInfo]) -> None:

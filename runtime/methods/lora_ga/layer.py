@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ...regeneration.seeded import kaiming_uniform, seeded_generator
+from ...serving_form.primitives import LayerForm, LowRank
 from ..base import (
     AdapterWeights,
     TargetInfo,
@@ -54,6 +55,12 @@ class LoraGaWeights(AdapterWeights):
 
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         return (self.lora_B @ self.lora_A - self.lora_B0 @ self.lora_A0) * self.scaling
+
+    def serving_form(self, shared, base_bias=None) -> LayerForm:
+        """Rank 2r: ``LowRank([A; A0], (α/r)·[B, −B0])``."""
+        a = torch.cat([self.lora_A, self.lora_A0])  # (2r, d2)
+        b = torch.cat([self.lora_B, -self.lora_B0], dim=1) * self.scaling  # (d1, 2r)
+        return LayerForm(self.d_in, self.d_out, terms=(LowRank(a[None], b[None]),))
 
     @classmethod
     def check_targets(cls, config: LoraGaConfig, targets: Sequence[TargetInfo]) -> None:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...serving_form.primitives import LayerForm, LowRank
 from ..base import (
     AdapterWeights,
     TargetInfo,
@@ -70,6 +71,14 @@ class PissaWeights(AdapterWeights):
         u, v = shared.U[:, : self.r].to(dtype), shared.V[:, : self.r].to(dtype)
         principal = (u * shared.sigma[: self.r].to(dtype)) @ v.T  # B0 A0
         return self.lora_B @ self.lora_A - principal  # (d1, d2)
+
+    def serving_form(self, shared, base_bias=None) -> LayerForm:
+        """Rank 2r: ``LowRank([A; V_rᵀ], [B, −U_r·diag(σ_r)])``."""
+        dtype = self.lora_A.dtype
+        u, v = shared.U[:, : self.r].to(dtype), shared.V[:, : self.r].to(dtype)
+        a = torch.cat([self.lora_A, v.T])  # (2r, d2)
+        b = torch.cat([self.lora_B, -u * shared.sigma[: self.r].to(dtype)], dim=1)  # (d1, 2r)
+        return LayerForm(self.d_in, self.d_out, terms=(LowRank(a[None], b[None]),))
 
     @classmethod
     def member_tables(cls, members, shared) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...regeneration.svd_basis import SVD_ALGORITHM
+from ...serving_form.primitives import LayerForm, OutputScale, SharedBasisLowRank
 from ..base import AdapterWeights, TargetInfo, check_rank_any_layer, stack_with_zero_row, table_rows
 from .config import SvdaConfig
 
@@ -91,6 +92,22 @@ class SvdaWeights(AdapterWeights):
         s_full = torch.cat([self.svda_s, shared.sigma[self.k :].to(self.svda_s.dtype)])
         u, v = shared.U.to(self.svda_s.dtype), shared.V.to(self.svda_s.dtype)
         return self.svda_b[:, None] * ((u * s_full) @ v.T)  # (d1, d2), the plain formula
+
+    def serving_form(self, shared, base_bias=None) -> LayerForm:
+        """``OutputScale(b)`` and ``SharedBasisLowRank(Vᵀ, U, inner=δ, outer=b)``, δ = s − σ
+        (zero beyond the top k): ``h = W0x + b ⊙ (W0x + U(δ ⊙ Vᵀx))``."""
+        dtype = self.svda_s.dtype
+        delta = torch.zeros_like(shared.sigma, dtype=dtype)
+        delta[: self.k] = self.delta(shared)
+        b = self.svda_b[None]  # (1, d1)
+        term = SharedBasisLowRank(
+            shared.V.T.to(dtype),
+            shared.U.to(dtype),
+            delta[None],
+            b,
+            key=getattr(shared, "identity", ""),
+        )
+        return LayerForm(self.d_in, self.d_out, output_scale=OutputScale(b), terms=(term,))
 
     def delta_norm(self, shared: nn.Module | None) -> float:
         """‖ΔW‖_F² = Σ_j b_j² Σ_i s_i² U_ji² (V has orthonormal columns): O(d1·m), no d1×d2."""

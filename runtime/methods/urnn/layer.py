@@ -32,6 +32,7 @@ from torch import nn
 
 from ...errors import AdapterConfigError
 from ...regeneration.seeded import seeded_generator
+from ...serving_form.primitives import LayerForm, OutputRotation
 from ..base import AdapterWeights, TargetInfo
 from ..boft.layer import BaseWeightShared
 from .config import UrnnConfig
@@ -151,6 +152,12 @@ class UrnnWeights(AdapterWeights):
         columns = to_complex(shared.weight_for(self.urnn_theta).to(dtype).T)  # (d2, n)
         mine, base = self.factors(shared, dtype)
         return to_real(relative_rotation(columns, mine, base, shared)).T  # (d1, d2)
+
+    def serving_form(self, shared, base_bias=None) -> LayerForm:
+        """``OutputRotation(θ, v0 + dv)``: ``h + (U(θ, v) − U(0, v0)) U(0, v0)ᴴ h``."""
+        v0 = shared.v0.to(self.urnn_v.dtype)
+        rotation = OutputRotation(self.urnn_theta[None], (v0 + self.urnn_v)[None], v0, shared.perm)
+        return LayerForm(self.d_in, self.d_out, output_rotation=rotation)
 
     def merge_into(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
         """``W ← R W = U(θ, v) U(0, v0)ᴴ W`` (complex128)."""

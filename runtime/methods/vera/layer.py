@@ -17,6 +17,7 @@ from torch import nn
 
 from ...errors import AdapterConfigError
 from ...regeneration.seeded import vera_projections
+from ...serving_form.primitives import LayerForm, SharedBasisLowRank
 from ..base import AdapterWeights, TargetInfo, table_rows
 from .config import VeraConfig
 
@@ -105,6 +106,18 @@ class VeraWeights(AdapterWeights):
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         a, b = shared.A.to(self.vera_d.dtype), shared.B.to(self.vera_d.dtype)
         return self.vera_b[:, None] * (b * self.vera_d[None, :]) @ a  # (d1, d2)
+
+    def serving_form(self, shared, base_bias=None) -> LayerForm:
+        """``SharedBasisLowRank(A, B, inner=d, outer=b)``: A, B shared by every slot."""
+        dtype = self.vera_d.dtype
+        term = SharedBasisLowRank(
+            shared.A.to(dtype),
+            shared.B.to(dtype),
+            self.vera_d[None],
+            self.vera_b[None],
+            key=getattr(shared, "identity", ""),
+        )
+        return LayerForm(self.d_in, self.d_out, terms=(term,))
 
     @classmethod
     def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:
