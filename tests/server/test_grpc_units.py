@@ -123,7 +123,9 @@ def test_serve_argument_parsing(tmp_path, capsys):
 
 # ----- the interceptor --------------------------------------------------------------------------
 ERRORS = [
+    (AdapterNotFound("adapter 'x' is not in the store"), grpc.StatusCode.NOT_FOUND),
     (AdapterNotFound("no version 3"), grpc.StatusCode.NOT_FOUND),
+    (BaseMismatch("made for base 1234"), grpc.StatusCode.FAILED_PRECONDITION),
     (BaseMismatch("trained on base 1234"), grpc.StatusCode.FAILED_PRECONDITION),
     (PayloadHashMismatch("payload hash differs"), grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidRequest("top_p must be in (0, 1]"), grpc.StatusCode.INVALID_ARGUMENT),
