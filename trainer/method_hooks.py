@@ -18,13 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from svda.runtime.methods.adalora import (
-    AdaLoraBudget,
-    compact_adalora,
-    orthogonal_regularization,
-)
 from svda.runtime.targets import is_conv1d
 
+from .adalora_budget import AdaLoraBudget, compact_adalora, orthogonal_regularization
 from .hooks import HookContext, TrainerHook, register_method_hooks
 from .report import append_lambda_rows, drop_lambda_rows_from, plot_lambdas
 

@@ -8,7 +8,7 @@ import torch
 from svda.adapters_store import export_adapter, load_adapter, read_adapter
 from svda.runtime import AdapterModel
 from svda.runtime.methods import AdaLoraConfig, BitFitConfig, LoraGaConfig, PissaConfig
-from svda.runtime.methods.adalora import (
+from svda.trainer.adalora_budget import (
     AdaLoraBudget,
     compact_adalora,
     orthogonal_regularization,

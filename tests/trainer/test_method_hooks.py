@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import csv
+import re
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import svda.runtime
 from svda.adapters_store import read_adapter
 from svda.runtime.methods import HybridConfig, HybridWeights, TargetInfo
 from svda.trainer.method_hooks import HybridLambda
@@ -65,3 +70,17 @@ def test_lambda_uses_the_branches_unit_weight_gradient_norms():
     ctx, w = _context(0.5, g_low=1.0, g_rot=0.0)  # clamped at 1 − lambda_min
     HybridLambda().after_backward(ctx, 0)
     assert float(w.hybrid_lambda) == pytest.approx(0.95)
+
+
+def test_runtime_holds_no_training_code_and_never_imports_the_trainer():
+    runtime = Path(svda.runtime.__file__).parent
+    importers = [
+        str(path.relative_to(runtime))
+        for path in runtime.rglob("*.py")
+        if re.search(r"^\s*(from|import)\s+(svda\.trainer|\.+trainer)\b", path.read_text(), re.M)
+    ]
+    assert importers == [], f"runtime files import the trainer: {importers}"
+    assert not (runtime / "methods" / "adalora" / "budget.py").exists()
+    code = "import sys, svda.runtime, svda.adapters_store; print(sorted(m for m in sys.modules if m.startswith('svda.trainer')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

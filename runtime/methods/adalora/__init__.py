@@ -1,11 +1,7 @@
-from .budget import AdaLoraBudget, compact_adalora, orthogonal_regularization
+"""AdaLoRA's config and weights (serving); its rank allocator, regulariser and compaction are
+training-only and live in :mod:`svda.trainer.adalora_budget`."""
+
 from .config import AdaLoraConfig
 from .layer import AdaLoraWeights
 
-__all__ = [
-    "AdaLoraBudget",
-    "AdaLoraConfig",
-    "AdaLoraWeights",
-    "compact_adalora",
-    "orthogonal_regularization",
-]
+__all__ = ["AdaLoraConfig", "AdaLoraWeights"]

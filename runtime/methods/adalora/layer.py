@@ -2,7 +2,7 @@
 
     ΔW = (α/r) · P · diag(λ) · Q,   P (d1, r_l), λ (r_l,), Q (r_l, d2)
 
-``r_l`` is the layer's rank: r while training, the kept ranks after :func:`.budget.compact_adalora`
+``r_l`` is the layer's rank: r while training, the kept ranks after :func:`svda.trainer.adalora_budget.compact_adalora`
 (the config's ``layer_ranks``). The batched path is LoRA's with ``B = P·diag(λ)``.
 """
 

@@ -1,5 +1,6 @@
 """AdaLoRA's training-time parts: importance-based budget pruning, the orthogonality regulariser,
-and compaction to the kept ranks before export (Zhang et al., 2023, §3-4).
+and compaction to the kept ranks before export (Zhang et al., 2023, §3-4). Training only: they
+live in the trainer, and the runtime (which serves AdaLoRA adapters) never imports them.
 
 The trainer calls, for an AdaLoRA adapter ``name``:
 
@@ -17,15 +18,11 @@ cubic schedule between ``tinit`` and ``total_steps − tfinal``; pruned λ_i are
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 import torch
 
-from .config import AdaLoraConfig
-from .layer import AdaLoraWeights
-
-if TYPE_CHECKING:  # the model imports the methods, not the other way round
-    from ...model import AdapterModel
+from svda.runtime import AdapterModel
+from svda.runtime.methods.adalora import AdaLoraConfig, AdaLoraWeights
 
 
 def _weights(model: AdapterModel, name: str) -> dict[str, AdaLoraWeights]:
