@@ -1,10 +1,13 @@
-"""Converting between Hugging Face PEFT adapter folders and svda adapters (LoRA, VeRA, BOFT).
+"""Converting between Hugging Face PEFT adapter folders and svda adapters (LoRA, DoRA, VeRA,
+BOFT, IA³).
 
 What is accepted is decided first, from the folder alone (``check_peft_folder``, rules in
 ``peft_rules``); conversions are exact: rsLoRA and per-layer ``rank_pattern``/``alpha_pattern``
 become one svda LoRA of the largest rank, A and B zero-padded to it and each layer's scale
 folded into B relative to the stored alpha; BOFT's ``boft_R``/``boft_s`` become svda's upper
-triangles and scale offsets.
+triangles and scale offsets; DoRA (a LoRA saved with ``use_dora=True``) is LoRA's conversion
+plus ``...lora_magnitude_vector`` (d_out,); IA³'s ``...ia3_l`` is ``(d_out, 1)`` on layers that
+scale their output and ``(1, d_in)`` on feed-forward layers (their input), stored as ``l − 1``.
 
 A PEFT folder is ``adapter_config.json`` + ``adapter_model.safetensors`` with keys such as
 ``base_model.model.<layer>.lora_A.weight`` (r, d_in), ``...lora_B.weight`` (d_out, r),
@@ -29,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from svda.runtime import AdapterModel, LoraConfig, VeraConfig
 from svda.runtime.errors import AdapterConfigError
-from svda.runtime.methods import BoftConfig
+from svda.runtime.methods import BoftConfig, DoraConfig, Ia3Config
 from svda.runtime.methods.base import AdapterConfig
 from svda.runtime.methods.boft.ops import peft_to_upper, upper_to_peft
 from svda.runtime.regeneration.seeded import vera_projections
@@ -76,7 +79,7 @@ def check_peft_folder(folder: str | Path) -> tuple[AdapterConfig, dict[str, torc
 
 
 def import_peft(folder: str | Path, model: AdapterModel, name: str) -> None:
-    """Attach the PEFT LoRA/VeRA/BOFT adapter in ``folder`` to ``model`` as ``name``."""
+    """Attach the PEFT LoRA/DoRA/VeRA/BOFT/IA3 adapter in ``folder`` to ``model`` as ``name``."""
     svda_config, layer_params = check_peft_folder(folder)
     try:
         model.add_adapter(name, svda_config)
@@ -214,10 +217,50 @@ def _boft(
     return svda, out
 
 
+# ----- DoRA and IA³ ----------------------------------------------------------------------------
+def _dora(
+    config: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]]
+) -> tuple[DoraConfig, dict[str, torch.Tensor]]:
+    """LoRA's exact conversion (scales folded into B, so s·B·A and the norm are unchanged) and
+    the magnitude vectors as they are."""
+    lora, out = _lora(config, layers)
+    for layer, found in layers.items():
+        m, d_out = found["lora_magnitude_vector"], found["lora_B.weight"].shape[0]
+        if m.dim() != 1 or m.shape[0] != d_out:
+            raise PeftConversionError(
+                f"layer {layer}: lora_magnitude_vector {tuple(m.shape)} is not ({d_out},), one "
+                "magnitude per output; svda imports DoRA on Linear/Conv1D layers only"
+            )
+        out[f"{layer}.dora_m"] = m.float()
+    fields = {f: getattr(lora, f) for f in ("targets", "r", "alpha", "dropout")}
+    return DoraConfig(**fields), out
+
+
+def _ia3(
+    config: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]]
+) -> tuple[Ia3Config, dict[str, torch.Tensor]]:
+    """``ia3_l (d_out, 1)``: an output scale; ``(1, d_in)``: a feed-forward (input) scale."""
+    out, feedforward = {}, []
+    for layer, found in layers.items():
+        scale = found["ia3_l"]
+        if scale.dim() != 2 or 1 not in scale.shape:
+            raise PeftConversionError(
+                f"layer {layer}: ia3_l {tuple(scale.shape)} is neither (d_out, 1) nor (1, d_in); "
+                "svda imports IA3 on Linear/Conv1D layers only"
+            )
+        if scale.shape[0] == 1 and scale.shape[1] != 1:
+            feedforward.append(layer)
+        out[f"{layer}.ia3_dl"] = scale.float().reshape(-1) - 1.0
+    ff = _targets(feedforward) if feedforward else None
+    return Ia3Config(targets=_targets(layers), feedforward_modules=ff), out
+
+
 CONVERTERS: dict[str, Callable[..., tuple[AdapterConfig, dict[str, torch.Tensor]]]] = {
     "LORA": _lora,
+    "DORA": _dora,
     "VERA": _vera,
     "BOFT": _boft,
+    "IA3": _ia3,
 }
 
 
@@ -243,16 +286,23 @@ def _check_projections(config: dict[str, Any], tensors: dict[str, torch.Tensor])
 def export_peft(
     model: AdapterModel, name: str, folder: str | Path, base_name: str | None = None
 ) -> Path:
-    """Write adapter ``name`` (LoRA, VeRA or BOFT) as a folder ``PeftModel.from_pretrained``
+    """Write adapter ``name`` (LoRA, DoRA, VeRA, BOFT or IA³) as a folder ``PeftModel.from_pretrained``
     loads. ``base_name`` becomes ``base_model_name_or_path`` (what AutoPeftModel loads): give
     the base's local folder so it loads offline."""
     config = model.configs[name]
     params = model.adapter_state_dict(name)
     layers = sorted({k.rsplit(".", 1)[0] for k in params})
-    writers = {"lora": _export_lora, "vera": _export_vera, "boft": _export_boft}
+    writers = {
+        "lora": _export_lora,
+        "dora": _export_dora,
+        "vera": _export_vera,
+        "boft": _export_boft,
+        "ia3": _export_ia3,
+    }
     if config.method not in writers:
         raise PeftConversionError(
-            f"method {config.method!r} has no PEFT equivalent svda writes (LoRA, VeRA and BOFT)"
+            f"method {config.method!r} has no PEFT equivalent svda writes (LoRA, DoRA, VeRA, "
+            "BOFT and IA3)"
         )
     tensors, peft_config = writers[config.method](model, config, params, layers)
     conv1d = any(is_conv1d(model.layers[layer].base_layer) for layer in layers)
@@ -306,6 +356,27 @@ def _export_lora(model, config, params, layers) -> tuple[dict[str, torch.Tensor]
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
     }
+
+
+def _export_dora(model, config, params, layers) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, peft_config = _export_lora(model, config, params, layers)
+    for layer in layers:
+        tensors[_key(layer, "lora_magnitude_vector")] = params[f"{layer}.dora_m"]
+    return tensors, {**peft_config, "use_dora": True}
+
+
+def _export_ia3(model, config, params, layers) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``l = 1 + dl`` as ``(d_out, 1)``, or ``(1, d_in)`` on feed-forward layers."""
+    tensors, feedforward = {}, []
+    for layer in layers:
+        scale = 1.0 + params[f"{layer}.ia3_dl"]
+        if config.is_feedforward(layer):
+            feedforward.append(layer)
+            tensors[_key(layer, "ia3_l")] = scale.reshape(1, -1)
+        else:
+            tensors[_key(layer, "ia3_l")] = scale.reshape(-1, 1)
+    ff = target_modules(model, feedforward) if feedforward else []
+    return tensors, {"peft_type": "IA3", "feedforward_modules": ff}
 
 
 def _export_vera(model, config, params, layers) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -23,6 +23,8 @@ LAYER_KEYS = {
     "LORA": ("lora_A.weight", "lora_B.weight"),
     "VERA": ("vera_lambda_d", "vera_lambda_b"),
     "BOFT": ("boft_R", "boft_s"),
+    "DORA": ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"),  # LORA + use_dora
+    "IA3": ("ia3_l",),
 }
 
 Rule = Callable[[Any], bool]
@@ -86,6 +88,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "alpha_pattern": mapping,
         # gaussian/default inits leave the base untouched (PiSSA, OLoRA, LoftQ, EVA... do not)
         "init_lora_weights": one_of(True, False, "gaussian"),
+        "use_dora": one_of(True, False),  # True: a DoRA adapter (magnitude vectors)
         # only meaningful together with refused fields
         **dict.fromkeys(
             ("qalora_group_size", "megatron_core", "runtime_config", "ensure_weight_tying"),
@@ -109,10 +112,14 @@ RULES: dict[str, dict[str, Rule]] = {
         "boft_dropout": number,
         "init_weights": one_of(True, False),
     },
+    "IA3": {
+        **COMMON,
+        "feedforward_modules": anything,  # the tensors' shapes say which side each layer scales
+        "init_ia3_weights": one_of(True, False),
+    },
 }
 HINTS = {
     "lora_bias": "the LoRA B bias tensors",
-    "use_dora": "DoRA's magnitude vectors",
     "trainable_token_indices": "trainable token embeddings",
     "modules_to_save": "fully trained copies of whole modules",
     "alora_invocation_tokens": "activated LoRA (it applies only after the invocation tokens)",
@@ -141,14 +148,15 @@ def peft_type_of(config: dict[str, Any]) -> str:
 
 
 def check_config(config: dict[str, Any]) -> str:
-    """The PEFT type, after refusing any field svda cannot represent."""
+    """The PEFT type, after refusing any field svda cannot represent ("DORA" for a LoRA saved
+    with ``use_dora=True``)."""
     peft_type = peft_type_of(config)
     rules = RULES[peft_type]
     for field, value in config.items():
         rule = rules.get(field, unset)
         if not rule(value):
             raise PeftConversionError(_field_message(peft_type, field, value))
-    return peft_type
+    return "DORA" if peft_type == "LORA" and config.get("use_dora") is True else peft_type
 
 
 def _field_message(peft_type: str, field: str, value: Any) -> str:

@@ -13,7 +13,6 @@ change, so it names the original weights even while an adapter is merged.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,11 +27,10 @@ from .errors import AdapterConfigError, AdapterStateError
 from .fingerprint import BaseFingerprint, base_fingerprint, block_fingerprint
 from .layer import HALF_DTYPES, AdapterLinear, AdapterState
 from .methods import AdapterConfig, TargetInfo, get_method
+from .names import check_adapter_name
 from .packed import PackedAdapters
 from .regeneration.svd_basis import SvdBasisCache
 from .targets import iter_candidate_blocks, resolve_module, select_targets, weight_out_in
-
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
 
 
 @dataclass
@@ -108,11 +106,7 @@ class AdapterModel(PackedAdapters, nn.Module):
             self.state.set((), None)
 
     def check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not ADAPTER_NAME.match(name):
-            raise AdapterConfigError(
-                f"adapter name {name!r} is invalid: use 1-128 letters, digits, '_' or '-', "
-                "starting with a letter or digit"
-            )
+        check_adapter_name(name)  # the rule of store ids too (runtime.names)
         if name in self.configs:
             raise AdapterConfigError(
                 f"an adapter named {name!r} is already attached; delete it first"
@@ -123,10 +117,11 @@ class AdapterModel(PackedAdapters, nn.Module):
         layer, or an attention/MLP block (then ``weight`` is one of its parameters, for the
         device and dtype, and both dims are the hidden size)."""
         module = self._base_module(layer_name)
+        bias = None
         if layer_name in self.blocks():
             weight, (d_out, d_in) = next(module.parameters()), self.blocks()[layer_name]
         else:
-            weight = weight_out_in(module)
+            weight, bias = weight_out_in(module), module.bias
             d_out, d_in = weight.shape
         return TargetInfo(
             name=layer_name,
@@ -135,6 +130,7 @@ class AdapterModel(PackedAdapters, nn.Module):
             weight=weight.detach(),
             fingerprint=self.layer_fingerprint(layer_name),
             dtype=torch.float32 if weight.dtype in HALF_DTYPES else weight.dtype,
+            bias=None if bias is None else bias.detach(),
         )
 
     def layer_fingerprint(self, layer_name: str) -> str:

@@ -4,7 +4,9 @@ from .adalora import AdaLoraConfig, AdaLoraWeights
 from .base import AdapterConfig, AdapterWeights, TargetInfo
 from .bitfit import BitFitConfig, BitFitWeights
 from .boft import BoftConfig, BoftWeights
+from .dora import DoraConfig, DoraWeights
 from .hybrid import HybridConfig, HybridWeights
+from .ia3 import Ia3Config, Ia3Weights
 from .lora import LoraConfig, LoraWeights
 from .lora_ga import LoraGaConfig, LoraGaWeights
 from .parallel_adapter import ParallelAdapterConfig, ParallelAdapterWeights
@@ -51,6 +53,14 @@ register_method(
     "Hybrid LoRA-GA/BOFT: ΔW = λ·(α/r)(B·A − B0·A0) + (1 − λ)·W0·(Rᵀ − I), λ per layer stored",
 )
 register_method(
+    DoraConfig,
+    DoraWeights,
+    "Weight-decomposed LoRA: W' = m ⊙ (W0 + (α/r)·B·A) / ‖W0 + (α/r)·B·A‖_row",
+)
+register_method(
+    Ia3Config, Ia3Weights, "(IA)³: y = l ⊙ (W0 x + b0), or W0 (l ⊙ x) + b0 on feed-forward layers"
+)
+register_method(
     SerialAdapterConfig,
     SerialAdapterWeights,
     "Bottleneck after a block: H ← H + s·(f(H·W_downᵀ)·W_upᵀ) (not mergeable)",
@@ -70,8 +80,12 @@ __all__ = [
     "BitFitWeights",
     "BoftConfig",
     "BoftWeights",
+    "DoraConfig",
+    "DoraWeights",
     "HybridConfig",
     "HybridWeights",
+    "Ia3Config",
+    "Ia3Weights",
     "LoraConfig",
     "LoraGaConfig",
     "LoraGaWeights",

@@ -230,6 +230,7 @@ class TargetInfo:
     weight: torch.Tensor  # W0 as (d1, d2): a view of the base weight, never modified here
     fingerprint: str  # layer fingerprint (runtime.fingerprint)
     dtype: torch.dtype  # dtype of adapter tensors: the weight's, float32 for half-precision bases
+    bias: torch.Tensor | None = None  # b0 (d1,): a view of the base bias (None: none, or a block)
 
 
 class AdapterWeights(nn.Module):

@@ -82,8 +82,8 @@ def test_vera_projections_that_do_not_regenerate_are_refused(tmp_path, svd_cache
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ({"use_dora": True}, "use_dora"),
-        ({"peft_type": "IA3"}, "cannot be imported"),
+        ({"use_dora": True}, r"lacks.*lora_magnitude_vector"),  # DoRA needs its magnitudes
+        ({"peft_type": "LOHA"}, "cannot be imported"),
     ],
 )
 def test_unsupported_peft_adapters_are_refused(edit, message, tmp_path, svd_cache):

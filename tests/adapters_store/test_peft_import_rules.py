@@ -90,7 +90,7 @@ def test_peft_folders_svda_cannot_represent_are_refused(case, tmp_path):
     ("fields", "message"),
     [
         ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens"),
-        ({"use_dora": True}, "use_dora"),
+        ({"use_qalora": True}, "use_qalora"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights"),
         ({"layer_replication": [[0, 1], [0, 1]]}, "layer_replication"),
         ({"a_field_from_a_newer_peft": 3}, "a_field_from_a_newer_peft"),
@@ -117,12 +117,12 @@ def test_bias_all_with_bias_tensors_is_refused(tmp_path):
 
 
 def test_refusal_comes_before_the_base_model_is_loaded(tmp_path, capsys):
-    peft_folder(tmp_path / "peft", PeftLoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    peft_folder(tmp_path / "peft", PeftLoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
     missing_base = tmp_path / "no-such-base"
     argv = ["import-peft", str(tmp_path / "peft"), "--base", str(missing_base)]
     assert main([*argv, "--out-file", str(tmp_path / "x.svda")]) == 2
     err = capsys.readouterr().err
-    assert "use_dora" in err and "no-such-base" not in err
+    assert "lora_bias" in err and "no-such-base" not in err
 
 
 # ----- exact conversions -------------------------------------------------------------------

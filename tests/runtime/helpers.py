@@ -10,7 +10,9 @@ from svda.runtime.methods import (
     AdaLoraConfig,
     BitFitConfig,
     BoftConfig,
+    DoraConfig,
     HybridConfig,
+    Ia3Config,
     LoraGaConfig,
     ParallelAdapterConfig,
     PissaConfig,
@@ -55,6 +57,9 @@ METHOD_CONFIGS = {
         targets=targets, r=2, alpha=4.0, block_size=4, n_butterfly_factor=2, lambda_init=0.3
     ),
     "urnn": lambda targets: UrnnConfig(targets=targets, permutation_seed=5),
+    "dora": lambda targets: DoraConfig(targets=targets, r=4, alpha=8.0),
+    # down_proj (Llama) and c_fc (GPT-2) scale their input, the others their output (and bias)
+    "ia3": lambda targets: Ia3Config(targets=targets, feedforward_modules="down_proj,c_fc"),
     # block-level methods adapt whole modules: after the MLP, beside the attention
     "serial_adapter": lambda targets: SerialAdapterConfig(targets="mlp", bottleneck=4),
     "parallel_adapter": lambda targets: ParallelAdapterConfig(

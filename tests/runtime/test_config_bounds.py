@@ -27,6 +27,7 @@ UNIT = [-0.1, 1.0, math.inf, math.nan]  # for fields in [0, 1)
 # field -> bad values; shape-dependent ones (1000 on a 32-wide model) fail at add time
 BAD_VALUES: dict[str, list[Any]] = {
     "targets": ["", " , ", "re:(", "no_such_proj"],
+    "feedforward_modules": ["", " , ", "re:("],  # names matching no target are fine (as PEFT)
     "r": [0, -3, 1000, 10**6, 10**9, 2**70],
     "target_r": [0, 10**6],
     "top_k": [0, 1000, 10**9],
