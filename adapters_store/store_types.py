@@ -30,7 +30,11 @@ __all__ = [
 ]
 
 OBJECT_SUFFIX = ".svda"
+# The naming rule of ids, tenants and adapter names is svda.runtime.names' (NAME_PATTERN,
+# NAME_RULE): restated here because importing svda.runtime loads torch, and the store opens
+# without it; tests/adapters_store/test_store.py checks that the two agree.
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+NAME_RULE = "1-128 characters from [A-Za-z0-9._-], starting with a letter or digit, without '..'"
 
 
 class StoreError(Exception):
@@ -125,8 +129,7 @@ def validate_id(id: str) -> str:
     """Return ``id`` if it is a valid adapter id, else raise :class:`InvalidAdapterId`."""
     if not isinstance(id, str) or not _ID_RE.fullmatch(id) or ".." in id:
         raise InvalidAdapterId(
-            f"invalid adapter id {_short(id)}: use 1-128 characters from [A-Za-z0-9._-], "
-            "starting with a letter or digit, without '..' or '/'"
+            f"invalid adapter id {_short(id)}: use {NAME_RULE} (adapter names follow the same rule)"
         )
     return id
 
@@ -140,10 +143,7 @@ def validate_tenant(tenant: str | None) -> str | None:
             "namespace) or a tenant name"
         )
     if not isinstance(tenant, str) or not _ID_RE.fullmatch(tenant) or ".." in tenant:
-        raise InvalidMetadata(
-            f"invalid tenant {_short(tenant)}: use 1-128 characters from [A-Za-z0-9._-], "
-            "starting with a letter or digit"
-        )
+        raise InvalidMetadata(f"invalid tenant {_short(tenant)}: use {NAME_RULE}")
     return tenant
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from .bank import AdapterBank, local_rows
 from .methods.base import AdapterWeights
+from .names import AdapterDict
 from .targets import weight_out_in
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -80,7 +81,7 @@ class AdapterLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.layer_name = layer_name
-        self.adapters = nn.ModuleDict()  # attached (trainable) adapters: name -> AdapterWeights
+        self.adapters = AdapterDict()  # attached (trainable) adapters: name -> AdapterWeights
         self.shared = nn.ModuleDict()  # shared key -> frozen module (or empty nn.Module)
         self.adapter_keys: dict[str, str] = {}  # attached adapter name -> shared key
         self.banks: list[tuple[AdapterBank, int]] = []  # slot banks on this layer, our index

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import enum
 import math
-import re
 import time
 from dataclasses import dataclass, field
+
+from svda.runtime.names import MAX_NAME_CHARS, NAME_RULE, is_valid_name, short
 
 
 # ----- errors (mapped to gRPC status codes by the interceptor) -----------------------------------
@@ -38,25 +39,19 @@ class PermissionDenied(ServingError):
     """The caller's tenant may not do this (PERMISSION_DENIED)."""
 
 
-MAX_ID_CHARS = 128
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_ID_CHARS = MAX_NAME_CHARS
 
 
 def short_id(adapter_id: str, limit: int = 40) -> str:
     """``adapter_id`` quoted for an error message: at most ``limit`` characters of it."""
-    if len(adapter_id) <= limit:
-        return repr(adapter_id)
-    return f"{adapter_id[:limit]!r}… ({len(adapter_id)} characters)"
+    return short(adapter_id, limit)
 
 
 def check_adapter_id(adapter_id: str) -> str:
-    """``adapter_id`` if it is a valid store id (1-128 of [A-Za-z0-9._-], no '..'), else
-    :class:`InvalidRequest` quoting at most a short prefix of it."""
-    if not _ID_RE.fullmatch(adapter_id) or ".." in adapter_id:
-        raise InvalidRequest(
-            f"invalid adapter id {short_id(adapter_id)}: use 1-{MAX_ID_CHARS} characters "
-            "from [A-Za-z0-9._-], starting with a letter or digit, without '..'"
-        )
+    """``adapter_id`` if it follows the naming rule of ids and names (``svda.runtime.names``),
+    else :class:`InvalidRequest` quoting at most a short prefix of it."""
+    if not is_valid_name(adapter_id):
+        raise InvalidRequest(f"invalid adapter id {short_id(adapter_id)}: use {NAME_RULE}")
     return adapter_id
 
 
