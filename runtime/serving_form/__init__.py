@@ -12,11 +12,13 @@ A method keeps its reference ``get_delta_weight``; for serving it also answers
 
 Engines implement these primitives once (per row or token, with a slot index, -1 = the base);
 the contract — tensors, shapes, dtypes, slots — is the docstring of :mod:`.primitives`, and the
-reference of each primitive is :func:`reference_forward`. Serial and parallel adapters change
+reference of each primitive is :func:`reference_forward`; :func:`gathered_forward` is a batched
+torch implementation (zero slot appended by :func:`with_zero_row`, rows gathered by slot). Serial and parallel adapters change
 whole blocks and stay on the native engine. docs/methods.md, "Serving form".
 """
 
 from .compile import compile_adapter, compile_layer, stack_forms
+from .fast import gathered_forward, with_zero_row
 from .primitives import (
     BiasDelta,
     InputRotation,
@@ -43,6 +45,8 @@ __all__ = [
     "apply_slot",
     "compile_adapter",
     "compile_layer",
+    "gathered_forward",
     "reference_forward",
     "stack_forms",
+    "with_zero_row",
 ]

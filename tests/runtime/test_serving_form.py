@@ -14,8 +14,10 @@ from svda.runtime.methods import get_method, linear_methods
 from svda.runtime.serving_form import (
     compile_adapter,
     compile_layer,
+    gathered_forward,
     reference_forward,
     stack_forms,
+    with_zero_row,
 )
 
 from .helpers import METHOD_CONFIGS, perturb, tiny_gpt2, tiny_llama
@@ -133,3 +135,24 @@ def test_stacking_refuses_forms_of_different_shared_bases(svd_cache):
     forms = [compile_adapter(model, n)[name] for n in ("a", "b")]
     with pytest.raises(AdapterConfigError, match="shared by every slot"):
         stack_forms(forms)
+
+
+@pytest.mark.parametrize(("method", "arch"), CASES)
+def test_gathered_primitives_equal_the_reference(method, arch, svd_cache):
+    """The batched torch implementation (zero slot appended, rows gathered) equals the
+    per-slot reference, and rows at -1 are the base bit for bit."""
+    model = two_adapters(method, arch, svd_cache)
+    forms = {name: compile_adapter(model, name) for name in ("a", "b")}
+    slots = torch.tensor([1, -1, 0, 1, -1])
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in model.layers_of("a"):
+            name = layer.layer_name
+            form = stack_forms([forms["a"][name], forms["b"][name]])
+            x = torch.randn(5, 3, layer.shape[1], generator=generator)
+            w0, b0 = layer.weight_out_in(), layer.bias
+            fast = gathered_forward(with_zero_row(form), x, slots, w0, b0)
+            torch.testing.assert_close(
+                fast, reference_forward(form, x, slots, w0, b0), rtol=1e-4, atol=1e-5
+            )
+            assert torch.equal(fast[slots < 0], F.linear(x, w0, b0)[slots < 0])
