@@ -287,14 +287,43 @@ class AdapterWeights(nn.Module):
         """Change of the layer's bias (d1,), or None: most methods leave the bias alone."""
         return None
 
+    # ----- serving form (runtime.serving_form) ------------------------------------------------
+    @classmethod
+    def table_form(
+        cls, tables: dict[str, torch.Tensor], shared: nn.Module | None, zero_row: bool
+    ) -> Any:
+        """The ``serving_form.LayerForm`` of every row of ``tables`` (``(n, *shape)`` per kind,
+        constants ``(n,)``, as :meth:`member_tables` or a slot bank's views give them), one slot
+        per row; with ``zero_row`` the last row is a table's zero row and its slot must be the
+        identity. A method that implements it gets :meth:`serving_form`, :meth:`prepare` and
+        :meth:`add_prepared` from it: the native engine then runs it through the form's
+        primitives (``serving_form.fast``). Others override those three instead."""
+        raise NotImplementedError
+
+    @classmethod
+    def has_table_form(cls) -> bool:
+        return cls.table_form.__func__ is not AdapterWeights.table_form.__func__
+
+    def single_tables(self) -> dict[str, torch.Tensor]:
+        """This adapter's tensors and constants as one-row tables (for :meth:`table_form`)."""
+        tables = {kind: p[None] for kind, p in self.named_parameters()}
+        like = next(iter(tables.values()))
+        for kind, value in self.constants().items():
+            tables[kind] = torch.tensor([float(value)], dtype=like.dtype, device=like.device)
+        return tables
+
     def serving_form(self, shared: nn.Module | None, base_bias: torch.Tensor | None = None) -> Any:
         """This adapter on this layer as a one-slot ``serving_form.LayerForm`` (detached): what
         engines serve. ``base_bias``: the layer's ``b0`` (d1,) or None. Every linear method
-        implements it; the common suite checks it against ``get_delta_weight``."""
-        raise NotImplementedError(
-            f"{self.method} has no serving form: block-level methods are served by the native "
-            "engine only"
-        )
+        implements it (or :meth:`table_form`); the common suite checks it against
+        ``get_delta_weight``."""
+        if not self.has_table_form():
+            raise NotImplementedError(
+                f"{self.method} has no serving form: block-level methods are served by the "
+                "native engine only"
+            )
+        form = type(self).table_form(self.single_tables(), shared, zero_row=False)
+        return dataclasses.replace(form, d_in=self.d_in, d_out=self.d_out)
 
     def merge_into(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
         """``W0 ← W0 + ΔW`` in place (computed in float64, cast back)."""
@@ -365,7 +394,14 @@ class AdapterWeights(nn.Module):
         ``tables`` (rows of the tables, -1: the zero row; None: every batch row uses row 0),
         shaped to broadcast over an activation of ``ndim`` dimensions. A layer caches it while
         the composition and the tables stay the same (a decode loop), unless it is training."""
-        raise NotImplementedError
+        if not cls.has_table_form():
+            raise NotImplementedError(f"{cls.method} implements neither prepare nor table_form")
+        from ..serving_form.fast import gather_slots  # (serving_form imports this module)
+
+        form = cls.table_form(tables, shared, zero_row=row_index is not None)
+        if row_index is None:
+            row_index = torch.zeros(1, dtype=torch.long, device=next(iter(tables.values())).device)
+        return {"form": gather_slots(form, row_index)}  # each batch row's slot, gathered once
 
     @classmethod
     def prepare_bank(cls, bank: Any, row_index: torch.Tensor, ndim: int) -> list[dict[str, Any]]:
@@ -390,7 +426,16 @@ class AdapterWeights(nn.Module):
         """The fast path: ``result + ΔW_{row} x`` for every batch row. ``x``: (B, ..., d2);
         ``out0 = W0 x``: (B, ..., d1), both in the adapter dtype. ``dropout`` applies to the
         adapter's input (training). Frozen tensors in ``shared`` are applied once per batch."""
-        raise NotImplementedError
+        if not cls.has_table_form():
+            raise NotImplementedError(
+                f"{cls.method} implements neither add_prepared nor table_form"
+            )
+        from ..serving_form.fast import form_delta  # (serving_form imports this module)
+
+        form = prepared["form"]
+        weight = shared.weight_for(x) if form.reads_base_input_changed else None
+        term_x = x if dropout is None else dropout(x)
+        return result + form_delta(form, x, out0, weight, term_x).to(result.dtype)
 
     @classmethod
     def add_table_delta(

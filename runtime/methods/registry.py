@@ -43,9 +43,11 @@ def register_method(
     if (
         weights_cls.target_kind == "linear"
         and weights_cls.serving_form is AdapterWeights.serving_form
+        and not weights_cls.has_table_form()
     ):
         raise ValueError(
-            f"linear method {name!r} must implement serving_form (runtime.serving_form): "
+            f"linear method {name!r} must implement table_form or serving_form "
+            "(runtime.serving_form): "
             "engines serve linear methods through it"
         )
     if name in _METHODS and _METHODS[name].weights_cls is not weights_cls:

@@ -18,7 +18,7 @@ whole blocks and stay on the native engine. docs/methods.md, "Serving form".
 """
 
 from .compile import compile_adapter, compile_layer, stack_forms
-from .fast import gathered_forward, with_zero_row
+from .fast import form_delta, gather_slots, gathered_forward, with_zero_row
 from .primitives import (
     BiasDelta,
     InputRotation,
@@ -45,6 +45,8 @@ __all__ = [
     "apply_slot",
     "compile_adapter",
     "compile_layer",
+    "form_delta",
+    "gather_slots",
     "gathered_forward",
     "reference_forward",
     "stack_forms",

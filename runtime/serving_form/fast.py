@@ -24,7 +24,7 @@ from ..methods.urnn.unitary import (
     to_real,
 )
 from .compile import SHARED_FIELDS
-from .primitives import LayerForm, LowRank, SharedBasisLowRank
+from .primitives import LayerForm, LowRank, OutputRotation, SharedBasisLowRank
 
 
 def with_zero_row(form: LayerForm) -> LayerForm:
@@ -58,31 +58,110 @@ def with_zero_row(form: LayerForm) -> LayerForm:
     )
 
 
-def _rows(table: torch.Tensor, slots: torch.Tensor, ndim: int) -> torch.Tensor:
-    """``table[slots]`` (n, k) -> (N, 1.., k) broadcastable over an activation of ``ndim``."""
-    picked = table[slots]
-    return picked.view(picked.shape[0], *([1] * (ndim - 2)), *picked.shape[1:])
+def gather_slots(form: LayerForm, slots: torch.Tensor) -> LayerForm:
+    """The form whose slot ``i`` is slot ``slots[i]`` of ``form`` (``-1``: its last slot, the zero
+    slot of :func:`with_zero_row` or of a table): per-row tensors, gathered once per batch
+    composition; shared tensors are kept."""
+
+    def pick(p: Any) -> Any:
+        if p is None:
+            return None
+        values = {}
+        for f in dataclasses.fields(p):
+            value = getattr(p, f.name)
+            per_slot = isinstance(value, torch.Tensor) and (
+                isinstance(p, LowRank) or f.name not in SHARED_FIELDS
+            )
+            values[f.name] = value[slots] if per_slot else value
+        return type(p)(**values)
+
+    return dataclasses.replace(
+        form,
+        n_slots=len(slots),
+        input_scale=pick(form.input_scale),
+        input_rotation=pick(form.input_rotation),
+        output_rotation=pick(form.output_rotation),
+        output_scale=pick(form.output_scale),
+        terms=tuple(pick(t) for t in form.terms),
+        bias=pick(form.bias),
+    )
 
 
-def _low_rank(t: LowRank, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+def _rows(table: torch.Tensor, ndim: int, lead: int = 1) -> torch.Tensor:
+    """A per-row table ``(N or 1, *k)`` shaped ``(N or 1, 1.., *k)`` to broadcast over an
+    activation of ``ndim`` dimensions; ``lead``: how many trailing dimensions ``k`` has."""
+    return table.view(table.shape[0], *([1] * (ndim - 2)), *table.shape[table.dim() - lead :])
+
+
+def _low_rank(t: LowRank, x: torch.Tensor) -> torch.Tensor:
+    if t.A.shape[0] == 1:  # one adapter for every row: plain products
+        return F.linear(F.linear(x, t.A[0]), t.B[0])
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, T, d_in)
-    hidden = torch.bmm(x3, t.A[slots].transpose(1, 2))  # (N, T, r)
-    out = torch.bmm(hidden, t.B[slots].transpose(1, 2))  # (N, T, d_out)
+    hidden = torch.bmm(x3, t.A.transpose(1, 2))  # (N, T, r)
+    out = torch.bmm(hidden, t.B.transpose(1, 2))  # (N, T, d_out)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _shared_basis(t: SharedBasisLowRank, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    hidden = F.linear(x, t.A) * _rows(t.inner, slots, x.dim())  # (N, .., r): A once per batch
-    return _rows(t.outer, slots, x.dim()) * F.linear(hidden, t.B)
+def _shared_basis(t: SharedBasisLowRank, x: torch.Tensor) -> torch.Tensor:
+    hidden = F.linear(x, t.A) * _rows(t.inner, x.dim())  # (N, .., r): A once for the batch
+    return _rows(t.outer, x.dim()) * F.linear(hidden, t.B)
 
 
-def _output_rotation(p, h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    theta = _rows(p.theta, slots, h.dim())  # (N, 1.., 3, n)
-    v = p.v[slots].view(len(slots), *([1] * (h.dim() - 2)), *p.v.shape[1:])
+def _rotation_moved(p: OutputRotation, h: torch.Tensor) -> torch.Tensor:
+    """``(U(θ, v) − U(0, v0)) U(0, v0)ᴴ h`` per row."""
+    theta, v = _rows(p.theta, h.dim(), 2), _rows(p.v, h.dim(), 3)
     mine = (torch.polar(torch.ones_like(theta), theta), *reflection_vectors(v))
     base = (None, *reflection_vectors(p.v0))
     w = apply_unitary_adjoint(to_complex(h), *base, p.perm.argsort())
-    return h + to_real(apply_unitary(w, *mine, p.perm) - apply_unitary(w, *base, p.perm))
+    return to_real(apply_unitary(w, *mine, p.perm) - apply_unitary(w, *base, p.perm))
+
+
+def _input_change(form: LayerForm, x: torch.Tensor) -> torch.Tensor:
+    """``x̃ − x`` of the input-side primitives (exact zeros for zero slots)."""
+    x_in = x
+    if form.input_scale is not None:
+        x_in = x_in + _rows(form.input_scale.delta, x.dim()) * x_in
+    if form.input_rotation is not None:
+        p = form.input_rotation
+        blocks = p.blocks[0] if p.blocks.shape[0] == 1 else p.blocks
+        moved = rotate_rows(x_in, blocks, p.perms, p.perms.argsort(dim=-1)) - x_in
+        x_in = x_in + _rows(p.mix[:, None], x.dim()) * moved
+    return x_in - x
+
+
+def form_delta(
+    form: LayerForm,
+    x: torch.Tensor,
+    out0: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    term_input: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y − W0 x − b0`` for a form with one slot per row of ``x (N, ..., d_in)`` (or one slot
+    for every row), ``out0 = W0 x``; zero slots give exact zeros. ``weight``: W0, needed only by
+    input-side primitives; ``term_input``: what the additive terms read (e.g. ``x`` after
+    training dropout; default ``x``)."""
+    parts, h = [], out0
+    if form.reads_base_input_changed:
+        moved_in = F.linear(_input_change(form, x), weight.to(x.dtype))  # W0 (x̃ − x)
+        parts.append(moved_in)
+        h = out0 + moved_in
+    if form.output_rotation is not None:
+        moved = _rotation_moved(form.output_rotation, h)
+        parts.append(moved)
+        h = h + moved
+    if form.output_scale is not None:
+        parts.append(_rows(form.output_scale.delta, x.dim()) * h)
+    term_x = x if term_input is None else term_input
+    for t in form.terms:
+        parts.append(_low_rank(t, term_x) if isinstance(t, LowRank) else _shared_basis(t, term_x))
+    if form.bias is not None:
+        parts.append(_rows(form.bias.delta, x.dim()).expand_as(out0))
+    if not parts:
+        return torch.zeros_like(out0)
+    delta = parts[0]
+    for part in parts[1:]:
+        delta = delta + part
+    return delta
 
 
 def gathered_forward(
@@ -94,27 +173,8 @@ def gathered_forward(
     out0: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The layer's output for ``x (N, ..., d_in)``, row i with slot ``slots[i]``, where ``form``
-    ends with a zero slot (:func:`with_zero_row`) and ``slots`` uses ``-1`` (or
-    ``form.n_slots − 1``) for base rows. ``out0``: ``W0 x`` if the engine already has it.
-    ``x``, ``out0`` in the form's dtype."""
-    ndim = x.dim()
-    h = F.linear(x, weight.to(x.dtype)) if out0 is None else out0
-    if form.reads_base_input_changed:
-        x_in = x
-        if form.input_scale is not None:
-            x_in = x_in + _rows(form.input_scale.delta, slots, ndim) * x_in
-        if form.input_rotation is not None:
-            p = form.input_rotation
-            moved = rotate_rows(x_in, p.blocks[slots], p.perms, p.perms.argsort(dim=-1)) - x_in
-            x_in = x_in + _rows(p.mix[:, None], slots, ndim) * moved
-        h = h + F.linear(x_in - x, weight.to(x.dtype))
-    if form.output_rotation is not None:
-        h = _output_rotation(form.output_rotation, h, slots)
-    if form.output_scale is not None:
-        h = torch.addcmul(h, _rows(form.output_scale.delta, slots, ndim), h)
-    y = h if bias is None else h + bias.to(h.dtype)
-    for t in form.terms:
-        y = y + (_low_rank(t, x, slots) if isinstance(t, LowRank) else _shared_basis(t, x, slots))
-    if form.bias is not None:
-        y = y + _rows(form.bias.delta, slots, ndim)
-    return y
+    ends with a zero slot (:func:`with_zero_row`) and ``slots`` uses ``-1`` for base rows.
+    ``out0``: ``W0 x`` if the engine already has it. ``x``, ``out0`` in the form's dtype."""
+    out0 = F.linear(x, weight.to(x.dtype)) if out0 is None else out0
+    y = out0 if bias is None else out0 + bias.to(out0.dtype)  # the base rows, as the base
+    return y + form_delta(gather_slots(form, slots), x, out0, weight)

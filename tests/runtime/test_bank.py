@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -144,8 +145,12 @@ def test_bank_wide_prepare_equals_layer_by_layer(method, svd_cache):
 
 
 def assert_same(a, b) -> None:
-    """Equal nested structures of tensors (bit for bit), numbers and None."""
-    if isinstance(b, dict):
+    """Equal nested structures of tensors (bit for bit), numbers, None and dataclasses (serving
+    forms)."""
+    if dataclasses.is_dataclass(b):
+        assert type(a) is type(b)
+        assert_same(vars(a), vars(b))
+    elif isinstance(b, dict):
         assert a.keys() == b.keys()
         for key in b:
             assert_same(a[key], b[key])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from svda.runtime import AdapterModel, AdapterStateError, LoraConfig, SvdaConfig, VeraConfig
 from svda.runtime.methods.svda import layer as svda_layer
-from svda.runtime.methods.vera import layer as vera_layer
+from svda.runtime.serving_form import fast as form_primitives
 
 from .helpers import perturb, tiny_llama
 
@@ -87,7 +87,7 @@ def test_shared_matrices_are_applied_once_per_batch(model, monkeypatch):
             module, "F", type("F", (), {"linear": staticmethod(linear), "pad": F.pad})
         )
 
-    counting(vera_layer, "vera")
+    counting(form_primitives, "vera")  # VeRA runs through its serving form's primitives
     counting(svda_layer, "svda")
     model(batch_ids(), adapter_rows=ROWS)
     n_layers = len(model.model.model.layers)

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +23,6 @@ from ..base import (
     require,
     stack_padded_ranks,
 )
-from ..lora.layer import add_lora_rows, lora_rows
 from .config import AdaLoraConfig
 
 
@@ -46,11 +44,6 @@ class AdaLoraWeights(AdapterWeights):
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         return (self.adalora_P * self.adalora_lambda) @ self.adalora_Q * self.scaling
 
-    def serving_form(self, shared, base_bias=None) -> LayerForm:
-        """``LowRank(Q, (α/r)·P·diag(λ))``."""
-        b = self.adalora_P * self.adalora_lambda * self.scaling  # (d1, r_l)
-        return LayerForm(self.d_in, self.d_out, terms=(LowRank(self.adalora_Q[None], b[None]),))
-
     @classmethod
     def check_targets(cls, config: AdaLoraConfig, targets: Sequence[TargetInfo]) -> None:
         check_rank_per_layer(config, "r", config.r, targets)
@@ -70,10 +63,8 @@ class AdaLoraWeights(AdapterWeights):
         return tables
 
     @classmethod
-    def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:
-        b = tables["adalora_P"] * tables["adalora_lambda"][:, None, :]  # (n, d1, r)
-        return lora_rows(tables["adalora_Q"], b, tables["scaling"], row_index)
-
-    @classmethod
-    def add_prepared(cls, result, x, out0, prepared, shared, dropout=None):
-        return add_lora_rows(result, x, out0, prepared)
+    def table_form(cls, tables, shared, zero_row) -> LayerForm:
+        """``LowRank(Q, (α/r)·P·diag(λ))`` per table row."""
+        q, p = tables["adalora_Q"], tables["adalora_P"]  # (n, r, d2), (n, d1, r)
+        b = p * (tables["adalora_lambda"] * tables["scaling"][:, None])[:, None, :]
+        return LayerForm(q.shape[2], p.shape[1], len(q), terms=(LowRank(q, b),))

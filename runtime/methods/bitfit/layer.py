@@ -6,13 +6,11 @@ where the base layer has none (and removes it again on unmerge).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from ...serving_form.primitives import BiasDelta, LayerForm
-from ..base import AdapterWeights, TargetInfo, table_rows
+from ..base import AdapterWeights, TargetInfo
 from .config import BitFitConfig
 
 
@@ -34,10 +32,6 @@ class BitFitWeights(AdapterWeights):
     def get_delta_bias(self, shared: nn.Module | None) -> torch.Tensor:
         return self.bitfit_bias
 
-    def serving_form(self, shared, base_bias=None) -> LayerForm:
-        """``BiasDelta(β)``."""
-        return LayerForm(self.d_in, self.d_out, bias=BiasDelta(self.bitfit_bias[None]))
-
     def merge_into(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
         """ΔW = 0: the weight is untouched; the layer merges the bias (see ``get_delta_bias``)."""
 
@@ -45,9 +39,8 @@ class BitFitWeights(AdapterWeights):
         """Nothing to undo in the weight."""
 
     @classmethod
-    def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:
-        return {"bias": table_rows(tables["bitfit_bias"], row_index, ndim)}  # (B, 1.., d1)
-
-    @classmethod
-    def add_prepared(cls, result, x, out0, prepared, shared, dropout=None):
-        return result + prepared["bias"].to(result.dtype)
+    def table_form(cls, tables, shared, zero_row) -> LayerForm:
+        """``BiasDelta(β)`` per table row (d_in 0: the tables do not hold it; ``serving_form``
+        fills in the layer's)."""
+        beta = tables["bitfit_bias"]  # (n, d1)
+        return LayerForm(0, beta.shape[1], len(beta), bias=BiasDelta(beta))

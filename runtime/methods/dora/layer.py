@@ -10,8 +10,9 @@ reference (never stored). The batched path, per row:
 
     y = W0 x + b0 + (g − 1) ⊙ W0 x + (g·s·B)(A x)
 
-with g computed per table row once per batch composition (and, for a slot bank, kept until its
-slots change): the serving form ``OutputScale(g − 1)`` + ``LowRank(A, g·s·B)``.
+served through its form ``OutputScale(g − 1)`` + ``LowRank(A, g·s·B)`` (``table_form``), with g
+computed per table row once per batch composition (for a slot bank, once until its slots
+change).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ...regeneration.seeded import kaiming_uniform, seeded_generator
+from ...serving_form.fast import gather_slots
 from ...serving_form.primitives import LayerForm, LowRank, OutputScale
 from ..base import (
     AdapterWeights,
@@ -31,10 +33,8 @@ from ..base import (
     constant_table,
     stack_padded_ranks,
     stack_with_zero_row,
-    table_rows,
 )
 from ..boft.layer import BaseWeightShared
-from ..lora.layer import add_lora_rows, lora_rows
 from .config import DoraConfig
 
 TINY_NORM = 1e-30  # a zero row of W0 + s·B·A has no direction: g = m / TINY_NORM stays finite
@@ -86,14 +86,6 @@ class DoraWeights(AdapterWeights):
         directed = w0 + (self.lora_B @ self.lora_A) * self.scaling  # (d1, d2)
         return self.gain(shared)[:, None] * directed - w0
 
-    def serving_form(self, shared, base_bias=None) -> LayerForm:
-        """``OutputScale(g − 1)`` and ``LowRank(A, g·s·B)``."""
-        g = self.gain(shared)
-        low_rank = LowRank(self.lora_A[None], (g[:, None] * self.lora_B * self.scaling)[None])
-        return LayerForm(
-            self.d_in, self.d_out, output_scale=OutputScale((g - 1)[None]), terms=(low_rank,)
-        )
-
     def merge_into(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
         """``W ← W + ΔW`` (float64), keeping the original: ΔW depends on W0 itself."""
         delta = self.get_delta_weight(shared).to(torch.float64)
@@ -117,49 +109,29 @@ class DoraWeights(AdapterWeights):
         return tables
 
     @classmethod
-    def gains(cls, tables: dict[str, torch.Tensor], shared: nn.Module, zero_last: bool):
-        """(g − 1) (n, d1) and g·s·B (n, d1, r) of every table row; with ``zero_last`` the last
-        row (a table's zero row, for rows at -1) gets g = 1 and B = 0: exactly the base."""
+    def table_form(cls, tables, shared, zero_row) -> LayerForm:
+        """``OutputScale(g − 1)`` and ``LowRank(A, g·s·B)`` per table row; with ``zero_row`` the
+        last row gets g = 1 (its m is 0): exactly the base."""
         a, b = tables["lora_A"], tables["lora_B"] * tables["scaling"][:, None, None]
-        m = tables["dora_m"]
-        g = m / row_norms(shared.weight_for(a), a, b)  # (n, d1)
-        if zero_last:
+        g = tables["dora_m"] / row_norms(shared.weight_for(a), a, b)  # (n, d1)
+        if zero_row:
             g = torch.cat([g[:-1], torch.ones_like(g[-1:])])
-        return g - 1, g[:, :, None] * b
-
-    @classmethod
-    def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:
-        ds, b = cls.gains(tables, shared, zero_last=row_index is not None)
-        return cls._rows(tables["lora_A"], ds, b, row_index, ndim)
-
-    @classmethod
-    def _rows(cls, a, ds, b, row_index, ndim) -> dict[str, Any]:
-        prepared = lora_rows(a, b, None, row_index)
-        prepared["ds"] = table_rows(ds, row_index, ndim)  # (B, 1.., d1) or (d1,)
-        return prepared
+        low_rank = LowRank(a, g[:, :, None] * b)
+        return LayerForm(
+            a.shape[2], b.shape[1], len(a), output_scale=OutputScale(g - 1), terms=(low_rank,)
+        )
 
     @classmethod
     def prepare_bank(cls, bank: Any, row_index: torch.Tensor, ndim: int) -> list[dict[str, Any]]:
-        """Per layer, the gains of every slot are computed once per bank content (they need
+        """Per layer, the form of every slot is computed once per bank content (g needs
         ``W0 + s·B·A`` of each slot: O(slots·d1·d2·r)) and kept until an adapter is added or
         removed; a new batch composition only gathers rows."""
-        memo = bank.memo.setdefault("dora_gains", {})
+        memo = bank.memo.setdefault("dora_forms", {})
         if memo.get("version") != bank.version:
             memo.clear()
             memo["version"] = bank.version
             memo["layers"] = [
-                cls.gains(tables, shared, zero_last=True)
+                cls.table_form(tables, shared, zero_row=True)
                 for tables, shared in zip(bank.layer_tables, bank.shared_modules, strict=True)
             ]
-        return [
-            cls._rows(tables["lora_A"], ds, b, row_index, ndim)
-            for tables, (ds, b) in zip(bank.layer_tables, memo["layers"], strict=True)
-        ]
-
-    @classmethod
-    def add_prepared(cls, result, x, out0, prepared, shared, dropout=None):
-        """``result + (g − 1) ⊙ W0 x + (g·s·B)(A x)`` per row."""
-        if dropout is not None:
-            x = dropout(x)
-        result = torch.addcmul(result, prepared["ds"].to(result.dtype), out0.to(result.dtype))
-        return add_lora_rows(result, x, out0, prepared)
+        return [{"form": gather_slots(form, row_index)} for form in memo["layers"]]

@@ -12,14 +12,12 @@ Serving form: ``OutputScale(dl)`` + ``BiasDelta(dl ⊙ b0)``, or ``InputScale(dl
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...serving_form.primitives import BiasDelta, InputScale, LayerForm, OutputScale
-from ..base import AdapterWeights, TargetInfo, table_rows
+from ..base import AdapterWeights, TargetInfo
 from ..boft.layer import BaseWeightShared
 from .config import Ia3Config
 
@@ -71,15 +69,6 @@ class Ia3Weights(AdapterWeights):
             return None
         return self.ia3_dl * bias.to(self.ia3_dl.dtype)  # (l − 1) ⊙ b0
 
-    def serving_form(self, shared, base_bias=None) -> LayerForm:
-        """``InputScale(dl)`` on feed-forward layers; else ``OutputScale(dl)`` and, with a base
-        bias, ``BiasDelta(dl ⊙ b0)``."""
-        dl = self.ia3_dl[None]
-        if self.feedforward:
-            return LayerForm(self.d_in, self.d_out, input_scale=InputScale(dl))
-        bias = None if base_bias is None else BiasDelta(dl * base_bias.to(dl.dtype))
-        return LayerForm(self.d_in, self.d_out, output_scale=OutputScale(dl), bias=bias)
-
     def merge_into(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
         """``W ← W + ΔW`` (float64), keeping W0 and b0: ΔW and Δb are read from them."""
         delta = self.get_delta_weight(shared).to(torch.float64)
@@ -95,17 +84,15 @@ class Ia3Weights(AdapterWeights):
             raise RuntimeError("ia3: unmerge without merge_into; the original weight is unknown")
         weight_oi.copy_(kept)
 
-    # ----- batched forward -----------------------------------------------------------------
+    # ----- batched forward: through the serving form ---------------------------------------
     @classmethod
-    def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:
-        return {"dl": table_rows(tables["ia3_dl"], row_index, ndim)}  # (B, 1.., d) or (d,)
-
-    @classmethod
-    def add_prepared(cls, result, x, out0, prepared, shared, dropout=None):
-        """Feed-forward: ``result + W0 (dl ⊙ x)``; else ``result + dl ⊙ (W0 x + b0)``."""
-        dl = prepared["dl"]
+    def table_form(cls, tables, shared, zero_row) -> LayerForm:
+        """``InputScale(dl)`` on feed-forward layers; else ``OutputScale(dl)`` and, with a base
+        bias, ``BiasDelta(dl ⊙ b0)`` (PEFT scales the bias too)."""
+        dl = tables["ia3_dl"]  # (n, d2) or (n, d1)
+        d_out, d_in = shared.base_weight.shape
         if shared.feedforward:
-            w0 = shared.weight_for(x)
-            return result + F.linear((dl * x).to(w0.dtype), w0).to(result.dtype)
-        h = out0 if shared.base_bias is None else out0 + shared.base_bias.to(out0.dtype)
-        return torch.addcmul(result, dl.to(result.dtype), h.to(result.dtype))
+            return LayerForm(d_in, d_out, len(dl), input_scale=InputScale(dl))
+        b0 = shared.bias_before_merge()
+        bias = None if b0 is None else BiasDelta(dl * b0.to(dl.dtype))
+        return LayerForm(d_in, d_out, len(dl), output_scale=OutputScale(dl), bias=bias)

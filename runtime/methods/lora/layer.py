@@ -2,13 +2,14 @@
 
 Shapes: A (r, d2), B (d1, r). The batched path gathers each row's A and B (vLLM's
 ``bgmv`` in plain torch): rows of the same batch may use adapters of different rank, padded with
-zeros to the largest rank present; α/r is a per-row constant beside the tables.
+zeros to the largest rank present; α/r is a per-row constant beside the tables. It runs through
+the serving form (``table_form``: ``LowRank(A, (α/r)·B)``, ``serving_form.fast``);
+``lora_rows``/``add_lora_rows`` stay for the methods that build on them (PiSSA, the hybrid).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +44,6 @@ class LoraWeights(AdapterWeights):
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (d1, d2)
 
-    def serving_form(self, shared, base_bias=None) -> LayerForm:
-        """``LowRank(A, (α/r)·B)``."""
-        low_rank = LowRank(self.lora_A[None], (self.lora_B * self.scaling)[None])
-        return LayerForm(self.d_in, self.d_out, terms=(low_rank,))
-
     @classmethod
     def check_targets(cls, config: LoraConfig, targets: Sequence[TargetInfo]) -> None:
         check_rank_per_layer(config, "r", config.r, targets)
@@ -60,14 +56,10 @@ class LoraWeights(AdapterWeights):
         return tables
 
     @classmethod
-    def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:
-        return lora_rows(tables["lora_A"], tables["lora_B"], tables["scaling"], row_index)
-
-    @classmethod
-    def add_prepared(cls, result, x, out0, prepared, shared, dropout=None):
-        if dropout is not None:
-            x = dropout(x)
-        return add_lora_rows(result, x, out0, prepared)
+    def table_form(cls, tables, shared, zero_row) -> LayerForm:
+        """``LowRank(A, (α/r)·B)`` per table row."""
+        a, b = tables["lora_A"], tables["lora_B"] * tables["scaling"][:, None, None]
+        return LayerForm(a.shape[2], b.shape[1], len(a), terms=(LowRank(a, b),))  # A (n, r, d2)
 
 
 def lora_rows(

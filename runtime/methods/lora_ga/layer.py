@@ -14,7 +14,6 @@ plain LoRA.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +27,6 @@ from ..base import (
     constant_table,
     stack_padded_ranks,
 )
-from ..lora.layer import add_lora_rows, lora_rows
 from .config import LoraGaConfig
 
 RANK_DIMS = {"lora_A": 0, "lora_B": 1, "lora_A0": 0, "lora_B0": 1}  # kind -> its rank dimension
@@ -56,12 +54,6 @@ class LoraGaWeights(AdapterWeights):
     def get_delta_weight(self, shared: nn.Module | None) -> torch.Tensor:
         return (self.lora_B @ self.lora_A - self.lora_B0 @ self.lora_A0) * self.scaling
 
-    def serving_form(self, shared, base_bias=None) -> LayerForm:
-        """Rank 2r: ``LowRank([A; A0], (α/r)·[B, −B0])``."""
-        a = torch.cat([self.lora_A, self.lora_A0])  # (2r, d2)
-        b = torch.cat([self.lora_B, -self.lora_B0], dim=1) * self.scaling  # (d1, 2r)
-        return LayerForm(self.d_in, self.d_out, terms=(LowRank(a[None], b[None]),))
-
     @classmethod
     def check_targets(cls, config: LoraGaConfig, targets: Sequence[TargetInfo]) -> None:
         check_rank_per_layer(config, "r", config.r, targets, factor=2)
@@ -74,15 +66,12 @@ class LoraGaWeights(AdapterWeights):
         return tables
 
     @classmethod
-    def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:
-        """Each row's rank-2r factors ``[A; A0]`` and scaled ``[B, −B0]``."""
+    def table_form(cls, tables, shared, zero_row) -> LayerForm:
+        """Rank 2r per table row: ``LowRank([A; A0], (α/r)·[B, −B0])``."""
         a = torch.cat([tables["lora_A"], tables["lora_A0"]], dim=1)  # (n, 2r, d2)
         b = torch.cat([tables["lora_B"], -tables["lora_B0"]], dim=2)  # (n, d1, 2r)
-        return lora_rows(a, b, tables["scaling"], row_index)
-
-    @classmethod
-    def add_prepared(cls, result, x, out0, prepared, shared, dropout=None):
-        return add_lora_rows(result, x, out0, prepared)
+        b = b * tables["scaling"][:, None, None]
+        return LayerForm(a.shape[2], b.shape[1], len(a), terms=(LowRank(a, b),))
 
 
 @torch.no_grad()

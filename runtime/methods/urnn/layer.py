@@ -153,12 +153,6 @@ class UrnnWeights(AdapterWeights):
         mine, base = self.factors(shared, dtype)
         return to_real(relative_rotation(columns, mine, base, shared)).T  # (d1, d2)
 
-    def serving_form(self, shared, base_bias=None) -> LayerForm:
-        """``OutputRotation(θ, v0 + dv)``: ``h + (U(θ, v) − U(0, v0)) U(0, v0)ᴴ h``."""
-        v0 = shared.v0.to(self.urnn_v.dtype)
-        rotation = OutputRotation(self.urnn_theta[None], (v0 + self.urnn_v)[None], v0, shared.perm)
-        return LayerForm(self.d_in, self.d_out, output_rotation=rotation)
-
     def merge_into(self, weight_oi: torch.Tensor, shared: nn.Module | None) -> None:
         """``W ← R W = U(θ, v) U(0, v0)ᴴ W`` (complex128)."""
         mine, base = self.factors(shared, torch.float64)
@@ -169,28 +163,16 @@ class UrnnWeights(AdapterWeights):
         mine, base = self.factors(shared, torch.float64)
         _replace_columns(weight_oi, mine, base, shared)
 
-    # ----- batched forward -----------------------------------------------------------------
+    # ----- batched forward: through the serving form ---------------------------------------
     @classmethod
-    def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:
-        """Each row's factors, shaped ``(B, 1.., 3 or 2, n)`` (``(3 or 2, n)`` for one adapter),
-        and the base factors shared by all rows."""
-        theta, dv = tables["urnn_theta"], tables["urnn_v"]
-        if row_index is None:
-            theta, dv = theta[0], dv[0]
-        else:
-            ones = [1] * (ndim - 2)
-            theta = theta[row_index].view(len(row_index), *ones, *theta.shape[1:])
-            dv = dv[row_index].view(len(row_index), *ones, *dv.shape[1:])
-        return {
-            "mine": factors(theta, dv, shared.v0.to(theta.dtype)),
-            "base": shared.base_factors(theta.dtype),
-        }
-
-    @classmethod
-    def add_prepared(cls, result, x, out0, prepared, shared, dropout=None):
-        """``result + R out0 − out0`` per row, on the base output only."""
-        moved = relative_rotation(to_complex(out0), prepared["mine"], prepared["base"], shared)
-        return result + to_real(moved).to(result.dtype)
+    def table_form(cls, tables, shared, zero_row) -> LayerForm:
+        """``OutputRotation(θ, v0 + dv)``: ``h + (U(θ, v) − U(0, v0)) U(0, v0)ᴴ h`` on the base
+        output only (the zero row, θ = 0 and v = v0, adds exact zeros)."""
+        theta, dv = tables["urnn_theta"], tables["urnn_v"]  # (n, 3, d1/2), (n, 2, d1/2, 2)
+        v0 = shared.v0.to(theta.dtype)
+        rotation = OutputRotation(theta, v0 + dv, v0, shared.perm)
+        d_out = 2 * theta.shape[-1]
+        return LayerForm(shared.base_weight.shape[1], d_out, len(theta), output_rotation=rotation)
 
 
 def _replace_columns(weight_oi: torch.Tensor, undo: tuple, then: tuple, shared) -> None:

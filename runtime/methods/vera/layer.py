@@ -12,13 +12,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...errors import AdapterConfigError
 from ...regeneration.seeded import vera_projections
 from ...serving_form.primitives import LayerForm, SharedBasisLowRank
-from ..base import AdapterWeights, TargetInfo, table_rows
+from ..base import AdapterWeights, TargetInfo
 from .config import VeraConfig
 
 MAX_PROJECTION_VALUES = 1 << 24  # 64 MiB of float32 for A and B together
@@ -107,31 +106,11 @@ class VeraWeights(AdapterWeights):
         a, b = shared.A.to(self.vera_d.dtype), shared.B.to(self.vera_d.dtype)
         return self.vera_b[:, None] * (b * self.vera_d[None, :]) @ a  # (d1, d2)
 
-    def serving_form(self, shared, base_bias=None) -> LayerForm:
-        """``SharedBasisLowRank(A, B, inner=d, outer=b)``: A, B shared by every slot."""
-        dtype = self.vera_d.dtype
-        term = SharedBasisLowRank(
-            shared.A.to(dtype),
-            shared.B.to(dtype),
-            self.vera_d[None],
-            self.vera_b[None],
-            key=getattr(shared, "identity", ""),
-        )
-        return LayerForm(self.d_in, self.d_out, terms=(term,))
-
     @classmethod
-    def prepare(cls, tables, row_index, shared, ndim) -> dict[str, Any]:
-        return {
-            "d": table_rows(tables["vera_d"], row_index, ndim),  # (B, 1.., r) or (r,)
-            "b": table_rows(tables["vera_b"], row_index, ndim),  # (B, 1.., d1) or (d1,)
-        }
-
-    @classmethod
-    def add_prepared(cls, result, x, out0, prepared, shared, dropout=None):
-        """``result + b ⊙ B (d ⊙ A x)`` per row: A and B are applied once to the whole batch,
-        only d and b differ per row."""
-        if dropout is not None:
-            x = dropout(x)
-        hidden = F.linear(x, shared.A)  # (B, ..., r)
-        inner = F.linear(hidden * prepared["d"], shared.B)  # (B, ..., d1)
-        return torch.addcmul(result, prepared["b"].to(result.dtype), inner.to(result.dtype))
+    def table_form(cls, tables, shared, zero_row) -> LayerForm:
+        """``SharedBasisLowRank(A, B, inner=d, outer=b)``: A, B shared by every slot, applied
+        once per batch; only d and b are gathered per row."""
+        d, b = tables["vera_d"], tables["vera_b"]  # (n, r), (n, d1)
+        a_shared, b_shared = shared.A.to(d.dtype), shared.B.to(d.dtype)
+        term = SharedBasisLowRank(a_shared, b_shared, d, b, key=getattr(shared, "identity", ""))
+        return LayerForm(a_shared.shape[1], b.shape[1], len(d), terms=(term,))
