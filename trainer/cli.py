@@ -8,53 +8,156 @@ Training flags come from :class:`~svda.trainer.config.TrainConfig`. Method hyper
 from every registered method's config dataclass, so a new method gets flags with no change here:
 ``--<method>-<field>`` always (``--svda-s-init``, ``--lora-alpha``) and a plain ``--<field>``
 (``--targets``, ``--top-k``; ``--rank`` for ``r``) applied to whichever method is trained.
+
+It says what it is doing on stderr from the start (importing torch, loading and converting the
+base, tokenizing, the SVD of the targeted weights), prints the summary on stdout at the end (with
+or without ``--no-progress``), and on SIGINT/SIGTERM says whether a checkpoint is there to
+``--resume`` from and exits 130/143. Only standard-library modules are imported before the first
+status line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
+import os
+import signal
 import sys
 import types
 import typing
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from svda.runtime import available_methods, get_method
-from svda.runtime.errors import SvdaError
-
-from .checkpointing import ResumeError
-from .config import TrainConfig, TrainConfigError
-from .data import DataError
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 ALIASES = {"r": "rank"}  # method field -> plain flag name
 LIST_FIELDS = {"betas": float, "tags": str}
+PROG = "svda-train"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not {"-h", "--help"} & set(argv):
+        _status("starting: importing torch and the adapter methods ...")
+    args = vars(build_parser().parse_args(argv))
+    from svda.runtime.errors import SvdaError
+
+    from .checkpointing import ResumeError
+    from .config import TrainConfigError
+    from .data import DataError
+
+    config = None
     try:
         config = config_from_args(args)
-        from .loop import train  # imported late: --help stays fast
+        from .loop import train  # imported late: the first status line comes before torch
 
-        train(config)
+        with _status_lines(), _signals_interrupt():
+            result = train(config)
     except (TrainConfigError, DataError, ResumeError, SvdaError, OSError) as exc:
-        print(f"svda-train: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            "svda-train: interrupted; continue with the same flags plus --resume", file=sys.stderr
-        )
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc, config)
+    if result.is_main:
+        from .report import format_summary
+
+        print(format_summary(result.summary), flush=True)
     return 0
+
+
+# ----- status lines, signals ------------------------------------------------------------------
+def _status(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+class _StderrLines(logging.Handler):
+    """The trainer's status lines on stderr (the stream of the moment: tests capture it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _status(record.getMessage())
+
+
+@contextlib.contextmanager
+def _status_lines() -> Iterator[None]:
+    logger, handler = logging.getLogger("svda.trainer"), _StderrLines()
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or another stop signal) during training: unwinds like Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`Interrupted` while training (SIGINT already raises
+    KeyboardInterrupt); outside the main thread signals cannot be caught and stay as they are."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(exc: KeyboardInterrupt, config: Any) -> int:
+    """Say what was interrupted and what is left to resume from; 143 (SIGTERM) or 130."""
+    signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+    what = f"{PROG}: interrupted by {signal.Signals(signum).name}"
+    if config is None:
+        _status_line(f"{what} before training started")
+    else:
+        from .checkpointing import list_checkpoints
+
+        found = list_checkpoints(Path(config.output_dir) / "checkpoints")
+        if found:
+            _status_line(
+                f"{what}; the last checkpoint is {found[-1]}: continue with the same flags "
+                "plus --resume"
+            )
+        else:
+            _status_line(
+                f"{what}; no checkpoint was saved, so nothing can be resumed (--checkpoint-every "
+                "N saves one every N steps)"
+            )
+    return 128 + int(signum)
+
+
+def _status_line(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 # ----- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    """Every TrainConfig field and every registered method's hyperparameters, with defaults."""
     parser = argparse.ArgumentParser(
-        prog="svda-train",
-        description="Fine-tune an adapter (any registered method) on JSONL/CSV data.",
+        prog=PROG,
+        description="Fine-tune an adapter (any registered method) on JSONL/CSV data. Each flag "
+        "shows its default; method hyperparameters default to the method's own.",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="YAML/JSON file of settings; flags override it")
@@ -64,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_flags(group: argparse._ArgumentGroup) -> None:
+    from svda.runtime import available_methods
+
+    from .config import TrainConfig
+
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name == "adapter":
@@ -72,26 +179,34 @@ def _add_train_flags(group: argparse._ArgumentGroup) -> None:
         kind, help_text = hints[f.name], f.metadata.get("help", "")
         if f.name == "method":
             help_text += f" Registered: {', '.join(available_methods())}."
+        if f.name in LIST_FIELDS:
+            help_text += " Comma-separated (a,b)."
+        help_text += _default_text(f)
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif f.name in LIST_FIELDS:
-            group.add_argument(flag, type=_list_of(LIST_FIELDS[f.name]), help=help_text + " (a,b)")
+            group.add_argument(flag, type=_list_of(LIST_FIELDS[f.name]), help=help_text)
         else:
             group.add_argument(flag, type=_converter(kind), help=help_text)
 
 
 def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     """``--<method>-<field>`` for every method, and one plain ``--<field>`` per field name."""
+    from svda.runtime import available_methods, get_method
+
+    from .config import TrainConfig
+
     taken = {f.name for f in dataclasses.fields(TrainConfig)} | {"config"}
     plain: dict[str, list[str]] = {}
     for method in available_methods():
         group = parser.add_argument_group(f"{method} hyperparameters")
-        for name, help_text in get_method(method).config_cls.describe().items():
-            flag = f"--{method}-{name}".replace("_", "-")
+        for f in dataclasses.fields(get_method(method).config_cls):
+            help_text = f.metadata.get("help", "") + _default_text(f)
+            flag = f"--{method}-{f.name}".replace("_", "-")
             group.add_argument(
-                flag, dest=f"method:{method}:{name}", metavar=name.upper(), help=help_text
+                flag, dest=f"method:{method}:{f.name}", metavar=f.name.upper(), help=help_text
             )
-            plain.setdefault(name, []).append(f"{method}: {help_text}")
+            plain.setdefault(f.name, []).append(f"{method}: {help_text}")
     group = parser.add_argument_group("hyperparameters of the trained method")
     for name, helps in plain.items():
         flag = ALIASES.get(name, name)
@@ -105,9 +220,33 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _default_text(f: dataclasses.Field) -> str:
+    """`` (default: X)`` for a dataclass field, unless its help already says its default."""
+    help_text = f.metadata.get("help", "")
+    if "default" in help_text.lower():
+        return ""
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return ""
+    if isinstance(value, bool):
+        shown = "on" if value else "off"
+    elif isinstance(value, list):
+        shown = ",".join(map(str, value)) or "none"
+    elif value is None or value == {}:
+        shown = "none"
+    else:
+        shown = str(value)
+    return f" (default: {shown.replace('%', '%%')})"
+
+
 # ----- flags -> TrainConfig -----------------------------------------------------------------------
 def config_from_args(args: dict[str, Any]) -> TrainConfig:
     """Settings from ``--config`` (if any), overridden by the flags given."""
+    from .config import TrainConfig
+
     config_file = args.pop("config", None)
     train = {k: v for k, v in args.items() if ":" not in k}
     method = train.get("method")
@@ -124,6 +263,11 @@ def config_from_args(args: dict[str, Any]) -> TrainConfig:
 
 def method_overrides(method: str, args: dict[str, Any]) -> dict[str, Any]:
     """Method hyperparameters from the flags, typed by the method's config dataclass."""
+    from svda.runtime import get_method
+    from svda.runtime.errors import SvdaError
+
+    from .config import TrainConfigError
+
     try:
         config_cls = get_method(method).config_cls
     except SvdaError as exc:
@@ -163,6 +307,8 @@ def _parse(raw: str, kind: Any, flag: str) -> Any:
     try:
         return _converter(kind)(raw)
     except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        from .config import TrainConfigError
+
         raise TrainConfigError(f"{flag}: cannot read {raw!r} as {kind.__name__}: {exc}") from None
 
 

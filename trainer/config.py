@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import yaml
 
 from svda.runtime import AdapterConfig, get_method
 from svda.runtime.errors import AdapterConfigError
+from svda.runtime.names import MAX_NAME_CHARS, check_adapter_name
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -45,7 +47,11 @@ class TrainConfig:
         metadata={"help": "Method hyperparameters, e.g. {'targets': 'all-linear', 'r': 8}."},
     )
     base: str | None = opt(None, "Base model folder (default: the embedded SmolLM2-135M).")
-    name: str = opt("adapter", "Adapter name written into the .svda header.")
+    name: str | None = opt(
+        None,
+        "Adapter name written into the .svda header (default: the --out id, else the "
+        "--out-file stem, else the method).",
+    )
     # ----- data
     data: str | None = opt(
         None, "Training data: .jsonl (prompt/completion, messages, text) or .csv."
@@ -85,7 +91,9 @@ class TrainConfig:
     tenant: str | None = opt(None, "Publish as this tenant.")
     tags: list = field(default_factory=list, metadata={"help": "Tags stored with the adapter."})
     payload_dtype: str = opt("float32", "Adapter payload dtype: float32, bfloat16, float16.")
-    progress: bool = opt(True, "Show a tqdm progress bar.")
+    progress: bool = opt(
+        True, "Show a tqdm progress bar (status lines and the final summary print either way)."
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,10 +115,21 @@ class TrainConfig:
         _require(len(self.betas) == 2, f"betas must be two numbers, got {self.betas!r}")
         _require(self.clip_grad is None or self.clip_grad > 0, "clip_grad must be > 0 or None")
 
+    def adapter_name(self) -> str:
+        """``name``, or a default that says what the adapter is: the store id it is published
+        under, else the output file's stem (made a valid name), else the method."""
+        if self.name is not None:
+            return check_adapter_name(self.name, "--name")
+        if self.out:
+            return check_adapter_name(self.out, "--out id")
+        stem = _as_name(Path(self.out_file).stem) if self.out_file else ""
+        return stem or self.method
+
     def check_runnable(self) -> None:
         """Settings ``train()`` needs beyond the field checks (data, method hyperparameters)."""
         _require(self.data is not None, "no training data: pass --data FILE (.jsonl or .csv)")
         self.adapter_config()
+        self.adapter_name()
 
     def adapter_config(self) -> AdapterConfig:
         """The method's config built from ``adapter`` (its own validation and error messages)."""
@@ -157,6 +176,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     _require(isinstance(data, dict), f"config file {path} must hold a mapping of settings")
     _require(isinstance(data.get("adapter", {}), dict), f"{path}: 'adapter' must be a mapping")
     return data
+
+
+def _as_name(text: str) -> str:
+    """``text`` made a valid adapter name (runs of other characters become '-'), or ''."""
+    name = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9._-]+", "-", text))
+    return name.strip("-._")[:MAX_NAME_CHARS].rstrip("-._")
 
 
 def _require(condition: bool, message: str) -> None:

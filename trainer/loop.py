@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
 import shutil
@@ -29,20 +30,23 @@ from svda.adapters_store import AdapterStore, export_adapter, publish_adapter, s
 from svda.runtime import AdapterModel, load_base_model
 
 from . import checkpointing, distributed
+from . import method_hooks as _registers_the_methods_hooks  # noqa: F401
 from .config import TrainConfig, TrainConfigError
 from .data import collate, label_tokens, step_examples
 from .evaluate import greedy_generate, token_loss_sum, validation_loss
 from .hooks import HookContext, TrainerHook, hooks_for
-from .report import Progress, RunLog, format_summary, plot_losses
+from .report import Progress, RunLog, plot_losses
 from .schedule import build_scheduler
 from .setup import TrainData, load_data, resolve_precision
 
 BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger("svda.trainer")  # what the run is doing; svda-train prints it to stderr
 
 
 @dataclass
 class TrainResult:
-    """What a run produced. ``adapter_bytes`` is the ``.svda`` file (on rank 0 only)."""
+    """What a run produced. ``adapter_bytes`` is the ``.svda`` file (on rank 0 only, where
+    ``is_main`` is True)."""
 
     model: AdapterModel
     tokenizer: Any
@@ -50,6 +54,7 @@ class TrainResult:
     summary: dict[str, Any]
     log: list[dict[str, Any]] = field(default_factory=list)
     adapter_bytes: bytes | None = None
+    is_main: bool = True
 
 
 def train(config: TrainConfig, hooks: list[TrainerHook] | None = None) -> TrainResult:
@@ -71,14 +76,11 @@ class Trainer:
         random.seed(config.seed)
         if config.base_dtype not in BASE_DTYPES:
             raise TrainConfigError(f"base_dtype must be one of {sorted(BASE_DTYPES)}")
-        self.base = load_base_model(
-            config.base, dtype=BASE_DTYPES[config.base_dtype], device=device
-        )
-        self.data: TrainData = load_data(config, self.base.tokenizer)
+        self.base = self._load_base()
+        self.data: TrainData = self._load_data()
         self.model = AdapterModel(self.base.model)
-        self.name = config.name
-        self.model.add_adapter(self.name, config.adapter_config())
-        self.model.set_adapter(self.name)
+        self.name = config.adapter_name()
+        self._attach()
         self.params = self.model.adapter_parameters(self.name)
         self.per_step = config.batch_size * config.grad_accum * info.world_size
         self.total_steps = config.max_steps or max(
@@ -98,9 +100,46 @@ class Trainer:
             self._mean_loss, self.total_steps,
         )  # fmt: skip
 
+    # ----- setup (each step says what it does: the first run converts and decomposes) --------
+    def _load_base(self):
+        started = time.perf_counter()
+        where = self.config.base or "the embedded SmolLM2-135M-Instruct (converted once, ~40 s)"
+        _say(self.info, f"loading the base model: {where} ...")
+        base = load_base_model(
+            self.config.base, dtype=BASE_DTYPES[self.config.base_dtype], device=self.device
+        )
+        _say(self.info, f"  loaded in {time.perf_counter() - started:.1f} s on {self.device}")
+        return base
+
+    def _load_data(self) -> TrainData:
+        source = self.config.data + (f" + {self.config.val_data}" if self.config.val_data else "")
+        _say(self.info, f"reading and tokenizing {source} ...")
+        data = load_data(self.config, self.base.tokenizer)
+        _say(self.info, f"  {len(data.train)} training and {len(data.val)} validation examples")
+        return data
+
+    def _attach(self) -> None:
+        started, config = time.perf_counter(), self.config.adapter_config()
+        _say(
+            self.info,
+            f"attaching {self.config.method} adapter {self.name!r} to {config.targets} "
+            "(methods built on the base weights take their SVD first; it is cached) ...",
+        )
+        self.model.add_adapter(self.name, config)
+        self.model.set_adapter(self.name)
+        layers = len(self.model.layers_of(self.name))
+        count = self.model.trainable_parameter_count(self.name)
+        took = time.perf_counter() - started
+        _say(self.info, f"  {layers} layers, {count:,} trainable parameters ({took:.1f} s)")
+
     # ----- the run ------------------------------------------------------------------------
     def run(self) -> TrainResult:
         start_step, rows, tokens = self._start()
+        _say(
+            self.info,
+            f"training steps {start_step + 1}-{self.total_steps} of {self.per_step} examples "
+            f"each; the run folder is {self.out_dir}",
+        )
         log = RunLog(self.out_dir, enabled=self.info.is_main, resumed_rows=rows)
         progress = Progress(
             self.total_steps, start_step, self.config.progress and self.info.is_main
@@ -135,6 +174,8 @@ class Trainer:
         if not self.config.resume:
             if self.info.is_main:
                 shutil.rmtree(ckpt_root, ignore_errors=True)  # a fresh run: old ones are stale
+            if self.hooks:
+                _say(self.info, f"preparing {self.config.method} before step 1 ...")
             for hook in self.hooks:
                 hook.before_training(self.ctx)
             return 0, [], 0
@@ -271,10 +312,10 @@ class Trainer:
             plot = plot_losses(log.rows, self.out_dir / "loss.png", f"{self.config.method}")
             summary["loss_plot"] = str(plot) if plot else None
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            if self.config.progress:
-                print(format_summary(summary), flush=True)
         distributed.barrier(self.info)
-        return TrainResult(self.model, self.base.tokenizer, self.name, summary, log.rows, data)
+        return TrainResult(
+            self.model, self.base.tokenizer, self.name, summary, log.rows, data, self.info.is_main
+        )
 
     def _summary(self, log: RunLog, stats: dict[str, Any]) -> dict[str, Any]:
         n_params = self.model.trainable_parameter_count(self.name)
@@ -317,3 +358,9 @@ class Trainer:
             entry = publish_adapter(store, data, self.config.out, tenant=self.config.tenant)
             out.update(adapter_id=entry.id, version=entry.version, store=str(store.root))
         return out
+
+
+def _say(info, message: str) -> None:
+    """One status line of the run (rank 0 only), through the ``svda.trainer`` logger."""
+    if info.is_main:
+        log.info(message)
