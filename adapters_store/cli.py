@@ -5,6 +5,7 @@
     svda-pack to-peft FILE|ID [--base MODEL] --out DIR
     svda-pack inspect FILE|ID [--json]
     svda-pack verify FILE|ID [--base MODEL] [--json]
+    svda-pack get ID[@VERSION] [--out-file F] [--force]
     svda-pack ls [--base FP] [--method M] [--tag T] [--json]
     svda-pack rm ID [--version N]
     svda-pack gc [--dry-run]
@@ -78,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="FILE or ID[@VERSION]")
     _base_arg(p).add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("get", help="copy an adapter from the store to a local .svda file")
+    p.add_argument("id", help="ID or ID@VERSION (default: the latest version)")
+    p.add_argument("--version", type=int, default=None, help="this version (same as ID@VERSION)")
+    p.add_argument("--out-file", type=Path, default=None, help="file to write (default: ./ID.svda)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_get)
 
     p = sub.add_parser("ls", help="list the store")
     p.add_argument("--base", default=None, help="base fingerprint")
@@ -178,6 +186,33 @@ def cmd_verify(args) -> int:
                 f"{'ok  ' if r.ok else 'FAIL' if r.message != 'skipped' else 'skip'} {r.check:20} {r.message}"
             )
     return 0 if all(r.ok for r in report) else 1
+
+
+def cmd_get(args) -> None:
+    """The stored bytes (checked against the store's sha256 and every file check that needs no
+    base) written atomically to a local file."""
+    id, version = _id_and_version(args.id, args.version)
+    out = args.out_file or Path(f"{id}.svda")
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} exists; pass --force to overwrite it or --out-file another path")
+    store = _store(args)
+    entry = store.get(id, version=version, tenant=args.tenant)
+    data = store.read_bytes(entry)
+    header = read_adapter(data).header
+    save_adapter_file(data, out)
+    print(f"wrote {entry.ref} ({header.method}, {len(data):,} bytes) to {out}")
+
+
+def _id_and_version(ref: str, version: int | None) -> tuple[str, int | None]:
+    """``ID@VERSION`` or ``ID`` plus ``--version``; both given must agree."""
+    id, at, tail = ref.partition("@")
+    if not at:
+        return id, version
+    if not tail.isdigit():
+        raise ValueError(f"{ref!r}: the version after '@' must be a number, e.g. {id}@2")
+    if version is not None and version != int(tail):
+        raise ValueError(f"{ref!r} and --version {version} name different versions; give one")
+    return id, int(tail)
 
 
 def cmd_ls(args) -> None:

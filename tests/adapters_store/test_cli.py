@@ -153,3 +153,35 @@ def test_console_script_runs(env):
     assert result.returncode == 2 and "error:" in result.stderr
     ok = subprocess.run([script, "--help"], capture_output=True, text=True)
     assert ok.returncode == 0 and "import-peft" in ok.stdout
+
+
+def test_get_copies_a_stored_adapter_to_a_local_file(env, tmp_path, monkeypatch, capsys):
+    from svda.adapters_store import AdapterStore, read_adapter
+
+    ckpt = str(env["tmp"] / "ckpt-lora")
+    for _ in range(2):  # versions 1 and 2 of "acme.lora"
+        assert run(env, "export", ckpt, "--base", env["base"], "--id", "acme.lora") == 0
+    monkeypatch.chdir(tmp_path)
+    assert run(env, "get", "acme.lora") == 0
+    assert "wrote acme.lora@2 (lora, " in capsys.readouterr().out
+    store = AdapterStore(env["store"])
+    latest = store.read_bytes(store.get("acme.lora"))
+    assert (tmp_path / "acme.lora.svda").read_bytes() == latest
+    assert run(env, "get", "acme.lora@1", "--out-file", "one.svda") == 0
+    assert read_adapter((tmp_path / "one.svda").read_bytes()).header.method == "lora"
+    assert run(env, "get", "acme.lora", "--version", "1", "--out-file", "one-too.svda") == 0
+    assert (tmp_path / "one-too.svda").read_bytes() == (tmp_path / "one.svda").read_bytes()
+    capsys.readouterr()
+    for argv, message in [
+        (["get", "acme.lora"], "acme.lora.svda exists; pass --force"),
+        (["get", "ghost", "--out-file", "g.svda"], "no adapter 'ghost'"),
+        (["get", "acme.lora@9", "--out-file", "g.svda"], "no version 9; available versions: 1, 2"),
+        (["get", "acme.lora@1", "--version", "2"], "name different versions"),
+        (["get", "acme.lora@x"], "must be a number"),
+    ]:
+        assert run(env, *argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("svda-pack get: error: ") and message in err, (argv, err)
+    assert not (tmp_path / "g.svda").exists()
+    assert run(env, "get", "acme.lora@1", "--force") == 0
+    assert (tmp_path / "acme.lora.svda").read_bytes() == (tmp_path / "one.svda").read_bytes()
