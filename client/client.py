@@ -95,16 +95,43 @@ def _chat_message(m: Message) -> pb.ChatMessage:
 def upload_messages(
     source: str | os.PathLike | bytes, adapter_id: str, tags: Sequence[str] = ()
 ) -> Iterator[pb.UploadAdapterRequest]:
-    """The header message, then the file's bytes in chunks (a file is read chunk by chunk)."""
+    """The header message, then the file's bytes in chunks (a file is read chunk by chunk).
+
+    A path is checked here, before any stream starts: a missing, unreadable or non-regular file
+    raises ``FileNotFoundError`` / ``IsADirectoryError`` / ``PermissionError`` saying so (inside
+    the stream gRPC would report only "Exception iterating requests!")."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data = memoryview(source).cast("B")
-        header = pb.UploadHeader(adapter_id=adapter_id, tags=list(tags), size_bytes=len(data))
-        yield pb.UploadAdapterRequest(header=header)
-        for start in range(0, len(data), UPLOAD_CHUNK_BYTES):
-            yield pb.UploadAdapterRequest(chunk=bytes(data[start : start + UPLOAD_CHUNK_BYTES]))
-        return
-    path = Path(source)
-    size = path.stat().st_size
+        return _byte_messages(memoryview(source).cast("B"), adapter_id, tags)
+    path = Path(source).expanduser()
+    return _file_messages(path, check_upload_file(path), adapter_id, tags)
+
+
+def check_upload_file(path: Path) -> int:
+    """The size of the ``.svda`` file at ``path``, or an ``OSError`` that says what to do."""
+    if not path.exists():
+        raise FileNotFoundError(
+            f"adapter file {path} does not exist; give the path of a .svda file (svda-train "
+            "--out-file or svda-pack get ID write one)"
+        )
+    if not path.is_file():
+        raise IsADirectoryError(f"{path} is not a file; give the path of a .svda file")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"adapter file {path} is not readable by this user")
+    return path.stat().st_size
+
+
+def _byte_messages(
+    data: memoryview, adapter_id: str, tags: Sequence[str]
+) -> Iterator[pb.UploadAdapterRequest]:
+    header = pb.UploadHeader(adapter_id=adapter_id, tags=list(tags), size_bytes=len(data))
+    yield pb.UploadAdapterRequest(header=header)
+    for start in range(0, len(data), UPLOAD_CHUNK_BYTES):
+        yield pb.UploadAdapterRequest(chunk=bytes(data[start : start + UPLOAD_CHUNK_BYTES]))
+
+
+def _file_messages(
+    path: Path, size: int, adapter_id: str, tags: Sequence[str]
+) -> Iterator[pb.UploadAdapterRequest]:
     yield pb.UploadAdapterRequest(
         header=pb.UploadHeader(adapter_id=adapter_id, tags=list(tags), size_bytes=size)
     )

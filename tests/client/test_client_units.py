@@ -51,6 +51,28 @@ class _FakeRpcError(grpc.RpcError):
         return self._details
 
 
+def test_upload_messages_of_a_file_check_it_before_any_stream(tmp_path):
+    path = tmp_path / "a.svda"
+    path.write_bytes(b"x" * (UPLOAD_CHUNK_BYTES + 5))
+    messages = list(upload_messages(path, "acme"))
+    assert messages[0].header.size_bytes == path.stat().st_size
+    assert b"".join(m.chunk for m in messages[1:]) == path.read_bytes()
+    with pytest.raises(FileNotFoundError, match=r"missing\.svda does not exist; give the path"):
+        upload_messages(tmp_path / "missing.svda", "acme")  # raised by the call, not the stream
+    with pytest.raises(IsADirectoryError, match="is not a file"):
+        upload_messages(tmp_path, "acme")
+
+
+def test_cli_upload_of_a_missing_file_says_so(tmp_path, capsys):
+    from svda.client.cli import main
+
+    missing = tmp_path / "nope.svda"
+    argv = ["--target", "127.0.0.1:9", "--timeout", "5", "upload", str(missing), "--id", "x"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"adapter file {missing} does not exist" in err and "iterating" not in err
+
+
 def test_errors_carry_status_and_message():
     err = error_from_rpc(_FakeRpcError(grpc.StatusCode.NOT_FOUND, "adapter 'x' is unknown"))
     assert isinstance(err, NotFound) and err.code == grpc.StatusCode.NOT_FOUND
