@@ -12,6 +12,7 @@ Every setting of :class:`svda.server.settings.ServerSettings` is a flag; flags o
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import types
@@ -73,6 +74,28 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return load_settings(args.config, **overrides)
 
 
+def effective_settings(settings: ServerSettings) -> dict[str, Any]:
+    """``settings`` as JSON values, with the defaults the server resolves filled in: the base
+    model folder (the embedded SmolLM2's converted copy; it is converted on first serve) and the
+    store root. Nothing is loaded or converted."""
+    values = json.loads(settings.model_dump_json())
+    if values.get("model") is None:
+        from svda.runtime.base_model import DEFAULT_NAME, default_gguf_path, gguf_key
+        from svda.runtime.errors import BaseModelError
+        from svda.runtime.paths import svda_home
+
+        try:
+            key = gguf_key(default_gguf_path())
+            values["model"] = str(svda_home().resolve() / "models" / f"{DEFAULT_NAME}-{key}")
+        except BaseModelError as exc:
+            print(f"svda serve: no default model: {exc}", file=sys.stderr)
+    if values.get("store") is None:
+        from svda.adapters_store.store_types import default_store_root
+
+        values["store"] = str(default_store_root().expanduser().resolve())
+    return values
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -89,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"svda serve: invalid settings: {exc}", file=sys.stderr)
         return 2
     if args.print_settings:
-        print(settings.model_dump_json(indent=2))
+        print(json.dumps(effective_settings(settings), indent=2))
         return 0
     configure_logging(settings.log_level)
     from .app import serve  # grpc, the engine and torch load only when serving
