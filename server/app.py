@@ -12,7 +12,7 @@ import asyncio
 import logging
 import signal
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
@@ -27,6 +27,11 @@ from .interceptor import StatusInterceptor
 from .metrics import Metrics
 from .servicer import ServingServicer
 from .settings import ServerSettings
+
+if TYPE_CHECKING:  # torch-heavy: imported when a server is built
+    from svda.runtime import BaseModel
+
+    from .engine import ServingEngine
 
 log = logging.getLogger("svda.server")
 SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name  # "svda.v1.Serving"
@@ -51,7 +56,9 @@ def _read(path) -> bytes:
         raise ValueError(f"cannot read TLS file {path}: {exc.strerror or exc}") from exc
 
 
-def build_engine(settings: ServerSettings, base: Any, store: AdapterStore, metrics: Metrics):
+def build_engine(
+    settings: ServerSettings, base: BaseModel, store: AdapterStore, metrics: Metrics
+) -> ServingEngine:
     """The serving engine for ``base`` (a ``svda.runtime.BaseModel``) with the settings' limits."""
     from .engine import Engine, EngineSettings  # torch-heavy: imported when a server is built
 
@@ -67,9 +74,9 @@ class SvdaServer:
         self,
         settings: ServerSettings,
         *,
-        base: Any = None,
+        base: BaseModel | None = None,
         store: AdapterStore | None = None,
-        engine: Any = None,
+        engine: ServingEngine | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings

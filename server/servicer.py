@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from grpc import aio
 
@@ -31,6 +31,7 @@ from .auth import Authenticator, Caller
 from .domain import (
     Completion,
     FinishReason,
+    GenerationRequest,
     InvalidRequest,
     Overloaded,
     ServingError,
@@ -38,6 +39,10 @@ from .domain import (
     check_adapter_id,
 )
 from .interceptor import DeadlinePassed, UploadStalled
+
+if TYPE_CHECKING:  # the engine package loads the model code; the servicer only calls it
+    from .engine import EngineEvent, RequestHandle, ServingEngine
+    from .engine.sequence import EventCallback
 
 log = logging.getLogger("svda.server")
 
@@ -47,7 +52,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
     def __init__(
         self,
-        engine: Any,
+        engine: ServingEngine,
         store: AdapterStore,
         auth: Authenticator,
         max_upload_bytes: int,
@@ -100,7 +105,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
-        def on_event(event: Any) -> None:  # called from the scheduler thread
+        def on_event(event: EngineEvent) -> None:  # called from the scheduler thread
             # RuntimeError: the event loop is closed, the server is shutting down
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(queue.put_nowait, event)
@@ -269,7 +274,9 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         return convert.info_pb(self.info, self.max_upload_bytes, caller, self.auth.enabled)
 
 
-async def _submit(engine: Any, gen, on_event) -> Any:
+async def _submit(
+    engine: ServingEngine, gen: GenerationRequest, on_event: EventCallback
+) -> RequestHandle:
     """``engine.submit`` in a worker thread; if the RPC is cancelled meanwhile, cancel the
     request as soon as it exists, so it never runs for nobody."""
     future = asyncio.get_running_loop().run_in_executor(None, engine.submit, gen, on_event)

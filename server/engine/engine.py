@@ -19,7 +19,6 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable
 
 from svda.adapters_store import AdapterFile, AdapterStore, read_adapter
 from svda.runtime import AdapterModel, BaseModel, available_methods
@@ -35,7 +34,7 @@ from .adapters import AdapterManager
 from .detok import TextStream
 from .sampling import RowSampler
 from .scheduler import Scheduler
-from .sequence import RequestHandle, Sequence
+from .sequence import EventCallback, RequestHandle, Sequence
 from .settings import EngineSettings, context_limit
 
 ROLES = ("system", "user", "assistant")
@@ -118,7 +117,7 @@ class Engine:
     def submit(
         self,
         request: GenerationRequest,
-        on_event: Callable[[object], None],
+        on_event: EventCallback,
     ) -> RequestHandle:
         """Check ``request`` and queue it; raises InvalidRequest, AdapterNotFound,
         BaseMismatch or Overloaded before queuing (see the module docstring)."""

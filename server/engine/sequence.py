@@ -18,7 +18,8 @@ from .sampling import RowSampler
 request_log = logging.getLogger("svda.server.requests")
 log = logging.getLogger(__name__)
 
-EventCallback = Callable[[object], None]  # TokenChunk | Completion | BaseException
+EngineEvent = TokenChunk | Completion | BaseException  # what a request's on_event gets
+EventCallback = Callable[[EngineEvent], None]
 
 
 class RequestHandle:
