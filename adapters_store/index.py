@@ -19,20 +19,37 @@ from pathlib import Path
 
 from .store_types import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# schema 2: ids are per namespace (tenant, '' for shared); schema 1 had one global id space
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ids (
-    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, last_version INTEGER NOT NULL
+    namespace TEXT NOT NULL, id TEXT NOT NULL, last_version INTEGER NOT NULL,
+    PRIMARY KEY (namespace, id)
 );
 CREATE TABLE IF NOT EXISTS adapters (
     id TEXT NOT NULL, version INTEGER NOT NULL, tenant TEXT NOT NULL, name TEXT,
     method TEXT NOT NULL, base_fingerprint TEXT NOT NULL, size INTEGER NOT NULL,
     sha256 TEXT NOT NULL, created TEXT NOT NULL, tags TEXT NOT NULL,
-    PRIMARY KEY (id, version)
+    PRIMARY KEY (tenant, id, version)
 );
+CREATE INDEX IF NOT EXISTS ids_id ON ids (id);
 CREATE INDEX IF NOT EXISTS adapters_sha256 ON adapters (sha256);
 CREATE INDEX IF NOT EXISTS adapters_base ON adapters (base_fingerprint);
 CREATE INDEX IF NOT EXISTS adapters_tenant ON adapters (tenant);
+"""
+# schema 1 -> 2: the old tables are renamed, the new ones created, the rows copied (every
+# schema-1 id had one owner, so (namespace, id) keys stay unique), the old tables dropped
+_MIGRATE_1_TO_2 = """
+DROP INDEX IF EXISTS adapters_sha256;
+DROP INDEX IF EXISTS adapters_base;
+DROP INDEX IF EXISTS adapters_tenant;
+ALTER TABLE ids RENAME TO ids_v1;
+ALTER TABLE adapters RENAME TO adapters_v1;
+{schema};
+INSERT INTO ids (namespace, id, last_version) SELECT tenant, id, last_version FROM ids_v1;
+INSERT INTO adapters SELECT * FROM adapters_v1;
+DROP TABLE ids_v1;
+DROP TABLE adapters_v1
 """
 
 
@@ -125,7 +142,12 @@ class StoreIndex:
                     f"store index {self.path} has schema {found}, newer than this svda "
                     f"understands ({SCHEMA_VERSION}); upgrade svda"
                 )
-            for statement in filter(str.strip, _SCHEMA.split(";")):
+            script = (
+                _MIGRATE_1_TO_2.format(schema=_SCHEMA.strip().rstrip(";"))
+                if found == 1
+                else _SCHEMA
+            )
+            for statement in filter(str.strip, script.split(";")):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 

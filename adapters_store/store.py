@@ -7,24 +7,28 @@ Layout of a store root (default ``$SVDA_STORE``, else ``svda_home() / "store"``)
     tmp/                           staged writes; leftovers of crashed writers (see gc)
 
 **Ids and versions.** An adapter is addressed by an *id* chosen by the publisher
-(``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$``, no ``..``), unique in the store. Publishing an
-existing id adds version ``last + 1``; older versions stay readable until deleted. Version
-numbers are never reused while the id has any version left; deleting every version frees the
-id (a later publish starts again at 1). Identical bytes share one object file. The store does
-not parse adapter files: the caller passes ``method``, ``base_fingerprint``, ``name`` and
-``tags`` and the store keeps them with the size and sha256 of the bytes.
+(``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$``, no ``..``), unique within its namespace (below).
+Publishing an existing id adds version ``last + 1``; older versions stay readable until deleted.
+Version numbers are never reused while the id has any version left; deleting every version
+frees the id (a later publish starts again at 1). Identical bytes share one object file, across
+namespaces too. The store does not parse adapter files: the caller passes ``method``,
+``base_fingerprint``, ``name`` and ``tags`` and the store keeps them with the size and sha256 of
+the bytes.
 
-**Tenants.** Every id has one owner namespace, fixed by its first publish:
+**Tenants and namespaces.** Every tenant has its own namespace of ids, and there is one shared
+namespace (stored as tenant ``''``, reported as ``None``). Two tenants may both publish an id
+``"support"``: they get two independent adapters, and neither can learn that the other exists.
 
-* ``tenant="acme"`` (a name like an id): publishes into, reads and deletes the ids of ``acme``;
-  reads (never writes) the shared namespace; anything owned by another tenant raises
-  :class:`StorePermissionError`.
-* ``tenant=None`` is an *admin* call: it reads and deletes everything, and publishes into the
-  shared namespace (stored as tenant ``''``, reported as ``None``). To publish into a tenant's
-  namespace, pass that tenant. ``tenant=""`` is refused as ambiguous.
+* ``tenant="acme"`` (a name like an id) publishes into and deletes from acme's namespace. It
+  reads an id from its own namespace first, then from the shared one (its own adapter shadows a
+  shared one of the same id). Another tenant's ids are invisible: reading or deleting one
+  answers :class:`AdapterNotFound` with the same message as for an id nobody has.
+* ``tenant=None`` is an *admin* call: it publishes into the shared namespace and reads or
+  deletes the shared id, else the one tenant's id of that name (if several tenants have it, the
+  call must name the tenant). ``list()`` shows every namespace. ``tenant=""`` is refused as
+  ambiguous.
 
-``list(tenant=t)`` shows what ``t`` may read. Ids are unique across tenants, so a refused
-publish or read tells the caller that the id exists (not who owns it).
+``list(tenant=t)`` shows what ``t`` may read: its own entries and the shared ones.
 
 **Atomicity.** ``publish`` stages the bytes (temp file in ``tmp/``, fsync) outside any lock,
 then in one ``BEGIN IMMEDIATE`` transaction computes the version, renames the object into
@@ -63,10 +67,8 @@ from .store_types import (
     StoreEntry,
     StoreError,
     StorePermissionError,
-    check_read,
     check_write,
     default_store_root,
-    publish_denied,
     utc_now,
     validate_id,
     validate_tags,
@@ -96,6 +98,7 @@ _COLUMN_NAMES = (
     "id", "version", "tenant", "name", "method", "base_fingerprint", "size", "sha256", "created",
     "tags",
 )  # fmt: skip
+_IN_NAMESPACE = "WHERE tenant = ? AND id = ?"
 _COLUMNS = ", ".join(_COLUMN_NAMES)
 
 
@@ -169,8 +172,8 @@ class AdapterStore:
         id, caller, version = validate_id(id), validate_tenant(tenant), validate_version(version)
         with self.index.connect(reuse=True) as conn:
             conn.execute("BEGIN")  # one snapshot for both queries
-            check_read(id, self._owner(conn, id), caller)
-            rows = self._rows(conn, "WHERE id = ? ORDER BY version", (id,))
+            namespace = self._namespace(conn, id, caller)
+            rows = self._rows(conn, _IN_NAMESPACE + " ORDER BY version", (namespace, id))
             conn.execute("COMMIT")
         wanted = [r for r in rows if version is None or r[1] == version]
         if not wanted:
@@ -222,7 +225,10 @@ class AdapterStore:
             clauses.append("tenant IN (?, '')" if include_shared else "tenant = ?")
             params.append(caller)
         if latest_only:
-            clauses.append("version = (SELECT last_version FROM ids WHERE ids.id = adapters.id)")
+            clauses.append(
+                "version = (SELECT last_version FROM ids "
+                "WHERE ids.namespace = adapters.tenant AND ids.id = adapters.id)"
+            )
         where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
         with self.index.connect(reuse=True) as conn:
             rows = self._rows(conn, f"{where}ORDER BY id, version", params)
@@ -238,16 +244,18 @@ class AdapterStore:
         """
         id, caller, version = validate_id(id), validate_tenant(tenant), validate_version(version)
         with self.index.transaction() as conn:
-            owner = self._owner(conn, id)
-            check_write(id, owner, caller)
-            extra = "" if version is None else " AND version = ?"
-            params = (id,) if version is None else (id, version)
-            deleted = [self._entry(r) for r in self._rows(conn, f"WHERE id = ?{extra}", params)]
+            namespace = self._namespace(conn, id, caller)
+            check_write(id, namespace, caller)
+            where = _IN_NAMESPACE + ("" if version is None else " AND version = ?")
+            params = (namespace, id) if version is None else (namespace, id, version)
+            deleted = [self._entry(r) for r in self._rows(conn, where, params)]
             if not deleted:
                 raise AdapterNotFound(f"adapter {id!r} has no version {version}")
-            conn.execute(f"DELETE FROM adapters WHERE id = ?{extra}", params)
-            if not conn.execute("SELECT 1 FROM adapters WHERE id = ?", (id,)).fetchone():
-                conn.execute("DELETE FROM ids WHERE id = ?", (id,))
+            conn.execute(f"DELETE FROM adapters {where}", params)
+            if not conn.execute(
+                f"SELECT 1 FROM adapters {_IN_NAMESPACE}", (namespace, id)
+            ).fetchone():
+                conn.execute("DELETE FROM ids WHERE namespace = ? AND id = ?", (namespace, id))
         with contextlib.suppress(StoreError, OSError):  # if this fails, gc removes them
             self._remove_unreferenced({e.sha256 for e in deleted})
         return deleted
@@ -297,23 +305,37 @@ class AdapterStore:
             id, version, tenant or None, name, method, base, size, sha, created, tags, path
         )
 
-    def _owner(self, conn: sqlite3.Connection, id: str) -> str:
-        row = conn.execute("SELECT tenant FROM ids WHERE id = ?", (id,)).fetchone()
-        if row is None:
-            raise AdapterNotFound(
-                f"no adapter {id!r} in the store at {self.root}; list the store to see its ids"
+    def _namespace(self, conn: sqlite3.Connection, id: str, caller: str | None) -> str:
+        """The namespace ('' = shared) whose ``id`` the caller addresses (module docstring)."""
+        found = [r[0] for r in conn.execute("SELECT namespace FROM ids WHERE id = ?", (id,))]
+        if caller is not None:
+            for namespace in (caller, ""):
+                if namespace in found:
+                    return namespace
+        elif "" in found or len(found) == 1:
+            return "" if "" in found else found[0]
+        elif found:
+            raise InvalidMetadata(
+                f"adapter id {id!r} exists for several tenants ({', '.join(sorted(found))}) "
+                "and not in the shared namespace: name the tenant (tenant=...)"
             )
-        return row[0]
+        who = "" if caller is None else f" for tenant {caller!r}"
+        raise AdapterNotFound(
+            f"no adapter {id!r} in the store at {self.root}{who}; list the store to see its ids"
+        )
 
     def _next_version(self, conn: sqlite3.Connection, id: str, namespace: str) -> int:
-        row = conn.execute("SELECT tenant, last_version FROM ids WHERE id = ?", (id,)).fetchone()
+        key = (namespace, id)
+        row = conn.execute(
+            "SELECT last_version FROM ids WHERE namespace = ? AND id = ?", key
+        ).fetchone()
         if row is None:
-            conn.execute("INSERT INTO ids VALUES (?, ?, 1)", (id, namespace))
+            conn.execute("INSERT INTO ids VALUES (?, ?, 1)", key)
             return 1
-        if row[0] != namespace:
-            raise StorePermissionError(publish_denied(id, row[0], namespace))
-        conn.execute("UPDATE ids SET last_version = ? WHERE id = ?", (row[1] + 1, id))
-        return row[1] + 1
+        conn.execute(
+            "UPDATE ids SET last_version = ? WHERE namespace = ? AND id = ?", (row[0] + 1, *key)
+        )
+        return row[0] + 1
 
     # -- object helpers -----------------------------------------------------------------------
 

@@ -173,15 +173,6 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def check_read(id: str, owner: str, caller: str | None) -> None:
-    """Raise :class:`StorePermissionError` unless ``caller`` may read an id owned by ``owner``."""
-    if caller is not None and owner not in ("", caller):
-        raise StorePermissionError(
-            f"adapter {id!r} belongs to another tenant; tenant {caller!r} may read only "
-            "its own and shared adapters"
-        )
-
-
 def check_write(id: str, owner: str, caller: str | None) -> None:
     """Raise :class:`StorePermissionError` unless ``caller`` may delete from ``owner``'s id."""
     if caller is None or owner == caller:
@@ -191,20 +182,6 @@ def check_write(id: str, owner: str, caller: str | None) -> None:
             f"adapter {id!r} is in the shared namespace, which only an admin call "
             "(tenant=None) may change"
         )
-    raise StorePermissionError(
-        f"adapter {id!r} belongs to another tenant; tenant {caller!r} may change only its own"
-    )
-
-
-def publish_denied(id: str, owner: str, namespace: str) -> str:
-    """Why a publish into ``namespace`` ('' = shared) may not add a version to ``owner``'s id."""
-    if namespace == "":
-        return (
-            f"adapter id {id!r} belongs to tenant {owner!r}; an admin publish (tenant=None) "
-            f"writes the shared namespace: publish with tenant={owner!r} or choose another id"
-        )
-    # the same answer as for a shared id: whose id it is stays private
-    return (
-        f"adapter id {id!r} is taken in another namespace; tenant {namespace!r} may publish "
-        "only to ids it owns or new ones: choose another id"
+    raise StorePermissionError(  # unreachable from the store: other namespaces are invisible
+        f"adapter {id!r} is not tenant {caller!r}'s; a tenant may change only its own adapters"
     )

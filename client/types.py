@@ -57,10 +57,12 @@ class ResidentAdapter:
     pinned: bool
     last_used: float  # unix time
     uses: int
+    tenant: str | None = None  # its namespace; None: the shared one
 
     @classmethod
     def from_pb(cls, m: pb.ResidentAdapter) -> ResidentAdapter:
-        return cls(m.adapter_id, m.version, m.method, m.bytes, m.pinned, m.last_used, m.uses)
+        fields = (m.adapter_id, m.version, m.method, m.bytes, m.pinned, m.last_used, m.uses)
+        return cls(*fields, m.tenant or None)
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,7 @@ def resident_pb(r: ResidentAdapter) -> pb.ResidentAdapter:
         pinned=r.pinned,
         last_used=r.last_used,
         uses=r.uses,
+        tenant=r.tenant or "",
     )
 
 

@@ -166,6 +166,7 @@ class ResidentAdapter:
     pinned: bool
     last_used: float  # time.time()
     uses: int
+    tenant: str | None = None  # its namespace; None: the shared one
 
 
 @dataclass(frozen=True)

@@ -160,11 +160,12 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             latest_only=not request.all_versions,
         )
         resident = {
-            (r.adapter_id, r.version): r for r in self.engine.resident_adapters(caller.tenant)
+            (r.tenant, r.adapter_id, r.version): r
+            for r in self.engine.resident_adapters(caller.tenant)
         }
         out = []
         for entry in entries:
-            r = resident.get((entry.id, entry.version))
+            r = resident.get((entry.tenant, entry.id, entry.version))
             if request.resident_only and r is None:
                 continue
             out.append(convert.entry_pb(entry, self.info.base_fingerprint, r))

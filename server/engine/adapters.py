@@ -2,17 +2,18 @@
 
 * **Ids and versions.** A request names a store id; every request looks up the id's latest
   version in the store (one SQLite read), so a newly published version is served from the next
-  request on. Resident adapters are keyed by ``(id, version)`` and attached under an internal
-  name (store ids may contain '.', adapter names may not). An older version stays attached while
-  requests still use it, then is dropped; a pin moves to the newer version.
-* **Tenants.** The store decides what a tenant may read (its own ids and shared ones); the lookup
+  request on. Ids are per tenant namespace, so resident adapters are keyed by
+  ``(namespace, id, version)`` and attached under an internal name (unique across namespaces).
+  An older version stays attached while requests still use it, then is dropped; a pin moves to
+  the newer version.
+* **Tenants.** The store decides what a tenant may read (its own ids, then shared ones); the lookup
   runs for every request, so a resident adapter is never served to a tenant that may not read it.
 * **Memory.** The budget counts the adapter's own tensors (``adapter_parameters``), not the frozen
   tensors adapters share (SVD bases, VeRA projections: they belong to the base). Beyond the
   budget, the least recently used adapter that is neither pinned, nor merged, nor held by a
   waiting or running request is detached. Adapters held by requests may exceed the budget for as
   long as they are held; pinned adapters may not (``Overloaded``).
-* **Loading once.** Loads run on a small thread pool, one future per ``(id, version)``:
+* **Loading once.** Loads run on a small thread pool, one future per key:
   concurrent first requests for an adapter wait on the same load. Reading and checking the file
   happens outside the model lock; only attaching it takes the lock (between two decode steps).
 """
@@ -27,6 +28,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -34,6 +36,7 @@ from svda.adapters_store import AdapterStore, BaseMismatch, load_adapter, read_s
 from svda.adapters_store.format import AdapterFile
 from svda.adapters_store.store_types import (
     AdapterNotFound,
+    InvalidAdapterId,
     InvalidMetadata,
     StoreEntry,
     StorePermissionError,
@@ -49,7 +52,17 @@ from ..domain import (
 )
 from ..metrics import Metrics
 
-Key = tuple[str, int]  # (store id, version)
+
+class Key(NamedTuple):
+    """A resident adapter: one version of one id in one namespace ('' = shared)."""
+
+    namespace: str
+    id: str
+    version: int
+
+
+def key_of(entry: StoreEntry) -> Key:
+    return Key(entry.tenant or "", entry.id, entry.version)
 
 
 @dataclass
@@ -65,20 +78,21 @@ class Resident:
 
     def public(self) -> ResidentAdapter:
         return ResidentAdapter(
-            adapter_id=self.key[0],
-            version=self.key[1],
+            adapter_id=self.key.id,
+            version=self.key.version,
             method=self.entry.method,
             bytes=self.nbytes,
             pinned=self.pinned,
             last_used=self.last_used,
             uses=self.uses,
+            tenant=self.entry.tenant,
         )
 
 
 def internal_name(entry: StoreEntry) -> str:
     """A valid, unique adapter name for ``entry`` (ids may hold characters names may not)."""
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", entry.id)[:90]
-    digest = hashlib.sha1(entry.id.encode()).hexdigest()[:8]
+    digest = hashlib.sha1(f"{entry.tenant or ''}/{entry.id}".encode()).hexdigest()[:8]
     return f"{safe}-v{entry.version}-{digest}"
 
 
@@ -100,6 +114,15 @@ def unknown_adapter(adapter_id: str, tenant: str | None) -> AdapterNotFound:
 
 def visible(entry: StoreEntry, tenant: str | None) -> bool:
     return tenant is None or entry.tenant is None or entry.tenant == tenant
+
+
+def addressed(found: list[Resident], tenant: str | None) -> list[Resident]:
+    """Of the residents of one id, those a call by ``tenant`` addresses: the tenant's own if
+    any, else the shared ones (never another tenant's); every one for an admin."""
+    if tenant is None:
+        return found
+    own = [r for r in found if r.key.namespace == tenant]
+    return own or [r for r in found if r.key.namespace == ""]
 
 
 class AdapterManager:
@@ -136,7 +159,7 @@ class AdapterManager:
             entry = self.store.get(adapter_id, tenant=tenant)
         except (AdapterNotFound, StorePermissionError):
             raise unknown_adapter(adapter_id, tenant) from None
-        except InvalidMetadata:
+        except InvalidAdapterId:
             raise InvalidRequest(
                 f"invalid adapter id {short_id(adapter_id)}: use 1-128 characters from "
                 "[A-Za-z0-9._-], starting with a letter or digit, without '..'"
@@ -157,7 +180,7 @@ class AdapterManager:
     def acquire(self, entry: StoreEntry) -> Future:
         """Hold ``entry`` for a request and start loading it if needed; the future's result is
         the internal adapter name (or the load's exception). Pair with :meth:`release`."""
-        key = (entry.id, entry.version)
+        key = key_of(entry)
         with self._lock:
             self._refs[key] = self._refs.get(key, 0) + 1
             resident = self._resident.get(key)
@@ -186,7 +209,7 @@ class AdapterManager:
 
     # ----- loading ------------------------------------------------------------------------------
     def _load(self, entry: StoreEntry, future: Future) -> None:
-        key, start = (entry.id, entry.version), time.perf_counter()
+        key, start = key_of(entry), time.perf_counter()
         try:
             resident = self._attach(entry)
         except BaseException as exc:
@@ -218,9 +241,7 @@ class AdapterManager:
                 self.model.set_adapter(None)
             load_adapter(adapter_file, self.model, name, prune_tolerance=self.prune_tolerance)
             nbytes = self.model.adapter_nbytes(name)
-        return Resident(
-            (entry.id, entry.version), name, entry, nbytes, last_used=time.time(), uses=1
-        )
+        return Resident(key_of(entry), name, entry, nbytes, last_used=time.time(), uses=1)
 
     def verify(self, adapter_file: AdapterFile) -> None:
         """Every load check of ``adapter_file`` against the served model (shapes, config,
@@ -244,7 +265,7 @@ class AdapterManager:
     def _supersede(self, new: Resident) -> None:
         """Older versions of ``new``'s id go when unused; their pin moves to ``new``."""
         for key, old in self._resident.items():
-            if key[0] == new.key[0] and key[1] < new.key[1]:
+            if key[:2] == new.key[:2] and key.version < new.key.version:
                 new.pinned = new.pinned or old.pinned
                 old.pinned, old.doomed = False, True
 
@@ -273,7 +294,7 @@ class AdapterManager:
         self._update_gauges()
         if overfull:
             raise Overloaded(
-                f"adapter {protect[0]!r} does not fit in adapter memory ({self.budget} bytes) "
+                f"adapter {protect.id!r} does not fit in adapter memory ({self.budget} bytes) "
                 "beside the pinned adapters; unpin some or raise adapter_memory_bytes"
             )
 
@@ -316,13 +337,13 @@ class AdapterManager:
         try:
             future.result(timeout)
         finally:
-            self.release((entry.id, entry.version))
-        return self._public((entry.id, entry.version), adapter_id)
+            self.release(key_of(entry))
+        return self._public(key_of(entry), adapter_id)
 
     def pin(self, adapter_id: str, tenant: str | None = None, pinned: bool = True):
         entry = self.resolve(adapter_id, tenant)
         self._check_owner(entry, tenant, "pin")
-        key = (entry.id, entry.version)
+        key = key_of(entry)
         future = self.acquire(entry)
         try:
             future.result()
@@ -340,7 +361,7 @@ class AdapterManager:
                 return
             self._resident[key].pinned = False
         raise Overloaded(
-            f"pinning {key[0]!r} would put more than adapter_memory_bytes ({self.budget}) into "
+            f"pinning {key.id!r} would put more than adapter_memory_bytes ({self.budget}) into "
             "pinned adapters; unpin some first"
         )
 
@@ -349,8 +370,8 @@ class AdapterManager:
         none is resident. An id ``tenant`` may not read (absent, malformed, another tenant's)
         raises :class:`AdapterNotFound` with the same message in every case."""
         with self._lock:
-            found = [r for r in self._resident.values() if r.key[0] == adapter_id]
-        visible_found = [r for r in found if visible(r.entry, tenant)]
+            found = [r for r in self._resident.values() if r.key.id == adapter_id]
+        visible_found = addressed(found, tenant)
         if not visible_found:
             try:
                 self.store.get(adapter_id, tenant=tenant)

@@ -30,7 +30,7 @@ from ..domain import (
     ServerInfo,
 )
 from ..metrics import Metrics
-from .adapters import AdapterManager
+from .adapters import AdapterManager, key_of
 from .detok import TextStream
 from .sampling import RowSampler
 from .scheduler import Scheduler
@@ -146,7 +146,7 @@ class Engine:
             stream=TextStream(self.tokenizer, prompt_ids, params.stop),
         )
         if entry is not None:
-            seq.key = (entry.id, entry.version)
+            seq.key = key_of(entry)
             seq.future = self.adapters.acquire(entry)
         try:
             self.scheduler.enqueue(seq)

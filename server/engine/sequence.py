@@ -48,7 +48,7 @@ class Sequence:
     on_event: EventCallback
     sampler: RowSampler
     stream: TextStream
-    key: Key | None = None  # adapter (store id, version); None: the base model
+    key: Key | None = None  # adapter (namespace, store id, version); None: the base model
     future: Future | None = None  # the adapter's load (result: internal name)
     adapter_name: str | None = None  # set on admission
     generated: list[int] = field(default_factory=list)
@@ -146,7 +146,7 @@ class Sequence:
         record = {
             "request_id": self.request_id,
             "adapter_id": completion.adapter_id,
-            "adapter_version": self.key[1] if self.key else None,
+            "adapter_version": self.key.version if self.key else None,
             "tenant": self.request.tenant,
             "prompt_tokens": completion.prompt_tokens,
             "completion_tokens": completion.completion_tokens,

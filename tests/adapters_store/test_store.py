@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import sqlite3
 import sys
 import time
 import types
@@ -179,23 +180,30 @@ def test_storage_keys_cannot_escape_the_object_area(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
 
 
-def test_tenants_see_and_change_only_their_own_ids(store):
-    mine = store.publish(b"acme", "acme-adapter", tenant="acme", **META)
-    assert mine.tenant == "acme"
-    assert store.get("acme-adapter", tenant="acme") == mine
-    for call in (
-        lambda: store.get("acme-adapter", tenant="globex"),
-        lambda: store.delete("acme-adapter", tenant="globex"),
-        lambda: store.publish(b"hijack", "acme-adapter", tenant="globex", **META),
-        lambda: store.publish(b"admin", "acme-adapter", **META),  # admin writes shared only
-    ):
-        with pytest.raises(StorePermissionError) as info:
-            call()
-        assert isinstance(info.value, PermissionError)
+def test_tenants_have_their_own_id_namespaces(store):
+    mine = store.publish(b"acme", "support", tenant="acme", **META)
+    theirs = store.publish(b"globex", "support", tenant="globex", **META)  # same id, no clash
+    assert (mine.tenant, mine.version, theirs.tenant, theirs.version) == ("acme", 1, "globex", 1)
+    assert store.get("support", tenant="acme") == mine
+    assert store.get("support", tenant="globex") == theirs
+    assert store.read_bytes(store.get("support", tenant="globex")) == b"globex"
+    assert [e.tenant for e in store.list(tenant="globex")] == ["globex"]
+    assert store.publish(b"acme 2", "support", tenant="acme", **META).version == 2
+    assert store.get("support", tenant="globex").version == 1  # versions are per namespace
+    assert len(store.delete("support", tenant="globex")) == 1
+    assert [e.version for e in store.list(tenant="acme")] == [1, 2]  # untouched
+
+
+def test_another_tenants_id_is_indistinguishable_from_an_absent_one(store):
+    store.publish(b"acme", "acme-adapter", tenant="acme", **META)
+    messages = []
+    for adapter_id in ("acme-adapter", "nobody-has-this"):
+        for call in (store.get, store.delete):
+            with pytest.raises(AdapterNotFound) as info:
+                call(adapter_id, tenant="globex")
+            messages.append(str(info.value).replace(adapter_id, "ID"))
+    assert messages[:2] == messages[2:] and "acme" not in "".join(messages)
     assert store.list(tenant="globex") == []
-    assert store.publish(b"acme 2", "acme-adapter", tenant="acme", **META).version == 2
-    assert len(store.delete("acme-adapter", 1, tenant="acme")) == 1
-    assert [e.ref for e in store.delete("acme-adapter")] == ["acme-adapter@2"]  # admin
 
 
 def test_shared_namespace_is_readable_by_all_writable_by_admin_only(store):
@@ -203,22 +211,56 @@ def test_shared_namespace_is_readable_by_all_writable_by_admin_only(store):
     assert shared.tenant is None
     assert store.get("public-adapter", tenant="acme") == shared
     assert [e.ref for e in store.list(tenant="acme")] == ["public-adapter@1"]
-    with pytest.raises(StorePermissionError, match="taken in another namespace"):
-        store.publish(b"mine now", "public-adapter", tenant="acme", **META)
     with pytest.raises(StorePermissionError, match="shared namespace"):
         store.delete("public-adapter", tenant="acme")
     assert store.publish(b"public 2", "public-adapter", **META).version == 2
+    own = store.publish(b"mine", "public-adapter", tenant="acme", **META)  # shadows the shared
+    assert store.get("public-adapter", tenant="acme") == own
+    assert store.get("public-adapter", tenant="globex").tenant is None
+    assert store.get("public-adapter").version == 2  # admin: the shared one first
+    store.delete("public-adapter", tenant="acme")
+    assert store.get("public-adapter", tenant="acme").tenant is None
 
 
-def test_a_refused_publish_says_the_same_for_shared_and_foreign_ids(store):
-    store.publish(b"public", "public-id", **META)
-    store.publish(b"theirs", "globex-id", tenant="globex", **META)
-    messages = []
-    for adapter_id in ("public-id", "globex-id"):
-        with pytest.raises(StorePermissionError) as info:
-            store.publish(b"mine", adapter_id, tenant="acme", **META)
-        messages.append(str(info.value).replace(adapter_id, "ID"))
-    assert messages[0] == messages[1] and "globex" not in messages[1]
+def test_admin_calls_resolve_a_tenant_id_only_when_unambiguous(store):
+    store.publish(b"acme", "support", tenant="acme", **META)
+    assert store.get("support").tenant == "acme"  # the only one of that id
+    store.publish(b"globex", "support", tenant="globex", **META)
+    with pytest.raises(InvalidMetadata, match=r"several tenants.*name the tenant"):
+        store.get("support")
+    assert [e.tenant for e in store.list()] == ["acme", "globex"]
+    assert store.delete("support", tenant="acme")[0].tenant == "acme"
+    assert store.get("support").tenant == "globex"
+
+
+def test_schema_1_index_is_migrated_in_place(tmp_path):
+    root = tmp_path / "old"
+    root.mkdir()
+    conn = sqlite3.connect(root / "index.sqlite")
+    conn.executescript(
+        """
+        CREATE TABLE ids (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, last_version INTEGER NOT NULL);
+        CREATE TABLE adapters (
+            id TEXT NOT NULL, version INTEGER NOT NULL, tenant TEXT NOT NULL, name TEXT,
+            method TEXT NOT NULL, base_fingerprint TEXT NOT NULL, size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL, created TEXT NOT NULL, tags TEXT NOT NULL,
+            PRIMARY KEY (id, version));
+        INSERT INTO ids VALUES ('a', 'acme', 2), ('s', '', 1);
+        INSERT INTO adapters VALUES ('a', 2, 'acme', NULL, 'svda', 'f', 1, 'x', 't', '[]'),
+                                    ('s', 1, '', 'n', 'lora', 'f', 1, 'y', 't', '["k"]');
+        PRAGMA user_version = 1;
+        """
+    )
+    conn.close()
+    store = AdapterStore(root)
+    assert [(e.id, e.version, e.tenant, e.tags) for e in store.list()] == [
+        ("a", 2, "acme", ()),
+        ("s", 1, None, ("k",)),
+    ]
+    assert store.publish(b"next", "a", tenant="acme", **META).version == 3
+    assert store.publish(b"b", "a", tenant="globex", **META).version == 1
+    with sqlite3.connect(root / "index.sqlite") as check:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 def test_invalid_ids_are_not_echoed_whole(store):

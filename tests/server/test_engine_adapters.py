@@ -13,7 +13,7 @@ from svda.adapters_store.store_types import AdapterNotFound
 from svda.runtime import AdapterModel, load_base_model
 from svda.server.domain import Overloaded, PermissionDenied
 from svda.server.engine import EngineSettings
-from svda.server.engine.adapters import AdapterManager
+from svda.server.engine.adapters import AdapterManager, Key
 from tests.server.conftest import make_adapter
 from tests.server.engine_helpers import metric, reference_tokens, request, running_engine, submit
 
@@ -53,7 +53,7 @@ def test_lru_eviction_and_reload_under_a_small_budget(tiny_folder, tiny_base, st
             assert set(resident(engine)) == {(adapter_id, 1)}  # the other one was evicted
         assert metric(engine, "svda_adapter_loads_total", result="ok") == 4
         assert metric(engine, "svda_adapter_evictions_total") == 3
-        assert sorted(engine.model.configs) == [engine.adapters.name_of(("svda-b", 1))]
+        assert sorted(engine.model.configs) == [engine.adapters.name_of(Key("", "svda-b", 1))]
 
 
 def test_pinned_adapters_stay_and_cannot_overfill_memory(tiny_base, store, adapter_bytes):
@@ -155,7 +155,7 @@ def test_svda_adapters_are_served_pruned_by_default_within_the_bound(tiny_base, 
     load_adapter(store.read_bytes(store.get("svda-b")), exact, "exact")
     with running_engine(tiny_base, store, svda_prune_tolerance=0.3) as engine:
         engine.load_adapter("svda-b")
-        name = engine.adapters.name_of(("svda-b", 1))
+        name = engine.adapters.name_of(Key("", "svda-b", 1))
         pruned = engine.model.get_delta_weights(name)
     reference = exact.get_delta_weights("exact")
     assert any(not torch.equal(pruned[k], reference[k]) for k in reference)

@@ -10,6 +10,7 @@ import torch
 from svda.adapters_store import AdapterStore, publish_adapter
 from svda.runtime import load_base_model
 from svda.server.domain import MergeMode
+from svda.server.engine.adapters import Key
 from tests.server.conftest import make_adapter
 from tests.server.engine_helpers import (
     Collector,
@@ -28,7 +29,7 @@ def test_merged_logits_equal_unmerged_logits(tiny_folder, store):
         ids = base.tokenizer(["merge me, please"], return_tensors="pt").input_ids
         for adapter_id in ("lora-a", "svda-b"):
             engine.load_adapter(adapter_id)
-            name = engine.adapters.name_of((adapter_id, 1))
+            name = engine.adapters.name_of(Key("", adapter_id, 1))
             unmerged = engine.model(ids, adapter_rows=[name]).logits
             base_logits = engine.model(ids, adapter_rows=[None]).logits
             engine.model.merge(name)
@@ -45,7 +46,7 @@ def test_single_adapter_work_is_served_merged(tiny_folder, tiny_base, store, ada
     with running_engine(tiny_base, store, merge_policy="always-single") as engine:
         collectors = [submit(engine, request("svda-b", "merged path", 12)) for _ in range(3)]
         completions = [c.wait() for c in collectors]
-        assert engine.model.state.merged == engine.adapters.name_of(("svda-b", 1))
+        assert engine.model.state.merged == engine.adapters.name_of(Key("", "svda-b", 1))
     for collector, completion in zip(collectors, completions, strict=True):
         assert completion.merged
         assert collector.token_ids == want

@@ -245,12 +245,16 @@ def test_ids_tenants_and_unload(tiny_base, store, adapter_bytes, tokens_file):
             assert foreign[0] == missing[0] == malformed[0] == S.NOT_FOUND
             assert foreign[1].replace("acme-only", "ID") == missing[1].replace("no-such-id", "ID")
             assert acme.unload_adapter("acme-only") is True  # the owner still can
-            # upload to a taken id: the same answer for a foreign id and a shared one
-            foreign = _code(lambda: globex.upload_adapter(adapter_bytes["lora-a"], "acme-only"))
-            shared = _code(lambda: globex.upload_adapter(adapter_bytes["lora-a"], "lora-a"))
-            assert foreign[0] == shared[0] == S.PERMISSION_DENIED
-            assert foreign[1].replace("acme-only", "ID") == shared[1].replace("lora-a", "ID")
-            assert "acme" not in foreign[1].replace("acme-only", "ID")
+            # upload to an id another tenant has: globex's own, first version (nothing leaks);
+            # to a shared id: globex's own, shadowing the shared one for globex only
+            for adapter_id in ("acme-only", "lora-a"):
+                entry = globex.upload_adapter(adapter_bytes["svda-b"], adapter_id)
+                assert (entry.tenant, entry.version) == ("globex", 1)
+                assert globex.load_adapter(adapter_id).method == "svda"
+            assert [e.method for e in acme.list_adapters() if e.adapter_id == "acme-only"] == [
+                "lora"
+            ]
+            assert acme.load_adapter("lora-a").method == "lora"  # acme still gets the shared one
             # a 10 KB id: refused, and only a short prefix comes back
             huge = "a" * 10_000
             for call in (

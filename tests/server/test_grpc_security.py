@@ -38,14 +38,17 @@ def test_tokens_and_tenants(tiny_base, store, adapter_bytes, tokens_file):
             assert entry.tenant == "acme"
             assert acme.generate("hi", adapter="acme-private", max_new_tokens=2).adapter_id
             assert acme.generate("hi", adapter="svda-b", max_new_tokens=2)  # shared: allowed
-            # another tenant's adapter: invisible to globex, and its id is not globex's to take
+            # another tenant's adapter: invisible to globex
             assert _status(lambda: globex.generate("hi", adapter="acme-private")) == S.NOT_FOUND
             assert _status(lambda: globex.load_adapter("acme-private")) == S.NOT_FOUND
-            upload = lambda: globex.upload_adapter(adapter_bytes["lora-a"], "acme-private")  # noqa: E731
-            assert _status(upload) == S.PERMISSION_DENIED
             assert _status(lambda: globex.pin_adapter("svda-b")) == S.PERMISSION_DENIED  # shared
-            ids = {e.adapter_id for e in globex.list_adapters()}
-            assert ids == {"lora-a", "svda-b"}
+            assert {e.adapter_id for e in globex.list_adapters()} == {"lora-a", "svda-b"}
+            # ids are per tenant: globex's own "acme-private" is a second, separate adapter
+            theirs = globex.upload_adapter(adapter_bytes["svda-b"], "acme-private")
+            assert (theirs.tenant, theirs.version, theirs.method) == ("globex", 1, "svda")
+            assert globex.generate("hi", adapter="acme-private", max_new_tokens=2).adapter_id
+            own = [e for e in acme.list_adapters() if e.adapter_id == "acme-private"]
+            assert [(e.tenant, e.method) for e in own] == [("acme", "lora")]
             assert {e.adapter_id for e in acme.list_adapters()} == {
                 "lora-a",
                 "svda-b",
@@ -53,7 +56,8 @@ def test_tokens_and_tenants(tiny_base, store, adapter_bytes, tokens_file):
             }
         with Client(address, token=ADMIN) as admin:
             assert admin.info().tenant is None  # admin calls see everything
-            assert "acme-private" in {e.adapter_id for e in admin.list_adapters()}
+            tenants = {e.tenant for e in admin.list_adapters() if e.adapter_id == "acme-private"}
+            assert tenants == {"acme", "globex"}
             assert admin.upload_adapter(adapter_bytes["svda-b"], "shared-2").tenant is None
 
 

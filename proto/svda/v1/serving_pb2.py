@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15svda/v1/serving.proto\x12\x07svda.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.svda.v1.ChatMessage\"\xee\x02\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.svda.v1.ChatMessagesH\x00\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x11\n\x04seed\x18\n \x01(\x03H\x04\x88\x01\x01\x12 \n\x04mode\x18\x0b \x01(\x0e\x32\x12.svda.v1.MergeMode\x12\x12\n\nrequest_id\x18\x0c \x01(\tB\x07\n\x05inputB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xea\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x15.svda.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x12\n\nadapter_id\x18\x05 \x01(\t\x12\x0e\n\x06merged\x18\x06 \x01(\x08\x12\x11\n\tlatency_s\x18\x07 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x08 \x01(\x01\x12\x12\n\nrequest_id\x18\t \x01(\t\"-\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"r\n\x16GenerateStreamResponse\x12$\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x13.svda.v1.TokenChunkH\x00\x12)\n\x04\x64one\x18\x02 \x01(\x0b\x32\x19.svda.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x86\x01\n\x0fResidentAdapter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x11\n\tlast_used\x18\x06 \x01(\x01\x12\x0c\n\x04uses\x18\x07 \x01(\x04\"(\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"@\n\x13LoadAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.svda.v1.ResidentAdapter\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\")\n\x15UnloadAdapterResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\"7\n\x11PinAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\"?\n\x12PinAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.svda.v1.ResidentAdapter\"\xf4\x01\n\x0c\x41\x64\x61pterEntry\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x06 \x01(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x0f\n\x07\x63reated\x18\t \x01(\t\x12\x0c\n\x04tags\x18\n \x03(\t\x12\x12\n\ncompatible\x18\x0b \x01(\x08\x12\x10\n\x08resident\x18\x0c \x01(\x08\x12\x0e\n\x06pinned\x18\r \x01(\x08\"_\n\x13ListAdaptersRequest\x12\x15\n\rresident_only\x18\x01 \x01(\x08\x12\x14\n\x0c\x61ll_versions\x18\x02 \x01(\x08\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0b\n\x03tag\x18\x04 \x01(\t\"?\n\x14ListAdaptersResponse\x12\'\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x15.svda.v1.AdapterEntry\"D\n\x0cUploadHeader\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"X\n\x14UploadAdapterRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.svda.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"?\n\x15UploadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.svda.v1.AdapterEntry\"\x16\n\x14GetServerInfoRequest\"\x91\x02\n\x15GetServerInfoResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12\x1a\n\x12max_context_tokens\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x1c\n\x14\x61\x64\x61pter_memory_bytes\x18\x07 \x01(\x04\x12\x18\n\x10max_upload_bytes\x18\x08 \x01(\x04\x12\x0f\n\x07version\x18\t \x01(\t\x12\x0e\n\x06tenant\x18\n \x01(\t\x12\x14\n\x0c\x61uth_enabled\x18\x0b \x01(\x08*P\n\tMergeMode\x12\x13\n\x0fMERGE_MODE_AUTO\x10\x00\x12\x17\n\x13MERGE_MODE_UNMERGED\x10\x01\x12\x15\n\x11MERGE_MODE_MERGED\x10\x02*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xe9\x04\n\x07Serving\x12?\n\x08Generate\x12\x18.svda.v1.GenerateRequest\x1a\x19.svda.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.svda.v1.GenerateRequest\x1a\x1f.svda.v1.GenerateStreamResponse0\x01\x12H\n\x0bLoadAdapter\x12\x1b.svda.v1.LoadAdapterRequest\x1a\x1c.svda.v1.LoadAdapterResponse\x12N\n\rUnloadAdapter\x12\x1d.svda.v1.UnloadAdapterRequest\x1a\x1e.svda.v1.UnloadAdapterResponse\x12\x45\n\nPinAdapter\x12\x1a.svda.v1.PinAdapterRequest\x1a\x1b.svda.v1.PinAdapterResponse\x12K\n\x0cListAdapters\x12\x1c.svda.v1.ListAdaptersRequest\x1a\x1d.svda.v1.ListAdaptersResponse\x12P\n\rUploadAdapter\x12\x1d.svda.v1.UploadAdapterRequest\x1a\x1e.svda.v1.UploadAdapterResponse(\x01\x12N\n\rGetServerInfo\x12\x1d.svda.v1.GetServerInfoRequest\x1a\x1e.svda.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15svda/v1/serving.proto\x12\x07svda.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.svda.v1.ChatMessage\"\xee\x02\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.svda.v1.ChatMessagesH\x00\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x11\n\x04seed\x18\n \x01(\x03H\x04\x88\x01\x01\x12 \n\x04mode\x18\x0b \x01(\x0e\x32\x12.svda.v1.MergeMode\x12\x12\n\nrequest_id\x18\x0c \x01(\tB\x07\n\x05inputB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xea\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x15.svda.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x12\n\nadapter_id\x18\x05 \x01(\t\x12\x0e\n\x06merged\x18\x06 \x01(\x08\x12\x11\n\tlatency_s\x18\x07 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x08 \x01(\x01\x12\x12\n\nrequest_id\x18\t \x01(\t\"-\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"r\n\x16GenerateStreamResponse\x12$\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x13.svda.v1.TokenChunkH\x00\x12)\n\x04\x64one\x18\x02 \x01(\x0b\x32\x19.svda.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x96\x01\n\x0fResidentAdapter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x11\n\tlast_used\x18\x06 \x01(\x01\x12\x0c\n\x04uses\x18\x07 \x01(\x04\x12\x0e\n\x06tenant\x18\x08 \x01(\t\"(\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"@\n\x13LoadAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.svda.v1.ResidentAdapter\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\")\n\x15UnloadAdapterResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\"7\n\x11PinAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\"?\n\x12PinAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.svda.v1.ResidentAdapter\"\xf4\x01\n\x0c\x41\x64\x61pterEntry\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x06 \x01(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x0f\n\x07\x63reated\x18\t \x01(\t\x12\x0c\n\x04tags\x18\n \x03(\t\x12\x12\n\ncompatible\x18\x0b \x01(\x08\x12\x10\n\x08resident\x18\x0c \x01(\x08\x12\x0e\n\x06pinned\x18\r \x01(\x08\"_\n\x13ListAdaptersRequest\x12\x15\n\rresident_only\x18\x01 \x01(\x08\x12\x14\n\x0c\x61ll_versions\x18\x02 \x01(\x08\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0b\n\x03tag\x18\x04 \x01(\t\"?\n\x14ListAdaptersResponse\x12\'\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x15.svda.v1.AdapterEntry\"D\n\x0cUploadHeader\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"X\n\x14UploadAdapterRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.svda.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"?\n\x15UploadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.svda.v1.AdapterEntry\"\x16\n\x14GetServerInfoRequest\"\x91\x02\n\x15GetServerInfoResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12\x1a\n\x12max_context_tokens\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x1c\n\x14\x61\x64\x61pter_memory_bytes\x18\x07 \x01(\x04\x12\x18\n\x10max_upload_bytes\x18\x08 \x01(\x04\x12\x0f\n\x07version\x18\t \x01(\t\x12\x0e\n\x06tenant\x18\n \x01(\t\x12\x14\n\x0c\x61uth_enabled\x18\x0b \x01(\x08*P\n\tMergeMode\x12\x13\n\x0fMERGE_MODE_AUTO\x10\x00\x12\x17\n\x13MERGE_MODE_UNMERGED\x10\x01\x12\x15\n\x11MERGE_MODE_MERGED\x10\x02*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xe9\x04\n\x07Serving\x12?\n\x08Generate\x12\x18.svda.v1.GenerateRequest\x1a\x19.svda.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.svda.v1.GenerateRequest\x1a\x1f.svda.v1.GenerateStreamResponse0\x01\x12H\n\x0bLoadAdapter\x12\x1b.svda.v1.LoadAdapterRequest\x1a\x1c.svda.v1.LoadAdapterResponse\x12N\n\rUnloadAdapter\x12\x1d.svda.v1.UnloadAdapterRequest\x1a\x1e.svda.v1.UnloadAdapterResponse\x12\x45\n\nPinAdapter\x12\x1a.svda.v1.PinAdapterRequest\x1a\x1b.svda.v1.PinAdapterResponse\x12K\n\x0cListAdapters\x12\x1c.svda.v1.ListAdaptersRequest\x1a\x1d.svda.v1.ListAdaptersResponse\x12P\n\rUploadAdapter\x12\x1d.svda.v1.UploadAdapterRequest\x1a\x1e.svda.v1.UploadAdapterResponse(\x01\x12N\n\rGetServerInfo\x12\x1d.svda.v1.GetServerInfoRequest\x1a\x1e.svda.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'svda.v1.serving_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MERGEMODE']._serialized_start=2293
-  _globals['_MERGEMODE']._serialized_end=2373
-  _globals['_FINISHREASON']._serialized_start=2376
-  _globals['_FINISHREASON']._serialized_end=2523
+  _globals['_MERGEMODE']._serialized_start=2309
+  _globals['_MERGEMODE']._serialized_end=2389
+  _globals['_FINISHREASON']._serialized_start=2392
+  _globals['_FINISHREASON']._serialized_end=2539
   _globals['_CHATMESSAGE']._serialized_start=34
   _globals['_CHATMESSAGE']._serialized_end=78
   _globals['_CHATMESSAGES']._serialized_start=80
@@ -48,35 +48,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATESTREAMRESPONSE']._serialized_start=789
   _globals['_GENERATESTREAMRESPONSE']._serialized_end=903
   _globals['_RESIDENTADAPTER']._serialized_start=906
-  _globals['_RESIDENTADAPTER']._serialized_end=1040
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1042
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1082
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=1084
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=1148
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1150
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1192
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1194
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1235
-  _globals['_PINADAPTERREQUEST']._serialized_start=1237
-  _globals['_PINADAPTERREQUEST']._serialized_end=1292
-  _globals['_PINADAPTERRESPONSE']._serialized_start=1294
-  _globals['_PINADAPTERRESPONSE']._serialized_end=1357
-  _globals['_ADAPTERENTRY']._serialized_start=1360
-  _globals['_ADAPTERENTRY']._serialized_end=1604
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1606
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1701
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1703
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1766
-  _globals['_UPLOADHEADER']._serialized_start=1768
-  _globals['_UPLOADHEADER']._serialized_end=1836
-  _globals['_UPLOADADAPTERREQUEST']._serialized_start=1838
-  _globals['_UPLOADADAPTERREQUEST']._serialized_end=1926
-  _globals['_UPLOADADAPTERRESPONSE']._serialized_start=1928
-  _globals['_UPLOADADAPTERRESPONSE']._serialized_end=1991
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1993
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=2015
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=2018
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=2291
-  _globals['_SERVING']._serialized_start=2526
-  _globals['_SERVING']._serialized_end=3143
+  _globals['_RESIDENTADAPTER']._serialized_end=1056
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1058
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1098
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=1100
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=1164
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1166
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1208
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1210
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1251
+  _globals['_PINADAPTERREQUEST']._serialized_start=1253
+  _globals['_PINADAPTERREQUEST']._serialized_end=1308
+  _globals['_PINADAPTERRESPONSE']._serialized_start=1310
+  _globals['_PINADAPTERRESPONSE']._serialized_end=1373
+  _globals['_ADAPTERENTRY']._serialized_start=1376
+  _globals['_ADAPTERENTRY']._serialized_end=1620
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1622
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1717
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1719
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1782
+  _globals['_UPLOADHEADER']._serialized_start=1784
+  _globals['_UPLOADHEADER']._serialized_end=1852
+  _globals['_UPLOADADAPTERREQUEST']._serialized_start=1854
+  _globals['_UPLOADADAPTERREQUEST']._serialized_end=1942
+  _globals['_UPLOADADAPTERRESPONSE']._serialized_start=1944
+  _globals['_UPLOADADAPTERRESPONSE']._serialized_end=2007
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2009
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2031
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=2034
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=2307
+  _globals['_SERVING']._serialized_start=2542
+  _globals['_SERVING']._serialized_end=3159
 # @@protoc_insertion_point(module_scope)

@@ -327,6 +327,7 @@ class ResidentAdapter(_message.Message):
     PINNED_FIELD_NUMBER: _builtins.int
     LAST_USED_FIELD_NUMBER: _builtins.int
     USES_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     version: _builtins.int
     method: _builtins.str
@@ -336,6 +337,8 @@ class ResidentAdapter(_message.Message):
     last_used: _builtins.float
     """unix time, seconds"""
     uses: _builtins.int
+    tenant: _builtins.str
+    """its namespace; empty: the shared namespace"""
     def __init__(
         self,
         *,
@@ -346,10 +349,11 @@ class ResidentAdapter(_message.Message):
         pinned: _builtins.bool = ...,
         last_used: _builtins.float = ...,
         uses: _builtins.int = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "bytes", b"bytes", "last_used", b"last_used", "method", b"method", "pinned", b"pinned", "uses", b"uses", "version", b"version"]
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "bytes", b"bytes", "last_used", b"last_used", "method", b"method", "pinned", b"pinned", "tenant", b"tenant", "uses", b"uses", "version", b"version"]
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -128,8 +128,8 @@ class ServingServicer:
         every load check against the served model (file, shapes, config, base, regeneration probe)
         and publishes only a file that loads. A stream that sends nothing for
         upload_stall_timeout_s ends DEADLINE_EXCEEDED; beyond max_concurrent_uploads at once,
-        RESOURCE_EXHAUSTED. An id taken in another namespace (another tenant's or shared) is
-        PERMISSION_DENIED with the same message either way.
+        RESOURCE_EXHAUSTED. It publishes into the caller's namespace: a tenant's ids never clash
+        with another tenant's (and shadow shared ones of the same id); an admin's go to the shared one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

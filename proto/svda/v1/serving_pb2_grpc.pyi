@@ -66,8 +66,8 @@ class ServingStub:
     every load check against the served model (file, shapes, config, base, regeneration probe)
     and publishes only a file that loads. A stream that sends nothing for
     upload_stall_timeout_s ends DEADLINE_EXCEEDED; beyond max_concurrent_uploads at once,
-    RESOURCE_EXHAUSTED. An id taken in another namespace (another tenant's or shared) is
-    PERMISSION_DENIED with the same message either way.
+    RESOURCE_EXHAUSTED. It publishes into the caller's namespace: a tenant's ids never clash
+    with another tenant's (and shadow shared ones of the same id); an admin's go to the shared one.
     """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_serving_pb2.GetServerInfoRequest, _serving_pb2.GetServerInfoResponse]
     """Base model, fingerprint, supported methods and limits."""
@@ -95,8 +95,8 @@ class ServingAsyncStub(ServingStub):
     every load check against the served model (file, shapes, config, base, regeneration probe)
     and publishes only a file that loads. A stream that sends nothing for
     upload_stall_timeout_s ends DEADLINE_EXCEEDED; beyond max_concurrent_uploads at once,
-    RESOURCE_EXHAUSTED. An id taken in another namespace (another tenant's or shared) is
-    PERMISSION_DENIED with the same message either way.
+    RESOURCE_EXHAUSTED. It publishes into the caller's namespace: a tenant's ids never clash
+    with another tenant's (and shadow shared ones of the same id); an admin's go to the shared one.
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_serving_pb2.GetServerInfoRequest, _serving_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """Base model, fingerprint, supported methods and limits."""
@@ -163,8 +163,8 @@ class ServingServicer(metaclass=_abc_1.ABCMeta):
         every load check against the served model (file, shapes, config, base, regeneration probe)
         and publishes only a file that loads. A stream that sends nothing for
         upload_stall_timeout_s ends DEADLINE_EXCEEDED; beyond max_concurrent_uploads at once,
-        RESOURCE_EXHAUSTED. An id taken in another namespace (another tenant's or shared) is
-        PERMISSION_DENIED with the same message either way.
+        RESOURCE_EXHAUSTED. It publishes into the caller's namespace: a tenant's ids never clash
+        with another tenant's (and shadow shared ones of the same id); an admin's go to the shared one.
         """
 
     @_abc_1.abstractmethod
