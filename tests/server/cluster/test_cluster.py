@@ -1,0 +1,101 @@
+"""The Ray Serve cluster through its gRPC ingress: adapter affinity (loads counted per replica),
+tenancy, LRU eviction across replicas, and a killed replica being replaced while requests keep
+being served. Fixtures: ``conftest.py`` (one cluster for the module, tests run in order)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from svda.client import Client, SvdaClientError
+from svda.server.cluster import model_id_of
+from tests.server.cluster.conftest import ACME, ADMIN, GLOBEX, SHARED
+
+S = grpc.StatusCode
+
+
+def _loads(engine) -> dict[str, Counter]:
+    """Per live replica: how many times it loaded each model id."""
+    return {rid: Counter(row["loads"]) for rid, row in engine.replica_stats().items()}
+
+
+def _ask(address, tls, adapter_ids, token=ADMIN, n=4) -> list[str]:
+    with Client(address, token=token, timeout=120, **tls) as client:
+        return [client.generate("hello", adapter=a, max_new_tokens=n).text for a in adapter_ids]
+
+
+def _parallel(address, tls, adapter_ids) -> list[str]:
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(lambda a: _ask(address, tls, [a])[0], adapter_ids))
+
+
+def test_requests_for_four_adapters_stay_on_the_replica_that_loaded_them(cluster):
+    address, tls, _, engine = cluster
+    first = _ask(address, tls, SHARED[:4])  # one cold request each, one after the other
+    time.sleep(0.5)  # the replicas push their model ids to the routers every 0.1 s
+    again = _parallel(address, tls, SHARED[:4] * 3)
+    assert again == first * 3  # same greedy text whichever replica answered
+    loads = _loads(engine)
+    assert len(loads) == 2
+    per_adapter = sum(loads.values(), Counter())
+    assert {model_id_of(None, a, 1): 1 for a in SHARED[:4]} == dict(per_adapter)
+    assert sorted(len(c) for c in loads.values()) == [2, 2]  # 2 per replica: no evictions
+
+
+def test_tenancy_holds_through_the_ingress(cluster):
+    address, tls, _, _ = cluster
+    with Client(address, timeout=60, **tls) as anonymous:
+        with pytest.raises(SvdaClientError) as info:
+            anonymous.generate("hi", max_new_tokens=2)
+        assert info.value.code == S.UNAUTHENTICATED
+    with Client(address, token=ACME, timeout=60, **tls) as acme:
+        assert acme.generate("hi", adapter="acme-private", max_new_tokens=2).adapter_id
+        with pytest.raises(SvdaClientError) as info:
+            acme.pin_adapter("a0")  # shared: only an admin may pin it
+        assert info.value.code == S.PERMISSION_DENIED
+    with Client(address, token=GLOBEX, timeout=60, **tls) as globex:
+        for call in (lambda: globex.generate("hi", adapter="acme-private", max_new_tokens=2),
+                     lambda: globex.load_adapter("acme-private")):  # fmt: skip
+            with pytest.raises(SvdaClientError) as info:
+                call()
+            assert info.value.code == S.NOT_FOUND
+        assert "acme-private" not in {e.adapter_id for e in globex.list_adapters()}
+    with Client(address, token=ADMIN, timeout=60, **tls) as admin:
+        resident = {(e.tenant, e.adapter_id) for e in admin.list_adapters() if e.resident}
+        assert ("acme", "acme-private") in resident  # residents come from the replicas
+
+
+def test_lru_eviction_across_replicas(cluster):
+    address, tls, _, engine = cluster
+    before = engine.replica_stats()
+    unloads_before = sum(sum(r["unloads"].values()) for r in before.values())
+    _ask(address, tls, SHARED)  # 6 adapters (and acme's) for 2 replicas of 2 adapters each
+    stats = engine.replica_stats()
+    unloads = sum(sum(r["unloads"].values()) for r in stats.values()) - unloads_before
+    assert unloads >= 3  # 7 distinct adapters were used, 4 fit
+    for row in stats.values():
+        assert len(row["resident"]) <= 2  # the engines detached what the LRU evicted
+    last = {model_id_of(None, a, 1) for a in SHARED[-2:]}
+    held = {model_id_of(r.tenant, r.adapter_id, r.version)
+            for row in stats.values() for r in row["resident"]}  # fmt: skip
+    assert last <= held  # the most recently used stay
+
+
+def test_a_killed_replica_is_replaced_and_requests_keep_being_served(cluster):
+    import ray
+
+    address, tls, _, engine = cluster
+    expected = _ask(address, tls, SHARED[:4])
+    victim = next(iter(engine.replica_stats().values()))["actor"]
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    assert _parallel(address, tls, SHARED[:4] * 2) == expected * 2  # served meanwhile
+    deadline = time.monotonic() + 90
+    while len(engine.replica_stats()) < 2:  # the controller starts a replacement
+        assert time.monotonic() < deadline, "no replacement replica within 90 s"
+        time.sleep(1)
+    assert victim not in {row["actor"] for row in engine.replica_stats().values()}
+    assert _ask(address, tls, SHARED[:4]) == expected
