@@ -11,10 +11,7 @@ import pytest
 from svda.adapters_store import AdapterStore, publish_adapter
 from tests.server.grpc_fixtures import make_certificates
 
-ray = pytest.importorskip(
-    "ray.serve", reason="Ray Serve is not installed: run server/cluster/install.sh"
-)
-
+NO_RAY = "Ray Serve is not installed: run server/cluster/install.sh"
 ADMIN, ACME, GLOBEX = "admin-token-0123456789", "acme-token-0123456789", "globex-token-0123456789"
 SHARED = [f"a{i}" for i in range(6)]  # a0..a3: the affinity test; a4, a5: eviction
 
@@ -22,6 +19,7 @@ SHARED = [f"a{i}" for i in range(6)]  # a0..a3: the affinity test; a4, a5: evict
 @pytest.fixture(scope="module")
 def cluster(tiny_folder, adapter_bytes, tmp_path_factory):
     """``(address, tls options, store, engine)`` of a running cluster; torn down at the end."""
+    pytest.importorskip("ray.serve", reason=NO_RAY)
     import ray as ray_core
     from ray import serve
 

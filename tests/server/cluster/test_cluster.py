@@ -13,8 +13,9 @@ import pytest
 
 from svda.client import Client, SvdaClientError
 from svda.server.cluster import model_id_of
-from tests.server.cluster.conftest import ACME, ADMIN, GLOBEX, SHARED
+from tests.server.cluster.conftest import ACME, ADMIN, GLOBEX, NO_RAY, SHARED
 
+pytest.importorskip("ray.serve", reason=NO_RAY)
 S = grpc.StatusCode
 
 
@@ -46,7 +47,7 @@ def test_requests_for_four_adapters_stay_on_the_replica_that_loaded_them(cluster
     assert sorted(len(c) for c in loads.values()) == [2, 2]  # 2 per replica: no evictions
 
 
-def test_tenancy_holds_through_the_ingress(cluster):
+def test_tenancy_holds_through_the_ingress(cluster, adapter_bytes):
     address, tls, _, _ = cluster
     with Client(address, timeout=60, **tls) as anonymous:
         with pytest.raises(SvdaClientError) as info:
@@ -54,6 +55,13 @@ def test_tenancy_holds_through_the_ingress(cluster):
         assert info.value.code == S.UNAUTHENTICATED
     with Client(address, token=ACME, timeout=60, **tls) as acme:
         assert acme.generate("hi", adapter="acme-private", max_new_tokens=2).adapter_id
+        entry = acme.upload_adapter(adapter_bytes["svda-b"], "acme-2")  # checked by a replica
+        assert (entry.tenant, entry.version) == ("acme", 1)
+        events = list(acme.stream("hi", adapter="acme-2", max_new_tokens=3))
+        assert events[-1].completion_tokens == 3 and len(events) >= 2  # chunks, then done
+        with pytest.raises(SvdaClientError) as info:
+            acme.upload_adapter(b"not an adapter", "acme-3")
+        assert info.value.code in (S.INVALID_ARGUMENT, S.DATA_LOSS)
         with pytest.raises(SvdaClientError) as info:
             acme.pin_adapter("a0")  # shared: only an admin may pin it
         assert info.value.code == S.PERMISSION_DENIED
