@@ -88,9 +88,10 @@ class ClusterEngine:
             call = self.handle.options(stream=True, multiplexed_model_id=model_id)
             stream = call.generate.remote(request, remaining_s)
             try:
-                async for event in stream:
-                    tally.add(event)
-                    on_event(event)
+                async for batch in stream:
+                    for event in batch:
+                        tally.add(event)
+                        on_event(event)
                 return
             except asyncio.CancelledError:
                 stream.cancel()

@@ -124,8 +124,8 @@ class ReplicaBody:
 
     # ----- what the ingress calls (errors come back as values: raised there, unwrapped) -----
     async def generate(self, request: Any, remaining_s: float | None):
-        """Stream the engine's events for ``request``: chunks, then one Completion or one
-        exception. The deadline travels as seconds left (monotonic clocks differ per node)."""
+        """Stream the engine's events for ``request`` in lists: chunks, then one Completion or
+        one exception. The deadline travels as seconds left (monotonic clocks differ per node)."""
         from ray import serve
 
         deadline = None if remaining_s is None else time.monotonic() + remaining_s
@@ -142,10 +142,10 @@ class ReplicaBody:
                 await self.adapter(model_id)
             handle = await asyncio.to_thread(self.engine.submit, request, on_event)
         except Exception as exc:  # the ingress raises it for the caller
-            yield exc
+            yield [exc]
             return
-        async for event in _until_done(queue, handle):
-            yield event
+        async for batch in _until_done(queue, handle):
+            yield batch
 
     async def load(self, adapter_id: str, tenant: str | None, pinned: bool | None = None):
         """Load (``pinned`` None) or pin/unpin the adapter routed here, as the native engine."""
@@ -186,15 +186,19 @@ class ReplicaBody:
 
 
 async def _until_done(queue: asyncio.Queue, handle: Any):
-    """The events in ``queue`` up to the last one; cancels the request if the caller leaves."""
+    """Lists of the events in ``queue`` up to the last one: what has queued up since the last
+    list goes as one stream item (one Ray hop for several tokens when the ingress lags).
+    Cancels the request if the caller leaves."""
     from svda.server.domain import Completion
 
     finished = False
     try:
         while not finished:
-            event = await queue.get()
-            finished = isinstance(event, (BaseException, Completion))
-            yield event
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            finished = isinstance(batch[-1], (BaseException, Completion))
+            yield batch
     finally:
         if not finished:
             handle.cancel()
