@@ -57,11 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cluster_settings(args: argparse.Namespace, settings: ServerSettings) -> ClusterSettings:
+def settings_from_args(args: argparse.Namespace) -> tuple[ServerSettings, ClusterSettings]:
+    """The ingress's settings (flags > ``SVDA_*`` > config file) and the cluster's; the engine
+    settings among the former go to every replica."""
+    overrides = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields}
+    settings = load_settings(args.config, **overrides)
     values = {k[len("cluster_") :]: v for k, v in vars(args).items() if k.startswith("cluster_")}
     cluster = ClusterSettings(**values, engine_kwargs=settings.engine_kwargs())
     cluster.validate()
-    return cluster
+    return settings, cluster
 
 
 def build_server(settings: ServerSettings, cluster: ClusterSettings):
@@ -82,9 +86,7 @@ def build_server(settings: ServerSettings, cluster: ClusterSettings):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        overrides = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields}
-        settings = load_settings(args.config, **overrides)
-        cluster = cluster_settings(args, settings)
+        settings, cluster = settings_from_args(args)
     except (ValidationError, ConfigError, ValueError) as exc:
         print(f"svda cluster: invalid settings: {exc}", file=sys.stderr)
         return 2

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from svda.server.cluster import ClusterSettings, model_id_of, parse_model_id
-from svda.server.cluster.cli import build_parser, cluster_settings, main
-from svda.server.settings import load_settings
+from svda.server.cluster.cli import build_parser, main, settings_from_args
 
 
 def test_adapters_per_replica_follow_the_memory_budget():
@@ -44,8 +43,8 @@ def test_flags_reach_the_cluster_and_engine_settings():
         ["--replicas", "3", "--replica-cpus", "0.5", "--adapter-memory-bytes", "1048576",
          "--typical-adapter-bytes", "262144", "--max-batch-size", "4", "--port", "0"]
     )  # fmt: skip
-    settings = load_settings(None, adapter_memory_bytes=1 << 20, max_batch_size=4, port=0)
-    cluster = cluster_settings(args, settings)
+    settings, cluster = settings_from_args(args)
+    assert (settings.port, settings.max_batch_size) == (0, 4)  # the ingress's own settings
     assert (cluster.replicas, cluster.replica_cpus) == (3, 0.5)
     assert cluster.max_adapters_per_replica == 4
     assert cluster.engine_kwargs["max_batch_size"] == 4
