@@ -71,16 +71,3 @@ def _fill_slot(manager, lora_id: int) -> None:
         if isinstance(module, SvdaSlotsMixin):
             module.svda_set(index, forms)
     log.debug("svda adapter %s (lora id %d) in slot %d", path, lora_id, index)
-    import sys
-
-    n = sum(isinstance(m, SvdaSlotsMixin) for m in manager.modules.values())
-    print(
-        "SVDADBG fill",
-        path,
-        lora_id,
-        index,
-        n,
-        None if forms is None else sorted(forms)[:3],
-        file=sys.stderr,
-        flush=True,
-    )
