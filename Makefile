@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.svda-installed
 TORCH  := torch==2.13.0
 
-.PHONY: install demo test lint format bench proto proto-check clean
+.PHONY: install install-cluster demo test lint format bench proto proto-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Ray Serve for `svda cluster` (pinned; refuses to change torch, transformers, grpcio, protobuf)
+install-cluster: install
+	bash server/cluster/install.sh
 
 demo: install
 	$(BIN)/python -m svda.server.demo

@@ -3,6 +3,7 @@
     svda serve                         # embedded SmolLM2-135M-Instruct, default store, :50051
     svda serve --model ./my-model --store /srv/store --port 6000 --tokens-file tokens.txt
     svda serve --config svda.yaml --print-settings
+    svda cluster --replicas 2          # the same server over replicas on Ray Serve
 
 Every setting of :class:`svda.server.settings.ServerSettings` is a flag; flags override
 ``SVDA_*`` environment variables, which override the config file. Optional settings take
@@ -105,6 +106,11 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cluster"]:  # svda cluster: replicas on Ray Serve (docs/cluster.md)
+        from .cluster.cli import main as cluster_main
+
+        return cluster_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
