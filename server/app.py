@@ -64,6 +64,11 @@ def build_engine(
 
     engine_settings = EngineSettings(**settings.engine_kwargs())
     engine_settings.validate()
+    if settings.engine == "vllm":
+        from .engine_vllm.engine import VllmEngine, VllmOptions
+
+        options = VllmOptions(dtype=settings.dtype, max_loras=settings.vllm_max_loras)
+        return VllmEngine(base, store, engine_settings, metrics, options=options)
     return Engine(base, store, engine_settings, metrics)
 
 
@@ -180,9 +185,12 @@ class SvdaServer:
 
 
 def _load_base(settings: ServerSettings):
+    import torch
+
     from svda.runtime import load_base_model
 
-    return load_base_model(settings.model, device=settings.device)
+    dtype = getattr(torch, settings.dtype)
+    return load_base_model(settings.model, dtype=dtype, device=settings.device)
 
 
 async def serve_until_signal(server: SvdaServer) -> None:

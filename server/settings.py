@@ -37,6 +37,10 @@ ENGINE_FIELDS = (
 )  # fmt: skip
 
 
+ENGINES = ("native", "vllm")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 class ConfigError(ValueError):
     """The config file is unreadable or has unknown keys."""
 
@@ -88,6 +92,12 @@ class ServerSettings(BaseSettings):
     )
     merge_policy: str = Field("auto", description="auto, never or always-single (see the README)")
     device: str = Field("cpu", description="torch device of the base model")
+    # engine backend (docs/engine.md; the vLLM one needs `make install-vllm`)
+    engine: str = Field(
+        "native", description="native (embedded default, block adapters) or vllm (vLLM AsyncLLM)"
+    )
+    dtype: str = Field("float32", description="base model dtype: float32, bfloat16 or float16")
+    vllm_max_loras: int = Field(8, gt=0, description="vllm engine: adapters in one batch")
 
     @field_validator(
         "model", "store", "metrics_port", "tls_cert", "tls_key", "tls_client_ca", "tokens_file",
@@ -106,6 +116,10 @@ class ServerSettings(BaseSettings):
             raise ValueError("give both tls_cert and tls_key (or neither)")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, not {self.dtype!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(
                 f"log_level must be DEBUG, INFO, WARNING or ERROR, not {self.log_level}"
