@@ -93,7 +93,7 @@ def run_plain_vllm(folder: str, engine: Engine, reqs, max_context: int, dtype: s
     async def main():
         args = AsyncEngineArgs(model=folder, dtype=dtype, enforce_eager=True,
                                max_model_len=max_context, max_num_seqs=len(reqs), seed=0,
-                               enable_prefix_caching=False)  # fmt: skip
+                               enable_prefix_caching=False, kv_cache_memory_bytes=1 << 30)  # fmt: skip
         llm = AsyncLLM.from_engine_args(args)
         params = VllmParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
 

