@@ -10,6 +10,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from svda.adapters_store import AdapterStore, export_adapter, publish_adapter
 from svda.runtime import AdapterModel, load_base_model
+from svda.runtime.methods import (
+    AdaLoraConfig,
+    BitFitConfig,
+    DoraConfig,
+    Ia3Config,
+    UrnnConfig,
+)
 from svda.server.engine_vllm import vllm_available
 from tests.runtime.helpers import perturb
 from tests.server.conftest import METHOD_CONFIGS
@@ -21,7 +28,17 @@ if not vllm_available():
         allow_module_level=True,
     )
 
-LINEAR_METHODS = ("lora", "svda", "vera", "pissa", "boft", "hybrid")
+CONFIGS = {
+    **METHOD_CONFIGS,
+    "adalora": lambda: AdaLoraConfig(targets="q_proj,v_proj", r=4, target_r=4),
+    "bitfit": lambda: BitFitConfig(targets="all-linear"),
+    "dora": lambda: DoraConfig(targets="q_proj,v_proj", r=4),
+    "ia3": lambda: Ia3Config(),  # k_proj, v_proj and down_proj (input scale: a feed-forward)
+    "urnn": lambda: UrnnConfig(targets="q_proj,v_proj"),
+}
+LINEAR_METHODS = (
+    "lora", "svda", "vera", "pissa", "boft", "hybrid", "adalora", "bitfit", "dora", "ia3", "urnn",
+)  # fmt: skip
 
 
 def vllm_tiny_folder(folder, seed: int = 0):
@@ -49,7 +66,7 @@ def vllm_store(vllm_folder, tmp_path_factory, _server_svda_home):
     store = AdapterStore(tmp_path_factory.mktemp("vllm-store"))
     for i, method in enumerate(LINEAR_METHODS):
         model = AdapterModel(load_base_model(vllm_folder).model)
-        model.add_adapter("a", METHOD_CONFIGS[method]())
+        model.add_adapter("a", CONFIGS[method]())
         perturb(model, "a", scale=0.5, seed=10 + i)
         publish_adapter(store, export_adapter(model, "a", name=method), method)
     return store
