@@ -130,6 +130,10 @@ class VllmEngine:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        handler = getattr(self._llm, "output_handler", None)
+        if handler is not None:  # before vLLM stops its core: no "output_handler failed" log
+            handler.cancel()
+            await asyncio.gather(handler, return_exceptions=True)
 
     # ----- requests ------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, on_event: EventCallback) -> RequestHandle:

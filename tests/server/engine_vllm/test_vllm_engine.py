@@ -82,3 +82,19 @@ def test_block_adapter_fails_with_a_message(vllm_engine, vllm_store, vllm_folder
     vllm_engine.submit(request("serial", PROMPTS[0], n=2), collector)
     with pytest.raises(Exception, match="native engine"):
         collector.wait(timeout=120)
+
+
+@pytest.mark.slow
+def test_cancel_ends_the_request_with_cancelled(vllm_engine):
+    from svda.server.domain import FinishReason
+
+    collector = Collector()
+    handle = vllm_engine.submit(request("lora", PROMPTS[0], n=200), collector)
+    handle.cancel()
+    assert collector.wait(timeout=120).finish_reason == FinishReason.CANCELLED
+
+
+@pytest.mark.slow
+def test_unknown_adapter_is_refused_before_queuing(vllm_engine):
+    with pytest.raises(LookupError, match="not in the store"):
+        vllm_engine.submit(request("no-such", PROMPTS[0]), Collector())
