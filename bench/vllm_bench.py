@@ -68,10 +68,11 @@ def run_engine(engine, reqs: list[GenerationRequest]) -> tuple[float, int]:
     return seconds, sum(c.completion_tokens for c in completions)
 
 
-def make_store(base_folder, n: int, root: str) -> AdapterStore:
+def make_store(base_folder, n: int, root: str, dtype: torch.dtype) -> AdapterStore:
+    """``n`` LoRA r=8 adapters made on the base in ``dtype`` (a base's fingerprint is per dtype)."""
     store = AdapterStore(root)
     for i in range(n):
-        model = AdapterModel(load_base_model(base_folder).model)
+        model = AdapterModel(load_base_model(base_folder, dtype=dtype).model)
         model.add_adapter("a", LoraConfig(targets="q_proj,v_proj", r=8))
         gen = torch.Generator().manual_seed(i)
         for name, p in model.named_parameters():
@@ -123,7 +124,6 @@ def main() -> None:
     rows: list[tuple[str, float, int]] = []
     n, t = args.requests, args.new_tokens
     with tempfile.TemporaryDirectory() as root:
-        store = make_store(args.base, n, root)
         settings = lambda: EngineSettings(max_batch_size=n, svda_prune_tolerance=0.0)  # noqa: E731
         for dtype in ("float32", "bfloat16"):
             base = (
@@ -135,11 +135,13 @@ def main() -> None:
             for adapters in (False, True):
                 s, k = run_engine(engine, requests(n, t, adapters))
                 rows.append((f"native {dtype}, {'16 adapters' if adapters else 'base'}", s, k))
+                print("ROW", rows[-1], flush=True)
             if not args.skip_plain:
                 s, k = run_plain_vllm(
                     folder, engine, requests(n, t, False), engine.max_context, dtype
                 )
                 rows.append((f"plain vLLM {dtype}, base", s, k))
+                print("ROW", rows[-1], flush=True)
             engine.stop()
             options = VllmOptions(dtype=dtype, max_loras=n)
             engine = VllmEngine(base, store, settings(), options=options)
