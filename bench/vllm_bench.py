@@ -126,9 +126,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         settings = lambda: EngineSettings(max_batch_size=n, svda_prune_tolerance=0.0)  # noqa: E731
         for dtype in ("float32", "bfloat16"):
-            base = (
-                base32 if dtype == "float32" else load_base_model(args.base, dtype=torch.bfloat16)
-            )
+            torch_dtype = getattr(torch, dtype)
+            base = base32 if dtype == "float32" else load_base_model(args.base, dtype=torch_dtype)
+            store = make_store(args.base, n, f"{root}/{dtype}", torch_dtype)
             engine = Engine(base, store, settings())
             engine.start()
             run_engine(engine, requests(n, 2, adapters=True))  # warm: adapters resident
