@@ -144,6 +144,7 @@ def main() -> None:
                 print("ROW", rows[-1], flush=True)
             engine.stop()
             options = VllmOptions(dtype=dtype, max_loras=n)
+            base = load_base_model(args.base, dtype=torch_dtype)  # fresh: an engine wraps layers
             engine = VllmEngine(base, store, settings(), options=options)
             engine.start()
             run_engine(engine, requests(n, 2, adapters=True))  # warm: every adapter exported
