@@ -153,6 +153,7 @@ def main() -> None:
                 rows.append(
                     (f"svda on vLLM {dtype}, {'16 adapters' if adapters else 'base'}", s, k)
                 )
+                print("ROW", rows[-1], flush=True)
             engine.stop()
     print_table(rows, n, t)
 
