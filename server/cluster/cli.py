@@ -29,8 +29,6 @@ _CLUSTER_FLAGS = {  # ClusterSettings field: help
     "typical_adapter_bytes": "typical adapter size: adapters per replica = budget // this",
     "max_adapters": "adapters per replica (0: adapter_memory_bytes // typical_adapter_bytes)",
     "max_ongoing_requests": "requests one replica runs at once",
-    "engine": "engine of the replicas (native)",
-    "dtype": "torch dtype of the base on the replicas (default float32)",
     "app_name": "Ray Serve application name",
     "ray_address": "Ray cluster to join (auto: the local node's; unset: start one)",
 }
@@ -63,6 +61,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[ServerSettings, Cluste
     overrides = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields}
     settings = load_settings(args.config, **overrides)
     values = {k[len("cluster_") :]: v for k, v in vars(args).items() if k.startswith("cluster_")}
+    values.update(engine=settings.engine, dtype=settings.dtype)  # the server's --engine, --dtype
     cluster = ClusterSettings(**values, engine_kwargs=settings.engine_kwargs())
     cluster.validate()
     return settings, cluster

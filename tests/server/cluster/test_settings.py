@@ -48,6 +48,10 @@ def test_flags_reach_the_cluster_and_engine_settings():
     assert (cluster.replicas, cluster.replica_cpus) == (3, 0.5)
     assert cluster.max_adapters_per_replica == 4
     assert cluster.engine_kwargs["max_batch_size"] == 4
+    assert (cluster.engine, cluster.dtype) == ("native", "float32")  # svda serve's own flags
+    args = build_parser().parse_args(["--engine", "vllm", "--dtype", "bfloat16"])
+    with pytest.raises(ValueError, match="engine must be one of"):
+        settings_from_args(args)  # replicas run the native engine only, for now
 
 
 def test_bad_flags_exit_2_with_the_reason(capsys):
