@@ -38,8 +38,10 @@ def test_requests_for_four_adapters_stay_on_the_replica_that_loaded_them(cluster
     address, tls, _, engine = cluster
     first = _ask(address, tls, SHARED[:4])  # one cold request each, one after the other
     time.sleep(0.5)  # the replicas push their model ids to the routers every 0.1 s
-    again = _parallel(address, tls, SHARED[:4] * 3)
-    assert again == first * 3  # same greedy text whichever replica answered
+    # one at a time: with requests in flight, Ray's router may send one to a replica without
+    # the adapter when those with it are busy (a second load: correct, but not countable)
+    again = _ask(address, tls, SHARED[:4] * 3)
+    assert again == first * 3  # same greedy text, served where the adapter was loaded
     loads = _loads(engine)
     assert len(loads) == 2
     per_adapter = sum(loads.values(), Counter())
