@@ -10,6 +10,7 @@ for engines without their own kernels (vLLM's punica-style kernels would replace
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,63 +28,39 @@ from .compile import SHARED_FIELDS
 from .primitives import LayerForm, LowRank, OutputRotation, SharedBasisLowRank
 
 
+def _map_per_slot(p: Any, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> Any:
+    """``p`` with ``fn(name, tensor)`` applied to its per-slot tensors (a low-rank term's are all
+    per slot; other primitives keep their shared fields, :data:`SHARED_FIELDS`, as they are)."""
+    values = {}
+    for f in dataclasses.fields(p):
+        value = getattr(p, f.name)
+        per_slot = isinstance(value, torch.Tensor) and (
+            isinstance(p, LowRank) or f.name not in SHARED_FIELDS
+        )
+        values[f.name] = fn(f.name, value) if per_slot else value
+    return type(p)(**values)
+
+
 def with_zero_row(form: LayerForm) -> LayerForm:
     """The form with one more slot, all zeros, last (so that ``slots = -1`` selects it); the
     rotation's slot gets ``v = v0`` (its identity). Shared tensors are kept as they are."""
 
     def pad(p: Any) -> Any:
-        if p is None:
-            return None
-        values = {}
-        for f in dataclasses.fields(p):
-            value = getattr(p, f.name)
-            per_slot = isinstance(value, torch.Tensor) and (
-                isinstance(p, LowRank) or f.name not in SHARED_FIELDS
-            )
-            if per_slot:
-                zero = p.v0[None] if f.name == "v" else value.new_zeros(1, *value.shape[1:])
-                value = torch.cat([value, zero])
-            values[f.name] = value
-        return type(p)(**values)
+        def append_zero(name: str, value: torch.Tensor) -> torch.Tensor:
+            zero = p.v0[None] if name == "v" else value.new_zeros(1, *value.shape[1:])
+            return torch.cat([value, zero])
 
-    return dataclasses.replace(
-        form,
-        n_slots=form.n_slots + 1,
-        input_scale=pad(form.input_scale),
-        input_rotation=pad(form.input_rotation),
-        output_rotation=pad(form.output_rotation),
-        output_scale=pad(form.output_scale),
-        terms=tuple(pad(t) for t in form.terms),
-        bias=pad(form.bias),
-    )
+        return _map_per_slot(p, append_zero)
+
+    return form.map_primitives(pad, n_slots=form.n_slots + 1)
 
 
 def gather_slots(form: LayerForm, slots: torch.Tensor) -> LayerForm:
     """The form whose slot ``i`` is slot ``slots[i]`` of ``form`` (``-1``: its last slot, the zero
     slot of :func:`with_zero_row` or of a table): per-row tensors, gathered once per batch
     composition; shared tensors are kept."""
-
-    def pick(p: Any) -> Any:
-        if p is None:
-            return None
-        values = {}
-        for f in dataclasses.fields(p):
-            value = getattr(p, f.name)
-            per_slot = isinstance(value, torch.Tensor) and (
-                isinstance(p, LowRank) or f.name not in SHARED_FIELDS
-            )
-            values[f.name] = value[slots] if per_slot else value
-        return type(p)(**values)
-
-    return dataclasses.replace(
-        form,
-        n_slots=len(slots),
-        input_scale=pick(form.input_scale),
-        input_rotation=pick(form.input_rotation),
-        output_rotation=pick(form.output_rotation),
-        output_scale=pick(form.output_scale),
-        terms=tuple(pick(t) for t in form.terms),
-        bias=pick(form.bias),
+    return form.map_primitives(
+        lambda p: _map_per_slot(p, lambda _, value: value[slots]), n_slots=len(slots)
     )
 
 

@@ -38,7 +38,10 @@ method folds any scale into ``B`` when it compiles (DoRA's ``m/‖W‖``, LoRA's
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -158,6 +161,24 @@ class LayerForm:
             [p for p in ordered if p is not None]
             + list(self.terms)
             + [self.bias] * (self.bias is not None)
+        )
+
+    def map_primitives(self, fn: Callable[[Any], Any], **changes: Any) -> LayerForm:
+        """The form with ``fn`` applied to every primitive present (absent ones stay ``None``);
+        ``changes``: other fields to replace (``n_slots``)."""
+
+        def one(p: Any) -> Any:
+            return None if p is None else fn(p)
+
+        return dataclasses.replace(
+            self,
+            input_scale=one(self.input_scale),
+            input_rotation=one(self.input_rotation),
+            output_rotation=one(self.output_rotation),
+            output_scale=one(self.output_scale),
+            terms=tuple(fn(t) for t in self.terms),
+            bias=one(self.bias),
+            **changes,
         )
 
     def kinds(self) -> list[str]:

@@ -68,20 +68,10 @@ def _cpu_form(form: LayerForm) -> LayerForm:
     import dataclasses
 
     def move(p: Any) -> Any:
-        if p is None:
-            return None
         values = {}
         for f in dataclasses.fields(p):
             v = getattr(p, f.name)
             values[f.name] = v.detach().cpu().contiguous() if isinstance(v, torch.Tensor) else v
         return type(p)(**values)
 
-    return dataclasses.replace(
-        form,
-        input_scale=move(form.input_scale),
-        input_rotation=move(form.input_rotation),
-        output_rotation=move(form.output_rotation),
-        output_scale=move(form.output_scale),
-        terms=tuple(move(t) for t in form.terms),
-        bias=move(form.bias),
-    )
+    return form.map_primitives(move)
