@@ -16,6 +16,7 @@ from svda.adapters_store.format import export_adapter, read_adapter
 from svda.adapters_store.loader import load_adapter
 from svda.adapters_store.peft_compat import PeftConversionError, export_peft, import_peft
 from svda.runtime import AdapterModel, LoraConfig, VeraConfig
+from svda.runtime.methods import DoraConfig, Ia3Config
 from tests.runtime.helpers import perturb, tiny_gpt2, tiny_llama
 
 IDS = torch.arange(14).view(2, 7)
@@ -101,7 +102,14 @@ def test_not_a_peft_folder(tmp_path, svd_cache):
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 @pytest.mark.parametrize(
-    "config", [LoraConfig(targets="all-linear", r=3), VeraConfig(targets="all-linear", r=8)]
+    "config",
+    [
+        LoraConfig(targets="all-linear", r=3),
+        VeraConfig(targets="all-linear", r=8),
+        DoraConfig(targets="all-linear", r=3),
+        Ia3Config(targets="all-linear", feedforward_modules="down_proj,c_proj"),
+    ],
+    ids=["lora", "vera", "dora", "ia3"],
 )
 def test_to_peft_loads_in_peft_with_the_same_outputs(config, make, tmp_path, svd_cache):
     model = AdapterModel(make(), svd_cache=svd_cache)
