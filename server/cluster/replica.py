@@ -113,14 +113,8 @@ class ReplicaBody:
         from svda.server.engine.adapters import Key
 
         namespace, adapter_id, _ = parse_model_id(model_id)
-        manager = self.engine.adapters
-        with manager._lock:
-            resident = manager._resident.get(Key(namespace or "", adapter_id, version))
-            if resident is None or resident.pinned:
-                return
-            resident.doomed = True
-        manager.evict()
-        self.report("unloads", model_id)
+        if self.engine.adapters.drop(Key(namespace or "", adapter_id, version)):
+            self.report("unloads", model_id)
 
     # ----- what the ingress calls (errors come back as values: raised there, unwrapped) -----
     async def generate(self, request: Any, remaining_s: float | None):

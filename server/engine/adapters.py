@@ -386,6 +386,18 @@ class AdapterManager:
         self.evict()
         return True
 
+    def drop(self, key: Key) -> bool:
+        """Detach exactly ``key`` (one version of one namespace's id; a namesake in another
+        namespace stays) now, or when the requests holding it finish. A pinned adapter stays
+        (unpin it first). False if ``key`` is not resident or is pinned."""
+        with self._lock:
+            resident = self._resident.get(key)
+            if resident is None or resident.pinned:
+                return False
+            resident.doomed = True
+        self.evict()
+        return True
+
     @staticmethod
     def _check_owner(entry: StoreEntry, tenant: str | None, what: str) -> None:
         if tenant is not None and entry.tenant != tenant:

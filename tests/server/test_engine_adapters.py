@@ -161,3 +161,30 @@ def test_svda_adapters_are_served_pruned_by_default_within_the_bound(tiny_base, 
     assert any(not torch.equal(pruned[k], reference[k]) for k in reference)
     for k, delta in reference.items():
         assert torch.linalg.norm(pruned[k] - delta) <= 0.3 * torch.linalg.norm(delta) + 1e-6
+
+
+def _rows(engine) -> set[tuple[str | None, str]]:
+    return {(r.tenant, r.adapter_id) for r in engine.resident_adapters()}
+
+
+def test_drop_detaches_exactly_one_key_once_no_request_holds_it(tiny_base, store, adapter_bytes):
+    publish_adapter(store, adapter_bytes["svda-b"], "lora-a", tenant="acme")  # a namesake
+    acme = Key("acme", "lora-a", 1)
+    with running_engine(tiny_base, store, start=False, merge_policy="never") as engine:
+        engine.load_adapter("lora-a")
+        engine.load_adapter("lora-a", tenant="acme")
+        engine.pin_adapter("svda-b")
+        held = submit(engine, request("lora-a", "held", 4, tenant="acme"))  # queued: holds it
+        assert engine.adapters.drop(acme)
+        assert ("acme", "lora-a") in _rows(engine)  # stays while the queued request holds it
+        assert not engine.adapters.drop(Key("", "svda-b", 1))  # pinned: stays
+        assert not engine.adapters.drop(Key("globex", "lora-a", 1))  # not resident
+        engine.start()
+        assert held.wait().completion_tokens == 4
+        deadline = time.monotonic() + 30
+        while ("acme", "lora-a") in _rows(engine):  # released just after the completion
+            assert time.monotonic() < deadline, "the dropped adapter stayed after its request"
+            time.sleep(0.05)
+        assert _rows(engine) == {(None, "lora-a"), (None, "svda-b")}  # the namesake stays
+        assert engine.adapters.drop(Key("", "lora-a", 1))
+        assert _rows(engine) == {(None, "svda-b")} and not engine.adapters.drop(acme)
