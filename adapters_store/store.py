@@ -102,6 +102,19 @@ _IN_NAMESPACE = "WHERE tenant = ? AND id = ?"
 _COLUMNS = ", ".join(_COLUMN_NAMES)
 
 
+def check_object(entry: StoreEntry, data: bytes, where: str) -> bytes:
+    """``data`` if it has ``entry``'s recorded size and sha256, else :class:`CorruptObjectError`
+    (``where``: the object's location, for the message)."""
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != entry.size or digest != entry.sha256:
+        raise CorruptObjectError(
+            f"the object of {entry.ref} at {where} is corrupt (sha256 {digest}, {len(data)} "
+            f"bytes; expected {entry.sha256}, {entry.size} bytes); delete this version and "
+            "publish it again"
+        )
+    return data
+
+
 class AdapterStore:
     """A directory of versioned adapters; see the module docstring for the rules."""
 
@@ -194,14 +207,7 @@ class AdapterStore:
                 f"the object of {entry.ref} ({self.storage.path_or_url(entry.key)}) is missing: "
                 "it was deleted meanwhile or the store is damaged; look it up again or re-publish"
             ) from None
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != entry.size or digest != entry.sha256:
-            raise CorruptObjectError(
-                f"the object of {entry.ref} at {self.storage.path_or_url(entry.key)} is corrupt "
-                f"(sha256 {digest}, {len(data)} bytes; expected {entry.sha256}, {entry.size} "
-                "bytes); delete this version and publish it again"
-            )
-        return data
+        return check_object(entry, data, self.storage.path_or_url(entry.key))
 
     def list(
         self,

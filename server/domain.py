@@ -31,6 +31,10 @@ class Overloaded(ServingError):
     """Queue full, or adapter memory full of pinned adapters (RESOURCE_EXHAUSTED)."""
 
 
+class Unavailable(ServingError):
+    """What served the request went away, e.g. a cluster replica that died (UNAVAILABLE): retry."""
+
+
 class Unauthenticated(ServingError):
     """Missing or unknown bearer token (UNAUTHENTICATED)."""
 

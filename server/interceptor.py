@@ -34,6 +34,7 @@ from .domain import (
     PermissionDenied,
     ServingError,
     Unauthenticated,
+    Unavailable,
 )
 from .metrics import Metrics
 
@@ -57,6 +58,7 @@ STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidMetadata, grpc.StatusCode.INVALID_ARGUMENT),  # bad adapter id, tag, tenant
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (StorePermissionError, grpc.StatusCode.PERMISSION_DENIED),

@@ -6,7 +6,9 @@ native one; each request's adapter is resolved here, once, against the shared st
 caller's tenant (so a replica is never asked for an adapter the caller may not read), and the
 request goes to the Ray Serve deployment with ``multiplexed_model_id=<namespace>/<id>@<version>``,
 which routes it to the replica that already holds that adapter. Streams are consumed on one
-event loop thread; a request whose replica dies before its first event is sent once more.
+event loop thread; a request whose replica dies before its first event is sent again (twice at
+most), one whose replica dies after it ends ``UNAVAILABLE``. Pin and unload reach every replica
+(``DeploymentHandle.broadcast``): every copy of an adapter is pinned or unloaded.
 """
 
 from __future__ import annotations
@@ -23,10 +25,19 @@ from typing import Any
 from svda.adapters_store import AdapterStore, BaseMismatch
 from svda.adapters_store.store_types import AdapterNotFound, StorePermissionError
 
-from ..domain import Completion, FinishReason, GenerationRequest, Overloaded, ServerInfo
+from ..domain import (
+    Completion,
+    FinishReason,
+    GenerationRequest,
+    Overloaded,
+    ResidentAdapter,
+    ServerInfo,
+    Unavailable,
+)
+from ..engine.adapters import check_owner, unknown_adapter
 from ..engine.sequence import EventCallback, RequestHandle
-from .replica import NAMESPACE, registry
-from .settings import model_id_of
+from .replica import registry
+from .settings import NAMESPACE, model_id_of
 
 RETRIES = 2  # a request whose replica died before answering is sent again this many times
 
@@ -101,17 +112,13 @@ class ClusterEngine:
                 return on_event(Overloaded(f"every replica's queue is full ({exc}); retry later"))
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                 if tally.events or attempt == RETRIES:
-                    return on_event(
-                        Overloaded(f"the replica serving this request died: {exc}; retry")
-                    )
+                    return on_event(_replica_died(tally, attempt, exc))
                 await asyncio.sleep(0.5 * (attempt + 1))
             except Exception as exc:  # reported to the caller, not lost
                 return on_event(exc)
 
     def _resolve(self, adapter_id: str, tenant: str | None):
         """The store entry ``tenant`` may read for ``adapter_id`` (as the native engine)."""
-        from ..engine.adapters import unknown_adapter
-
         try:
             entry = self.store.get(adapter_id, tenant=tenant)
         except (AdapterNotFound, StorePermissionError):
@@ -154,16 +161,45 @@ class ClusterEngine:
     def load_adapter(self, adapter_id: str, tenant: str | None = None):
         return self._call("load", self._routed(adapter_id, tenant), adapter_id, tenant)
 
-    def pin_adapter(self, adapter_id: str, tenant: str | None = None, pinned: bool = True):
-        return self._call("load", self._routed(adapter_id, tenant), adapter_id, tenant, pinned)
+    def pin_adapter(self, adapter_id: str, tenant: str | None = None,
+                    pinned: bool = True) -> ResidentAdapter:  # fmt: skip
+        """Pin on every replica (each loads it), or unpin every copy; the owner check runs
+        here first, so a refused pin loads nothing anywhere."""
+        entry = self._resolve(adapter_id, tenant)
+        check_owner(entry, tenant, "pin")
+        model_id = model_id_of(entry.tenant, entry.id, entry.version)
+        rows = [r for r in self._broadcast("pin", model_id, adapter_id, tenant, pinned) if r]
+        if rows:
+            return rows[0]
+        return self._call("load", model_id, adapter_id, tenant, pinned)  # no copy to unpin
 
     def unload_adapter(self, adapter_id: str, tenant: str | None = None) -> bool:
-        """Unload on the replica that holds it (the routing's choice); see docs/cluster.md."""
+        """Unload every copy (each replica answers as one server would for its own engine:
+        NOT_FOUND for an id the caller may not see, PERMISSION_DENIED for a shared one)."""
+        return any(self._broadcast("unload", adapter_id, tenant))
+
+    def _broadcast(self, method: str, *args: Any) -> list:
+        """``method`` on every live replica; replicas that died meanwhile are left out, the
+        first error a replica returned is raised."""
+        import ray.exceptions
+
+        async def fan_out() -> list:
+            response = self.handle.broadcast(method, *args)
+            return await response.results_async(timeout_s=self.timeout_s, return_exceptions=True)
+
         try:
-            model_id = self._routed(adapter_id, tenant)
-        except (AdapterNotFound, BaseMismatch):
-            model_id = ""  # the replica gives the native engine's answer for it
-        return self._call("unload", model_id, adapter_id, tenant)
+            future = asyncio.run_coroutine_threadsafe(fan_out(), self._loop)
+            results = future.result(self.timeout_s + 10)
+        except Exception as exc:  # no replica at all, or the broadcast timed out
+            raise Unavailable(f"no replica answered {method!r}: {exc}; retry") from None
+        gone = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        answers = [r for r in results if not isinstance(r, gone)]
+        if not answers:
+            raise Unavailable(f"every replica died during {method!r}; retry")
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        return answers
 
     def verify_adapter(self, source: str | os.PathLike):
         return self._call("verify", "", Path(source).read_bytes())
@@ -186,6 +222,15 @@ class ClusterEngine:
         future = asyncio.run_coroutine_threadsafe(snapshot(), self._loop)
         stats = future.result(self.timeout_s)
         return {rid: row for rid, row in stats.items() if _alive(row["actor"])}
+
+
+def _replica_died(tally: _Tally, attempt: int, exc: BaseException) -> Unavailable:
+    if tally.events:
+        return Unavailable(
+            f"the replica serving this request died after sending {tally.tokens} tokens ({exc}); "
+            "the stream is incomplete: send the request again"
+        )
+    return Unavailable(f"the replica serving this request died, {attempt + 1} times ({exc}); retry")
 
 
 def _alive(actor_name: str) -> bool:

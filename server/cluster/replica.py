@@ -1,4 +1,4 @@
-"""The Ray Serve deployment of svda: each replica holds one engine on the shared base and store.
+"""The Ray Serve deployment of svda: each replica holds one engine on the base model.
 
 Modelled on Ray Serve's model multiplexing example (``@serve.multiplexed`` loader plus
 ``serve.get_multiplexed_model_id()`` in the request method, ``__del__`` called on LRU eviction):
@@ -6,6 +6,9 @@ the multiplexed "model" of a replica is one adapter made resident in its engine,
 ``<namespace>/<id>@<version>``; Ray Serve routes requests for an id to the replica that holds it.
 Every replica reports its loads, evictions and residents to one named registry actor (the
 ingress reads it for ``resident_adapters``; tests and the benchmark count loads per replica).
+Replicas open no store: their engines read entries and adapter bytes from the ingress's store
+service (:mod:`.store_service`). Admin calls that concern every copy of an adapter (pin, unload)
+reach every replica through ``DeploymentHandle.broadcast``.
 
 ``ray`` is imported inside the functions: the package stays importable without it.
 """
@@ -21,10 +24,10 @@ import time
 from collections import Counter
 from typing import Any
 
-from .settings import ClusterSettings, parse_model_id
+from .settings import NAMESPACE, ClusterSettings, model_id_of, parse_model_id
 
-NAMESPACE = "svda"  # Ray namespace of the registry actor
 DEPLOYMENT = "SvdaReplica"
+ROUTER = "svda.server.cluster.router.AdapterRouter"  # imported where handles route (needs Ray)
 
 
 class Registry:
@@ -37,10 +40,9 @@ class Registry:
         self.replicas[replica] = {"actor": actor_name, "started": time.time(),
                                   "loads": Counter(), "unloads": Counter(), "resident": []}  # fmt: skip
 
-    def record(self, replica: str, kind: str, model_id: str, resident: list) -> None:
+    def record(self, replica: str, kind: str, model_ids: list[str], resident: list) -> None:
         row = self.replicas[replica]
-        if kind in ("loads", "unloads"):
-            row[kind][model_id] += 1
+        row.setdefault(kind, Counter()).update(model_ids)  # loads, unloads, pins, unpins
         row["resident"] = resident
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
@@ -79,42 +81,56 @@ class _Held:
 class ReplicaBody:
     """What a replica does, without Ray Serve's decorators (:func:`deployment` adds them)."""
 
-    def __init__(self, model: str | None, store_root: str, settings: ClusterSettings) -> None:
+    def __init__(self, model: str | None, settings: ClusterSettings) -> None:
         import torch
         from ray import serve
 
-        from svda.adapters_store import AdapterStore
         from svda.runtime import load_base_model
         from svda.server.engine import Engine, EngineSettings
 
+        from .store_service import RemoteStore
+
         dtype = getattr(torch, settings.dtype) if settings.dtype else torch.float32
         base = load_base_model(model, dtype=dtype)
-        self.engine = Engine(
-            base, AdapterStore(store_root), EngineSettings(**settings.engine_kwargs)
-        )
+        store = RemoteStore(settings.app_name)  # no store folder on replicas: see the module
+        self.engine = Engine(base, store, EngineSettings(**settings.engine_kwargs))
         self.engine.start()
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
         self.registry = registry(settings.app_name)
         self.registry.started.remote(self.replica, context.replica_id.to_full_id_str())
 
-    def report(self, kind: str, model_id: str) -> None:
-        self.registry.record.remote(self.replica, kind, model_id, self.engine.resident_adapters())
+    def _record(self, kind: str, model_ids: list[str]) -> Any:
+        resident = self.engine.resident_adapters()
+        return self.registry.record.remote(self.replica, kind, model_ids, resident)
+
+    async def report(self, kind: str, model_ids: list[str]) -> None:
+        """Record loads or unloads in the registry and wait until it has them (a caller that
+        reads the registry after this replica answered sees them)."""
+        await self._record(kind, model_ids)
+
+    def _held(self) -> set[str]:
+        """Model ids of the adapters resident in this replica's engine."""
+        rows = self.engine.resident_adapters()
+        return {model_id_of(r.tenant, r.adapter_id, r.version) for r in rows}
 
     async def hold(self, model_id: str) -> _Held:
         """The multiplexed loader: make ``model_id``'s adapter resident in the engine."""
         namespace, adapter_id, _ = parse_model_id(model_id)
         resident = await asyncio.to_thread(self.engine.load_adapter, adapter_id, namespace)
-        self.report("loads", model_id)
+        await self.report("loads", [model_id])
         return _Held(self, model_id, resident.version)
 
     def drop(self, model_id: str, version: int) -> None:
-        """Detach exactly this version of this namespace's adapter (not a namesake elsewhere)."""
+        """Detach exactly this version of this namespace's adapter (not a namesake elsewhere).
+        Runs in a worker thread (Ray Serve's LRU eviction calls ``_Held.__del__`` there)."""
+        import ray
+
         from svda.server.engine.adapters import Key
 
         namespace, adapter_id, _ = parse_model_id(model_id)
         if self.engine.adapters.drop(Key(namespace or "", adapter_id, version)):
-            self.report("unloads", model_id)
+            ray.get(self._record("unloads", [model_id]), timeout=60)
 
     # ----- what the ingress calls (errors come back as values: raised there, unwrapped) -----
     async def generate(self, request: Any, remaining_s: float | None):
@@ -154,14 +170,30 @@ class ReplicaBody:
             return exc
 
     async def unload(self, adapter_id: str, tenant: str | None):
-        from ray import serve
-
+        """Unload ``adapter_id`` from this replica's engine, as one server (broadcast to every
+        replica: each answers for its own copy)."""
+        before = self._held()
         try:
             unloaded = await asyncio.to_thread(self.engine.unload_adapter, adapter_id, tenant)
         except Exception as exc:
             return exc
-        self.report("unloads", serve.get_multiplexed_model_id())
+        await self.report("unloads", sorted(before - self._held()))
         return unloaded
+
+    async def pin(self, model_id: str, adapter_id: str, tenant: str | None, pinned: bool):
+        """Broadcast to every replica. Pin: load ``model_id`` through the multiplexed LRU (so
+        Ray routes its requests here too) and pin it in the engine. Unpin: only where it is
+        resident (None elsewhere: nothing is loaded to be unpinned)."""
+        try:
+            if pinned:
+                await self.adapter(model_id)
+            elif model_id not in self._held():
+                return None
+            row = await asyncio.to_thread(self.engine.pin_adapter, adapter_id, tenant, pinned)
+        except Exception as exc:
+            return exc
+        await self.report("pins" if pinned else "unpins", [model_id])
+        return row
 
     async def verify(self, data: bytes):
         """Every load check of an uploaded file against this replica's model."""
@@ -200,8 +232,10 @@ async def _until_done(queue: asyncio.Queue, handle: Any):
 
 def deployment(settings: ClusterSettings):
     """The Ray Serve deployment (not yet bound): ``settings.replicas`` replicas of
-    ``settings.replica_cpus`` CPUs, each keeping ``max_adapters_per_replica`` adapters."""
+    ``settings.replica_cpus`` CPUs, each keeping ``max_adapters_per_replica`` adapters, routed
+    by svda's :class:`~svda.server.cluster.router.AdapterRouter`."""
     from ray import serve
+    from ray.serve.config import RequestRouterConfig
 
     @serve.deployment(
         name=DEPLOYMENT,
@@ -209,6 +243,7 @@ def deployment(settings: ClusterSettings):
         ray_actor_options={"num_cpus": settings.replica_cpus},
         max_ongoing_requests=settings.max_ongoing_requests,
         health_check_period_s=2,
+        request_router_config=RequestRouterConfig(request_router_class=ROUTER),
     )
     class SvdaReplica(ReplicaBody):
         @serve.multiplexed(max_num_models_per_replica=settings.max_adapters_per_replica)
@@ -220,14 +255,18 @@ def deployment(settings: ClusterSettings):
 
 def deploy(settings: ClusterSettings, model: str | None, store_root: str):
     """Start (or join) Ray, start Serve without its HTTP proxy (the gRPC ingress is svda's),
-    create the registry and run the application; returns its deployment handle."""
+    create the registry, serve the store at ``store_root`` from this node (replicas get no
+    path) and run the application; returns its deployment handle."""
     import ray
     from ray import serve
+
+    from .store_service import start_store_service
 
     settings.validate()
     if not ray.is_initialized():
         ray.init(address=settings.ray_address, include_dashboard=False)
     serve.start(proxy_location="Disabled")
     registry(settings.app_name, create=True)
-    app = deployment(settings).bind(model, str(store_root), settings)
+    start_store_service(settings.app_name, str(store_root))
+    app = deployment(settings).bind(model, settings)
     return serve.run(app, name=settings.app_name, route_prefix=None)

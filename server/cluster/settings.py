@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+NAMESPACE = "svda"  # Ray namespace of the application's named actors (registry, store service)
 ENGINES = ("native",)  # vLLM joins here once the `engine` server setting selects it
 
 

@@ -125,6 +125,15 @@ def addressed(found: list[Resident], tenant: str | None) -> list[Resident]:
     return own or [r for r in found if r.key.namespace == ""]
 
 
+def check_owner(entry: StoreEntry, tenant: str | None, what: str) -> None:
+    """:class:`PermissionDenied` unless ``tenant`` owns ``entry`` (an admin, None, owns all)."""
+    if tenant is not None and entry.tenant != tenant:
+        raise PermissionDenied(
+            f"tenant {tenant!r} may not {what} adapter {entry.id!r}: it is shared or "
+            "another tenant's; only its owner or an admin may"
+        )
+
+
 class AdapterManager:
     """Resident adapters of one :class:`AdapterModel`, loaded from one store."""
 
@@ -342,7 +351,7 @@ class AdapterManager:
 
     def pin(self, adapter_id: str, tenant: str | None = None, pinned: bool = True):
         entry = self.resolve(adapter_id, tenant)
-        self._check_owner(entry, tenant, "pin")
+        check_owner(entry, tenant, "pin")
         key = key_of(entry)
         future = self.acquire(entry)
         try:
@@ -379,7 +388,7 @@ class AdapterManager:
                 raise unknown_adapter(adapter_id, tenant) from None
             return False
         for r in visible_found:
-            self._check_owner(r.entry, tenant, "unload")
+            check_owner(r.entry, tenant, "unload")
         with self._lock:
             for r in visible_found:
                 r.pinned, r.doomed = False, True
@@ -397,14 +406,6 @@ class AdapterManager:
             resident.doomed = True
         self.evict()
         return True
-
-    @staticmethod
-    def _check_owner(entry: StoreEntry, tenant: str | None, what: str) -> None:
-        if tenant is not None and entry.tenant != tenant:
-            raise PermissionDenied(
-                f"tenant {tenant!r} may not {what} adapter {entry.id!r}: it is shared or "
-                "another tenant's; only its owner or an admin may"
-            )
 
     def resident(self, tenant: str | None = None) -> list[ResidentAdapter]:
         with self._lock:

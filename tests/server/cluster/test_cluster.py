@@ -1,6 +1,8 @@
 """The Ray Serve cluster through its gRPC ingress: adapter affinity (loads counted per replica),
-tenancy, LRU eviction across replicas, and a killed replica being replaced while requests keep
-being served. Fixtures: ``conftest.py`` (one cluster for the module, tests run in order)."""
+replicas reading the ingress's store (no store path of their own), tenancy, LRU eviction across
+replicas, a killed replica being replaced while requests keep being served, and pin/unload
+reaching every replica. Fixtures: ``conftest.py`` (one cluster for the module, tests run in
+order)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
+from svda.adapters_store import publish_adapter
 from svda.client import Client, SvdaClientError
 from svda.server.cluster import model_id_of
 from tests.server.cluster.conftest import ACME, ADMIN, GLOBEX, NO_RAY, SHARED
@@ -37,20 +40,33 @@ def _parallel(address, tls, adapter_ids) -> list[str]:
 def test_requests_for_four_adapters_stay_on_the_replica_that_loaded_them(cluster):
     address, tls, _, engine = cluster
     first = _ask(address, tls, SHARED[:4])  # one cold request each, one after the other
-    time.sleep(1.0)  # the replicas push their model ids to the routers every 0.1 s
     # one at a time: with requests in flight, Ray's router may send one to a replica without
     # the adapter when those with it are busy (a second load: correct, but not countable)
     again = _ask(address, tls, SHARED[:4] * 3)
     assert again == first * 3  # same greedy text, served where the adapter was loaded
     loads = _loads(engine)
     assert len(loads) == 2
+    # the router counts what it routed at once (svda's AdapterRouter): the cold adapters spread
+    # 2 and 2 (a replica keeps 2), and each one is loaded exactly once in 16 requests
+    assert sorted(sum(c.values()) for c in loads.values()) == [2, 2], loads
     per_adapter = sum(loads.values(), Counter())
-    assert set(per_adapter) == {model_id_of(None, a, 1) for a in SHARED[:4]}
-    # affinity: 16 requests, 4 adapters, at most 5 loads (Ray's routing is best effort: now and
-    # then one request lands before the routers learned where its adapter is, measured ~1 in 4
-    # runs); without affinity, 2 replicas would load each adapter twice
-    assert max(per_adapter.values()) <= 2 and sum(per_adapter.values()) <= 5, per_adapter
-    assert all(len(c) >= 1 for c in loads.values())  # both replicas serve
+    assert per_adapter == Counter({model_id_of(None, a, 1): 1 for a in SHARED[:4]}), loads
+
+
+def test_replicas_read_adapters_from_the_store_at_the_ingress(cluster, adapter_bytes):
+    import ray
+
+    from svda.server.cluster.settings import NAMESPACE
+    from svda.server.cluster.store_service import service_name
+
+    address, tls, store, engine = cluster
+    service = ray.get_actor(service_name("svda"), namespace=NAMESPACE)
+    reads = Counter(ray.get(service.stats.remote()))
+    assert reads == sum(_loads(engine).values(), Counter())  # every load read its bytes there
+    publish_adapter(store, adapter_bytes["lora-a"], "a3")  # v2 (a0's bytes), at the ingress only
+    a3, a0 = _ask(address, tls, ["a3", "a0"])
+    assert a3 == a0  # v2 served at once: nothing was copied to the replicas
+    assert ray.get(service.stats.remote())[model_id_of(None, "a3", 2)] == 1
 
 
 def test_tenancy_holds_through_the_ingress(cluster, adapter_bytes):
@@ -97,6 +113,34 @@ def test_lru_eviction_across_replicas(cluster):
     held = {model_id_of(r.tenant, r.adapter_id, r.version)
             for row in stats.values() for r in row["resident"]}  # fmt: skip
     assert last <= held  # the most recently used stay
+
+
+def _copies(engine, adapter_id: str, pinned_only: bool = False) -> int:
+    """How many live replicas hold the shared ``adapter_id`` v1 (pinned, if ``pinned_only``)."""
+    rows = [r for row in engine.replica_stats().values() for r in row["resident"]]
+    return sum(1 for r in rows if (r.tenant, r.adapter_id, r.version) == (None, adapter_id, 1)
+               and (r.pinned or not pinned_only))  # fmt: skip
+
+
+def test_pin_and_unload_reach_every_replica(cluster):
+    address, tls, _, engine = cluster
+    with Client(address, token=ADMIN, timeout=120, **tls) as admin:
+        assert admin.pin_adapter("a0").pinned
+        assert _copies(engine, "a0", pinned_only=True) == len(engine.replica_stats()) == 2
+        _ask(address, tls, SHARED[1:])  # 5 other adapters through 2 replicas keeping 2 each
+        assert _copies(engine, "a0", pinned_only=True) == 2  # pinned: no LRU evicts it
+        with Client(address, token=ACME, timeout=60, **tls) as acme:
+            with pytest.raises(SvdaClientError) as info:
+                acme.unload_adapter("a0")  # shared: only an admin may unload it
+            assert info.value.code == S.PERMISSION_DENIED
+        assert not admin.pin_adapter("a0", pinned=False).pinned
+        assert _copies(engine, "a0", pinned_only=True) == 0 and _copies(engine, "a0") == 2
+        assert admin.unload_adapter("a0")
+        assert _copies(engine, "a0") == 0  # every copy left
+        assert not admin.unload_adapter("a0")  # nothing left to unload anywhere
+        with pytest.raises(SvdaClientError) as info:
+            admin.unload_adapter("never-published")
+        assert info.value.code == S.NOT_FOUND
 
 
 def test_a_killed_replica_is_replaced_and_requests_keep_being_served(cluster):

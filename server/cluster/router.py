@@ -1,0 +1,58 @@
+"""The request router of svda's deployment: Ray Serve's own, told at once where it sent an adapter.
+
+Ray Serve's ``PowerOfTwoChoicesRequestRouter`` routes a request for a multiplexed model id to a
+replica that holds it, else to one holding the fewest; it learns what a replica holds from the
+replica's own report (pushed every 0.1 s, then broadcast by the controller). Until that report
+arrives, the router does not know that it just sent model ``M`` to replica ``R``: a second
+request for ``M`` may go elsewhere and load it twice, and cold adapters do not spread by count.
+:class:`AdapterRouter` records each routed model id on its replica as the request leaves, and
+keeps that record for :data:`GRACE_S` seconds over reports that predate it. A replica's report
+remains the truth after that (evictions included).
+
+Modelled on Ray Serve's public request-router extension (``ray.serve.request_router``,
+``RequestRouterConfig(request_router_class=...)``, ``on_request_routed``). Imports Ray: import
+it only where Ray is installed (:func:`svda.server.cluster.replica.deployment` names it by path).
+"""
+
+from __future__ import annotations
+
+import time
+
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica
+
+GRACE_S = 5.0  # a routed model id counts on its replica this long before reports overrule it
+
+
+class AdapterRouter(PowerOfTwoChoicesRequestRouter):
+    """Ray Serve's multiplexed power-of-two-choices router that remembers where it just sent a
+    model id (see the module docstring)."""
+
+    def initialize_state(self, **kwargs) -> None:
+        super().initialize_state(**kwargs)
+        self._routed: dict[tuple[str, ReplicaID], float] = {}  # (model id, replica): when
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result: object) -> None:  # fmt: skip
+        super().on_request_routed(pending_request, replica_id, result)
+        model_id = pending_request.metadata.multiplexed_model_id
+        if model_id:
+            self._routed[(model_id, replica_id)] = time.monotonic()
+            self._remember(model_id, replica_id)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Ray's update from the replicas' reports, then this router's recent routes on top
+        (a report sent before a route arrived must not erase it)."""
+        super().update_replicas(replicas)
+        oldest = time.monotonic() - GRACE_S
+        for (model_id, replica_id), when in list(self._routed.items()):
+            if when < oldest or replica_id not in self._replicas:
+                del self._routed[(model_id, replica_id)]
+            else:
+                self._remember(model_id, replica_id)
+
+    def _remember(self, model_id: str, replica_id: ReplicaID) -> None:
+        replica = self._replicas.get(replica_id)
+        if replica is not None:
+            replica.multiplexed_model_ids.add(model_id)  # counts for "the fewest models"
+            self._multiplexed_model_id_to_replica_ids[model_id].add(replica_id)
