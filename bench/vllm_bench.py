@@ -1,45 +1,65 @@
-"""vLLM backend benchmark: generated tokens/s, the same prompts on both engines.
+"""vLLM backend benchmark: generated tokens/s, the same prompts and adapters for every row.
 
-    python bench/vllm_bench.py [--base PATH] [--requests 16] [--new-tokens 64]
+    python bench/vllm_bench.py [--base PATH] [--dtypes bfloat16,float32] [--requests 16]
+                               [--new-tokens 64] [--rounds 3] [--swap-repeats 16] [--no-native]
 
 Engine level (no gRPC): ``--requests`` chat requests queued at once, each for ``--new-tokens``
-greedy tokens; wall time from the first submit to the last completion. Rows: plain vLLM
-(``AsyncLLM``, no LoRA, no svda) on the base; svda on vLLM, base rows; svda on vLLM with one
-different LoRA r=8 adapter (q_proj, v_proj) per request (``max_loras`` = requests, every slot
-full); the native engine in float32 and bfloat16, base and the same adapters. Default base: the
-embedded SmolLM2-135M-Instruct. Needs ``make install-vllm``. Prints a markdown table.
+greedy tokens; wall time from the first submit to the last completion. Per dtype:
+
+* plain vLLM (``AsyncLLM``, no svda) on the base, and vLLM's own LoRA path on the 16 LoRA
+  adapters exported as PEFT folders (one adapter per request, every slot full); both run in a
+  child process without the svda plugin (``SVDA_VLLM_PLUGIN`` unset);
+* svda on vLLM: base rows, then 16 different adapters per kind (SvdA on q,v pruned at the
+  server's default ε, VeRA r=64, LoRA r=8, DoRA r=8; one per request, every slot full);
+* the native engine, base and the 16 LoRA adapters (``--no-native`` skips it);
+* hot swap on both engines: time to first token of a request whose SvdA adapter is not resident
+  minus that of the next one (resident), median over ``--swap-repeats`` pairs.
+
+Adapters are "trained-looking": every trained tensor moved by Gaussian noise (dense δ).
+Each round runs every adapter kind between two base runs of the same engine; "vs base" is the
+median over rounds of the ratio to the base runs beside it (the machine drifts). Needs
+``make install-vllm``. Default base: the embedded SmolLM2-135M-Instruct. Prints markdown.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
+import os
 import platform
+import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
+from serve_bench import QUESTIONS, hot_swap_ms
 
-from svda.adapters_store import AdapterStore, export_adapter, publish_adapter
-from svda.runtime import AdapterModel, LoraConfig, load_base_model
+from svda.adapters_store import AdapterStore, export_adapter, export_peft, publish_adapter
+from svda.runtime import AdapterModel, LoraConfig, SvdaConfig, VeraConfig, load_base_model
+from svda.runtime.methods import DoraConfig
 from svda.server.domain import ChatMessage, Completion, GenerationRequest, SamplingParams
 from svda.server.engine import Engine, EngineSettings
 from svda.server.engine_vllm.engine import VllmEngine, VllmOptions
 
-QUESTIONS = (
-    "Explain what a low-rank adapter is.",
-    "Write a short story about a lighthouse keeper.",
-    "List five uses of a paperclip and explain each.",
-    "Why is the sky blue? Answer in detail.",
-)
+TARGETS = "q_proj,v_proj"
+KINDS = {
+    "SvdA (pruned)": lambda: SvdaConfig(targets=TARGETS),
+    "VeRA r=64": lambda: VeraConfig(targets=TARGETS, r=64),
+    "LoRA r=8": lambda: LoraConfig(targets=TARGETS, r=8),
+    "DoRA r=8": lambda: DoraConfig(targets=TARGETS, r=8),
+}
+PREFIX = {"SvdA (pruned)": "svda", "VeRA r=64": "vera", "LoRA r=8": "lora", "DoRA r=8": "dora"}
 
 
-def requests(n: int, tokens: int, adapters: bool) -> list[GenerationRequest]:
+def requests(n: int, tokens: int, prefix: str | None) -> list[GenerationRequest]:
     params = SamplingParams(max_new_tokens=tokens, temperature=0.0)
     return [
         GenerationRequest(
-            adapter_id=f"lora-{i}" if adapters else None,
+            adapter_id=f"{prefix}-{i}" if prefix else None,
             messages=(ChatMessage("user", QUESTIONS[i % len(QUESTIONS)]),),
             params=params,
         )
@@ -47,8 +67,8 @@ def requests(n: int, tokens: int, adapters: bool) -> list[GenerationRequest]:
     ]
 
 
-def run_engine(engine, reqs: list[GenerationRequest]) -> tuple[float, int]:
-    """(seconds, generated tokens) for ``reqs`` submitted at once."""
+def run_engine(engine, reqs: list[GenerationRequest]) -> float:
+    """Generated tokens/s for ``reqs`` submitted at once (either engine)."""
     done, completions = threading.Semaphore(0), []
 
     def on_event(event):
@@ -65,106 +85,181 @@ def run_engine(engine, reqs: list[GenerationRequest]) -> tuple[float, int]:
     errors = [c for c in completions if isinstance(c, BaseException)]
     if errors:
         raise errors[0]
-    return seconds, sum(c.completion_tokens for c in completions)
+    return sum(c.completion_tokens for c in completions) / seconds
 
 
-def make_store(base_folder, n: int, root: str, dtype: torch.dtype) -> AdapterStore:
-    """``n`` LoRA r=8 adapters made on the base in ``dtype`` (a base's fingerprint is per dtype)."""
-    store = AdapterStore(root)
-    for i in range(n):
-        model = AdapterModel(load_base_model(base_folder, dtype=dtype).model)
-        model.add_adapter("a", LoraConfig(targets="q_proj,v_proj", r=8))
-        gen = torch.Generator().manual_seed(i)
-        for name, p in model.named_parameters():
-            if "lora_B" in name or name.endswith(".B"):
-                p.data.normal_(0, 0.02, generator=gen)
-        publish_adapter(store, export_adapter(model, "a", name=f"lora-{i}"), f"lora-{i}")
-    return store
+@torch.no_grad()
+def make_adapters(base_path, store: AdapterStore, n: int, dtype, peft_root: Path) -> list[str]:
+    """``n`` adapters of each kind on the base in ``dtype`` (fingerprints are per dtype); the
+    LoRA ones also as PEFT folders under ``peft_root`` (for vLLM's own LoRA path)."""
+    model = AdapterModel(load_base_model(base_path, dtype=dtype).model)
+    peft_dirs = []
+    for kind, config in KINDS.items():
+        for i in range(n):
+            name = f"{PREFIX[kind]}-{i}"
+            model.add_adapter(name, config())
+            generator = torch.Generator().manual_seed(i)
+            for _, p in sorted(model.adapter_parameters(name).items()):  # dense, like training
+                noise = torch.randn(p.shape, generator=generator).to(p.dtype)
+                p.add_(0.01 * noise * p.abs().mean().clamp_min(1.0))
+            publish_adapter(store, export_adapter(model, name), name)
+            if PREFIX[kind] == "lora":
+                peft_dirs.append(str(export_peft(model, name, peft_root / name)))
+            model.delete_adapter(name)
+    return peft_dirs
 
 
-def run_plain_vllm(folder: str, engine: Engine, reqs, max_context: int, dtype: str):
-    """Plain vLLM (no LoRA, no svda plugin) on the same prompt tokens."""
+def plain_vllm_child(spec_path: str) -> None:
+    """In a child process (no svda plugin): plain vLLM base and vLLM's own LoRA path, per round;
+    prints one JSON line {"base": [tok/s], "own LoRA": [tok/s]}."""
+    import asyncio
+
     from vllm import SamplingParams as VllmParams
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.lora.request import LoRARequest
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    prompts = [engine.encode_prompt(r) for r in reqs]
-    tokens = reqs[0].params.max_new_tokens
+    spec = json.loads(Path(spec_path).read_text())
+    prompts, peft = spec["prompts"], spec["peft"]
 
-    async def main():
-        args = AsyncEngineArgs(model=folder, dtype=dtype, enforce_eager=True,
-                               max_model_len=max_context, max_num_seqs=len(reqs), seed=0,
-                               enable_prefix_caching=False, kv_cache_memory_bytes=1 << 30)  # fmt: skip
+    async def measure(lora: bool) -> list[float]:
+        extra = {"enable_lora": True, "max_loras": len(peft), "max_lora_rank": 8} if lora else {}
+        args = AsyncEngineArgs(model=spec["folder"], dtype=spec["dtype"], enforce_eager=True,
+                               max_model_len=spec["max_context"], max_num_seqs=len(prompts),
+                               seed=0, enable_prefix_caching=False,
+                               kv_cache_memory_bytes=1 << 30, **extra)  # fmt: skip
         llm = AsyncLLM.from_engine_args(args)
-        params = VllmParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+        params = VllmParams(temperature=0.0, max_tokens=spec["tokens"], ignore_eos=True)
 
-        async def one(i, ids):
-            outs = [o async for o in llm.generate({"prompt_token_ids": ids}, params, f"r{i}")]
+        async def one(i, ids, tag):
+            req = LoRARequest(f"l{i}", i + 1, peft[i]) if lora else None
+            outs = [o async for o in llm.generate({"prompt_token_ids": ids}, params,
+                                                  f"{tag}-{i}", lora_request=req)]  # fmt: skip
             return len(outs[-1].outputs[0].token_ids)
 
-        await asyncio.gather(one("warm", prompts[0]))
-        start = time.perf_counter()
-        counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-        seconds = time.perf_counter() - start
+        await asyncio.gather(*(one(i, p[:4], "warm") for i, p in enumerate(prompts)))
+        rates = []
+        for r in range(spec["rounds"]):
+            start = time.perf_counter()
+            counts = await asyncio.gather(*(one(i, p, r) for i, p in enumerate(prompts)))
+            rates.append(sum(counts) / (time.perf_counter() - start))
         llm.shutdown()
-        return seconds, sum(counts)
+        return rates
 
-    return asyncio.run(main())
+    result = {"base": asyncio.run(measure(False)), "own LoRA": asyncio.run(measure(True))}
+    print("PLAIN " + json.dumps(result), flush=True)
+
+
+def run_plain(folder: str, prompts, peft: list[str], dtype: str, args, max_context: int):
+    spec = {"folder": folder, "prompts": prompts, "peft": peft, "dtype": dtype,
+            "tokens": args.new_tokens, "rounds": args.rounds, "max_context": max_context}  # fmt: skip
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    env = {k: v for k, v in os.environ.items() if k != "SVDA_VLLM_PLUGIN"}
+    out = subprocess.run([sys.executable, __file__, "--plain-child", f.name], env=env,
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("PLAIN ")]
+    if not lines:
+        raise RuntimeError(f"plain vLLM child failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][6:])
+
+
+def rounds_vs_base(engine, n: int, tokens: int, prefixes: list[str], rounds: int) -> dict:
+    """Per label: tok/s per round and its ratio to the mean of the base runs beside it."""
+    out = {"base": {"rates": [], "ratios": []}} | {p: {"rates": [], "ratios": []} for p in prefixes}
+    for _ in range(rounds):
+        before = run_engine(engine, requests(n, tokens, None))
+        out["base"]["rates"].append(before)
+        for prefix in prefixes:
+            rate = run_engine(engine, requests(n, tokens, prefix))
+            after = run_engine(engine, requests(n, tokens, None))
+            out["base"]["rates"].append(after)
+            out[prefix]["rates"].append(rate)
+            out[prefix]["ratios"].append(rate / ((before + after) / 2))
+            before = after
+    return out
+
+
+def bench_dtype(dtype: str, args, root: Path, rows: list, swaps: list) -> None:
+    n, t, torch_dtype = args.requests, args.new_tokens, getattr(torch, dtype)
+    store = AdapterStore(root / dtype / "store")
+    peft = make_adapters(args.base, store, n, torch_dtype, root / dtype / "peft")
+    settings = lambda: EngineSettings(max_batch_size=n)  # noqa: E731  (default ε)
+    base = load_base_model(args.base, dtype=torch_dtype)
+    native = Engine(base, store, settings())
+    prompts = [native.encode_prompt(r) for r in requests(n, t, None)]
+    plain = run_plain(base.source, prompts, peft, dtype, args, native.max_context)
+    plain_base = statistics.median(plain["base"])
+    rows.append((f"plain vLLM {dtype}, base", plain_base, "1.00 (of plain)"))
+    own = statistics.median(plain["own LoRA"])
+    rows.append((f"vLLM's own LoRA path {dtype}, 16 LoRA r=8", own, f"{own / plain_base:.2f}"))
+    if not args.no_native:
+        native.start()
+        run_engine(native, requests(n, 2, "lora"))  # adapters resident
+        result = rounds_vs_base(native, n, t, ["lora"], 1)
+        rows.append((f"native {dtype}, base", max(result["base"]["rates"]), ""))
+        rows.append((f"native {dtype}, 16 LoRA r=8", result["lora"]["rates"][0],
+                     f"{result['lora']['ratios'][0]:.2f}"))  # fmt: skip
+        swaps.append((f"native {dtype}", *hot_swap_ms(native, [f"svda-{i}" for i in range(n)],
+                                                      args.swap_repeats)))  # fmt: skip
+    native.stop()
+    engine = VllmEngine(load_base_model(args.base, dtype=torch_dtype), store, settings(),
+                        options=VllmOptions(dtype=dtype, max_loras=n, max_cpu_loras=4 * n))  # fmt: skip
+    engine.start()
+    prefixes = list(PREFIX.values())
+    for prefix in prefixes:
+        run_engine(engine, requests(n, 2, prefix))  # every adapter exported and loaded
+    result = rounds_vs_base(engine, n, t, prefixes, args.rounds)
+    svda_base = statistics.median(result["base"]["rates"])
+    rows.append(
+        (f"svda on vLLM {dtype}, base", svda_base, f"{svda_base / plain_base:.2f} (of plain)")
+    )
+    for kind, prefix in PREFIX.items():
+        r = result[prefix]
+        ratio = statistics.median(r["ratios"])
+        note = f"{ratio:.2f} ({', '.join(f'{x:.2f}' for x in r['ratios'])})"
+        if prefix == "lora":
+            note += f"; {statistics.median(r['rates']) / own:.2f}× vLLM's own LoRA"
+        rows.append((f"svda on vLLM {dtype}, 16 {kind}", statistics.median(r["rates"]), note))
+    swaps.append((f"svda on vLLM {dtype}", *hot_swap_ms(engine, [f"svda-{i}" for i in range(n)],
+                                                        args.swap_repeats)))  # fmt: skip
+    engine.stop()
+    for row in rows[-8:]:
+        print("ROW", row, flush=True)
+
+
+def print_tables(rows, swaps, args) -> None:
+    print(f"\n*{args.requests} concurrent chat requests × {args.new_tokens} new tokens (greedy), "
+          f"engine level, {args.rounds} rounds; {platform.machine()} · {os.cpu_count()} cores · "
+          f"torch {torch.__version__}*\n")  # fmt: skip
+    print("| scenario | tokens/s | vs base (per round) |")
+    print("|---|---:|---|")
+    for name, rate, note in rows:
+        print(f"| {name} | {rate:.1f} | {note} |")
+    print("\n| hot swap (SvdA, cold − warm TTFT) | cold ms | warm ms | median difference ms |")
+    print("|---|---:|---:|---:|")
+    for name, cold, warm, diff in swaps:
+        print(f"| {name} | {cold:.1f} | {warm:.1f} | {diff:.1f} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", default=None, help="base model folder (default: embedded)")
+    ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--skip-plain", action="store_true", help="no plain vLLM row")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--swap-repeats", type=int, default=16)
+    ap.add_argument("--no-native", action="store_true", help="skip the native engine rows")
+    ap.add_argument("--plain-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    base32 = load_base_model(args.base)
-    folder = base32.source
-    rows: list[tuple[str, float, int]] = []
-    n, t = args.requests, args.new_tokens
+    if args.plain_child:
+        return plain_vllm_child(args.plain_child)
+    rows, swaps = [], []
     with tempfile.TemporaryDirectory() as root:
-        settings = lambda: EngineSettings(max_batch_size=n, svda_prune_tolerance=0.0)  # noqa: E731
-        for dtype in ("float32", "bfloat16"):
-            torch_dtype = getattr(torch, dtype)
-            base = base32 if dtype == "float32" else load_base_model(args.base, dtype=torch_dtype)
-            store = make_store(args.base, n, f"{root}/{dtype}", torch_dtype)
-            engine = Engine(base, store, settings())
-            engine.start()
-            run_engine(engine, requests(n, 2, adapters=True))  # warm: adapters resident
-            for adapters in (False, True):
-                s, k = run_engine(engine, requests(n, t, adapters))
-                rows.append((f"native {dtype}, {'16 adapters' if adapters else 'base'}", s, k))
-                print("ROW", rows[-1], flush=True)
-            if not args.skip_plain:
-                s, k = run_plain_vllm(
-                    folder, engine, requests(n, t, False), engine.max_context, dtype
-                )
-                rows.append((f"plain vLLM {dtype}, base", s, k))
-                print("ROW", rows[-1], flush=True)
-            engine.stop()
-            options = VllmOptions(dtype=dtype, max_loras=n)
-            base = load_base_model(args.base, dtype=torch_dtype)  # fresh: an engine wraps layers
-            engine = VllmEngine(base, store, settings(), options=options)
-            engine.start()
-            run_engine(engine, requests(n, 2, adapters=True))  # warm: every adapter exported
-            for adapters in (False, True):
-                s, k = run_engine(engine, requests(n, t, adapters))
-                rows.append(
-                    (f"svda on vLLM {dtype}, {'16 adapters' if adapters else 'base'}", s, k)
-                )
-                print("ROW", rows[-1], flush=True)
-            engine.stop()
-    print_table(rows, n, t)
-
-
-def print_table(rows, n: int, t: int) -> None:
-    print(f"\n*{n} concurrent chat requests x {t} new tokens (greedy), engine level; "
-          f"{platform.machine()} · {torch.get_num_threads()} threads · torch {torch.__version__}*\n")  # fmt: skip
-    print("| scenario | tokens | seconds | tokens/s |")
-    print("|---|---:|---:|---:|")
-    for name, seconds, tokens in rows:
-        print(f"| {name} | {tokens} | {seconds:.2f} | {tokens / seconds:.1f} |")
+        for dtype in args.dtypes.split(","):
+            bench_dtype(dtype, args, Path(root), rows, swaps)
+    print_tables(rows, swaps, args)
 
 
 if __name__ == "__main__":

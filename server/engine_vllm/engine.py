@@ -40,7 +40,7 @@ from ..domain import (
     ServerInfo,
 )
 from ..engine import Engine, EngineSettings
-from ..engine.adapters import key_of
+from ..engine.adapters import Key, key_of
 from ..engine.detok import TextStream
 from ..engine.sequence import EventCallback, RequestHandle, Sequence
 from ..metrics import Metrics
@@ -57,7 +57,7 @@ class VllmOptions:
     max_loras: int = 8  # adapters in one batch (vLLM's LoRA slots)
     max_cpu_loras: int = 64  # adapters vLLM keeps loaded beside the slots
     kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU (whole GiB)
-    threads_bind: str = "nobind"  # VLLM_CPU_OMP_THREADS_BIND ("auto", "0-1", "nobind")
+    threads_bind: str = "auto"  # VLLM_CPU_OMP_THREADS_BIND ("auto", "0-1", "nobind")
     seed: int = 0
 
     def validate(self) -> None:
@@ -241,12 +241,25 @@ class VllmEngine:
             lora = self._loras.get(seq.key)
         if lora is not None:
             return lora
+        await self._forget_unloaded()
         lora_id = next(self._ids)
         folder = self._folder / f"adapter-{lora_id}"
         await asyncio.to_thread(self._export, name, folder)
         lora = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(folder))
         with self._lock:
             return self._loras.setdefault(seq.key, lora)
+
+    async def _forget_unloaded(self) -> None:
+        """Remove from vLLM the adapters the native side no longer holds (unloaded or evicted:
+        no request runs them) and delete their folders; a later request exports them again."""
+        resident = {
+            Key(r.tenant or "", r.adapter_id, r.version) for r in self.native.adapters.resident()
+        }
+        with self._lock:
+            gone = [self._loras.pop(k) for k in list(self._loras) if k not in resident]
+        for lora in gone:
+            await self._llm.remove_lora(lora.lora_int_id)
+            await asyncio.to_thread(shutil.rmtree, lora.lora_path, True)
 
     def _export(self, name: str, folder: Path) -> None:
         with self.native._model_lock:
@@ -260,7 +273,10 @@ class VllmEngine:
         return self.native.load_adapter(adapter_id, tenant)
 
     def unload_adapter(self, adapter_id: str, tenant: str | None = None) -> bool:
-        return self.native.unload_adapter(adapter_id, tenant)
+        unloaded = self.native.unload_adapter(adapter_id, tenant)
+        if unloaded and self._loop is not None and not self._stopping:
+            asyncio.run_coroutine_threadsafe(self._forget_unloaded(), self._loop).result(60)
+        return unloaded
 
     def pin_adapter(
         self, adapter_id: str, tenant: str | None = None, pinned: bool = True

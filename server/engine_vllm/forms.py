@@ -6,28 +6,51 @@ folder with a rank-1 all-zero LoRA on one layer (so the worker gives it a slot a
 LoRA path adds nothing) and ``svda_forms.pt``: HF layer name -> one-slot
 :class:`~svda.runtime.serving_form.LayerForm`. The plugin (:mod:`.plugin`) reads that file when
 vLLM activates the adapter in a slot.
+
+Shared bases (SvdA's ``Vᵀ, U``: as large as the base weights; VeRA's seeded ``A, B``) are not
+written per adapter: each is written once, named by its bit-level identity (the form's
+``key``), into ``svda_shared/`` beside the adapter folders, and the reader keeps one copy per
+process, so every slot holds the same tensor (stacking checks shared tensors by identity).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from svda.runtime.serving_form import LayerForm, compile_adapter
+from svda.runtime.serving_form.primitives import SharedBasisLowRank
 
 FORMS_FILE = "svda_forms.pt"
+SHARED_DIR = "svda_shared"
 DUMMY_RANK = 1
+_SHARED_CACHE: dict[str, torch.Tensor] = {}  # file name -> tensor, per process
+_SHARED_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class SharedRef:
+    """Stands for a shared basis tensor in ``svda_shared/<name>.safetensors``."""
+
+    name: str
 
 
 def write_vllm_adapter(model: Any, name: str, folder: Path, hf_config: Any) -> Path:
-    """Write adapter ``name`` of ``model`` (an ``AdapterModel``) as a vLLM adapter folder."""
+    """Write adapter ``name`` of ``model`` (an ``AdapterModel``) as a vLLM adapter folder; its
+    shared bases go to ``folder.parent / svda_shared`` (once per basis)."""
     forms = compile_adapter(model, name)
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({k: _cpu_form(v) for k, v in forms.items()}, folder / FORMS_FILE)
+    shared = folder.parent / SHARED_DIR
+    out = {k: _cpu_form(_externalize(v, shared)) for k, v in forms.items()}
+    torch.save(out, folder / FORMS_FILE)
     _write_zero_lora(folder, hf_config)
     return folder
 
@@ -38,7 +61,52 @@ def read_forms(folder: str | Path) -> dict[str, LayerForm] | None:
     if not path.is_file():
         return None
     # the file is written by this svda process into its own private folder (dataclasses)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    forms = torch.load(path, map_location="cpu", weights_only=False)
+    shared = Path(folder).parent / SHARED_DIR
+    return {k: _resolve(v, shared) for k, v in forms.items()}
+
+
+def _shared_name(key: str, field: str, tensor: torch.Tensor) -> str:
+    recipe = f"{key}:{field}:{tuple(tensor.shape)}:{tensor.dtype}"
+    return hashlib.sha256(recipe.encode()).hexdigest()[:32]
+
+
+def _externalize(form: LayerForm, shared: Path) -> LayerForm:
+    """Shared-basis ``A, B`` with a known identity -> :class:`SharedRef` (written once)."""
+
+    def one(term):
+        if not isinstance(term, SharedBasisLowRank) or not term.key:
+            return term
+        refs = {}
+        for field in ("A", "B"):
+            tensor = getattr(term, field)
+            name = _shared_name(term.key, field, tensor)
+            path = shared / f"{name}.safetensors"
+            if not path.is_file():
+                shared.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+                save_file({"t": tensor.detach().cpu().contiguous()}, str(tmp))
+                tmp.replace(path)
+            refs[field] = SharedRef(name)
+        return replace(term, **refs)
+
+    return replace(form, terms=tuple(one(t) for t in form.terms))
+
+
+def _resolve(form: LayerForm, shared: Path) -> LayerForm:
+    def load(ref: Any) -> Any:
+        if not isinstance(ref, SharedRef):
+            return ref
+        with _SHARED_LOCK:
+            if ref.name not in _SHARED_CACHE:
+                _SHARED_CACHE[ref.name] = load_file(str(shared / f"{ref.name}.safetensors"))["t"]
+            return _SHARED_CACHE[ref.name]
+
+    terms = tuple(
+        replace(t, A=load(t.A), B=load(t.B)) if isinstance(t, SharedBasisLowRank) else t
+        for t in form.terms
+    )
+    return replace(form, terms=terms)
 
 
 def _write_zero_lora(folder: Path, hf_config: Any) -> None:
@@ -65,13 +133,4 @@ def _write_zero_lora(folder: Path, hf_config: Any) -> None:
 
 
 def _cpu_form(form: LayerForm) -> LayerForm:
-    import dataclasses
-
-    def move(p: Any) -> Any:
-        values = {}
-        for f in dataclasses.fields(p):
-            v = getattr(p, f.name)
-            values[f.name] = v.detach().cpu().contiguous() if isinstance(v, torch.Tensor) else v
-        return type(p)(**values)
-
-    return form.map_primitives(move)
+    return form.map_tensors(lambda t: t.detach().cpu().contiguous())

@@ -1,29 +1,42 @@
 """The svda vLLM plugin (entry point ``vllm.general_plugins``: ``svda = svda.server.engine_vllm.plugin:register``).
 
-vLLM calls :func:`register` in every process it starts (engine core, workers). It patches
-three internals of the pinned vLLM (checked by ``test_vllm_canary.py``):
+vLLM calls :func:`register` in every process it starts (engine core, workers). It does nothing
+unless ``SVDA_VLLM_PLUGIN=1`` is set (the svda engine sets it before vLLM starts), so a plain
+vLLM in the same environment keeps its own LoRA layers. Enabled, it patches four internals of
+the pinned vLLM (checked by ``test_vllm_canary.py``):
 
 * ``vllm.lora.utils._all_lora_classes`` (a tuple): svda's layer classes (:mod:`.layers`) go
   first, so every linear layer vLLM wraps for LoRA is an svda layer;
 * ``WorkerLoRAManager._load_adapter``: the loaded ``LoRAModel`` remembers its folder;
 * ``LoRAModelManager.activate_adapter``: when an adapter gets slot ``i``, the svda forms of its
-  folder (:func:`.forms.read_forms`) go into slot ``i`` of every svda layer (none: the slot is
-  cleared, e.g. a plain PEFT adapter, which then runs as zeros).
+  folder (:func:`.forms.read_forms`) go into slot ``i`` of every svda layer (none: a plain PEFT
+  adapter, which then runs on vLLM's own LoRA path in that slot);
+* ``LoRAModelManager._set_adapter_mapping``: once per batch layout, the punica wrapper learns
+  whether any token has an adapter (``svda_active``); when none has, the svda layers return
+  the base output untouched (no per-layer check, no device sync).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 log = logging.getLogger(__name__)
+ENABLE_ENV = "SVDA_VLLM_PLUGIN"
 _PATCHED = False
 
 
-def register() -> None:
-    """Install the svda layers and slot hooks into vLLM (idempotent)."""
+def enabled() -> bool:
+    """True when this process should run svda's layers (``SVDA_VLLM_PLUGIN=1``)."""
+    return os.environ.get(ENABLE_ENV, "") == "1"
+
+
+def register(force: bool = False) -> bool:
+    """Install the svda layers and slot hooks into vLLM (idempotent). Without ``force`` only
+    when :func:`enabled`; returns whether the plugin is installed in this process."""
     global _PATCHED
-    if _PATCHED:
-        return
+    if _PATCHED or not (force or enabled()):
+        return _PATCHED
     import vllm.lora.utils as lora_utils
     from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.worker_manager import WorkerLoRAManager
@@ -33,8 +46,10 @@ def register() -> None:
     lora_utils._all_lora_classes = SVDA_LAYER_CLASSES + tuple(lora_utils._all_lora_classes)
     _patch_load(WorkerLoRAManager)
     _patch_activate(LoRAModelManager)
+    _patch_mapping(LoRAModelManager)
     _PATCHED = True
     log.debug("svda vLLM plugin registered")
+    return True
 
 
 def _patch_load(cls: type) -> None:
@@ -58,6 +73,20 @@ def _patch_activate(cls: type) -> None:
         return activated
 
     cls.activate_adapter = activate_adapter
+
+
+def _patch_mapping(cls: type) -> None:
+    original = cls._set_adapter_mapping
+
+    def _set_adapter_mapping(self, mapping) -> None:
+        original(self, mapping)
+        # index_mapping: one lora id per token, 0 for the base (host-side: no device sync)
+        active = any(i > 0 for i in mapping.index_mapping)
+        wrappers = self.punica_wrapper_mapping.values()
+        for wrapper in wrappers:  # multimodal models: several wrappers, always active
+            wrapper.svda_active = active if len(wrappers) == 1 else True
+
+    cls._set_adapter_mapping = _set_adapter_mapping
 
 
 def _fill_slot(manager, lora_id: int) -> None:

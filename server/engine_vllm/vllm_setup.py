@@ -40,9 +40,10 @@ def build_async_llm(model: str, max_context: int, settings: Any, options: Any) -
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from .plugin import register
+    from .plugin import ENABLE_ENV, register
 
-    register()  # this process too (the entry point registers it in vLLM's processes)
+    os.environ[ENABLE_ENV] = "1"  # the entry point enables the plugin in vLLM's processes
+    register()  # this process too
     args = AsyncEngineArgs(
         model=model,
         dtype=options.dtype,

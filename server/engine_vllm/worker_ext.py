@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .plugin import register
 
-register()
+register(force=True)  # only svda's engine names this extension
 
 
 class SvdaWorkerExtension:

@@ -101,14 +101,46 @@ def test_engine_arguments_and_request_types():
     assert "lora_request" in inspect.signature(AsyncLLM.generate).parameters
 
 
+def test_batch_mapping_hook_and_lora_removal():
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.model_manager import LoRAModelManager
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    params = list(inspect.signature(LoRAModelManager._set_adapter_mapping).parameters)
+    assert params == ["self", "mapping"], "LoRAModelManager._set_adapter_mapping changed"
+    assert "update_metadata" in inspect.getsource(LoRAModelManager._set_adapter_mapping)
+    assert "punica_wrapper_mapping" in inspect.getsource(LoRAModelManager._init_punica_wrapper)
+    assert "index_mapping" in LoRAMapping.__dataclass_fields__, "LoRAMapping lost index_mapping"
+    assert list(inspect.signature(AsyncLLM.remove_lora).parameters) == ["self", "lora_id"]
+
+
 def test_register_puts_svda_layers_first():
     import vllm.lora.utils as lora_utils
 
     from svda.server.engine_vllm.layers import SVDA_LAYER_CLASSES
     from svda.server.engine_vllm.plugin import register
 
-    register()
+    assert register(force=True)
     assert lora_utils._all_lora_classes[: len(SVDA_LAYER_CLASSES)] == SVDA_LAYER_CLASSES
+
+
+def test_entry_point_is_declared_and_inert_without_the_switch():
+    """vLLM loads every ``vllm.general_plugins`` entry point in its processes; svda's changes
+    nothing unless SVDA_VLLM_PLUGIN=1 (a plain vLLM in the same venv keeps its LoRA layers)."""
+    from importlib.metadata import entry_points
+
+    found = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert found.get("svda") == "svda.server.engine_vllm.plugin:register", (
+        f"entry point missing ({found}): reinstall svda (pip install -e .)"
+    )
+    code = (
+        "import os; os.environ.pop('SVDA_VLLM_PLUGIN', None)\n"
+        "from vllm.plugins import load_general_plugins; load_general_plugins()\n"
+        "import vllm.lora.utils as u; from svda.server.engine_vllm import plugin\n"
+        "assert not plugin._PATCHED and not any('Svda' in c.__name__ for c in u._all_lora_classes)\n"
+        "os.environ['SVDA_VLLM_PLUGIN'] = '1'; assert plugin.register() and plugin._PATCHED"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_backend_imports_without_vllm():

@@ -6,6 +6,8 @@ every vLLM LoRA slot taken (max_loras = the number of adapters): base rows must 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from svda.runtime import load_base_model
@@ -98,3 +100,16 @@ def test_cancel_ends_the_request_with_cancelled(vllm_engine):
 def test_unknown_adapter_is_refused_before_queuing(vllm_engine):
     with pytest.raises(LookupError, match="not in the store"):
         vllm_engine.submit(request("no-such", PROMPTS[0]), Collector())
+
+
+@pytest.mark.slow
+def test_unload_removes_the_adapter_from_vllm_and_a_later_request_brings_it_back(vllm_engine):
+    rows = [("svda", PROMPTS[0])]
+    before = _run(vllm_engine, rows)
+    folders = {lora.lora_path for lora in vllm_engine._loras.values()}
+    assert vllm_engine.unload_adapter("svda")
+    left = {lora.lora_path for lora in vllm_engine._loras.values()}
+    assert len(left) == len(folders) - 1 and all(Path(p).is_dir() for p in left)
+    gone = (folders - left).pop()
+    assert not Path(gone).exists(), "the unloaded adapter's vLLM folder is still there"
+    assert _run(vllm_engine, rows) == before  # exported again under a new LoRA id

@@ -66,8 +66,9 @@ def test_grpc_on_vllm_bf16_agrees_with_native_bf16(vllm_folder, bf16_store):
             native.submit(request(adapter, prompt, n=N), collector)
             collector.wait(120)
             want.append(collector.token_ids)
-    assert got[0][:AGREE] == want[0][:AGREE], f"base: vllm {got[0]} vs native {want[0]}"
-    # adapter rows: served through gRPC and moved off the base. Not compared with the native
-    # engine: on a bf16 base the native layers add the float32 delta without casting back, so
-    # an adapted layer's output (and everything after it) is float32 there, bf16 on vLLM.
-    assert all(got[1:]) and got[1] != got[0]
+    # adapter rows: the native bf16 layers add a float32 delta (their output is float32 from
+    # the first adapted layer on), vLLM computes it in bf16: within bf16 tolerance, so the
+    # first tokens agree, as for the base rows
+    for (adapter, _), g, w in zip(ROWS, got, want, strict=True):
+        assert g[:AGREE] == w[:AGREE], f"{adapter or 'base'}: vllm {g} vs native {w}"
+    assert got[1] != got[0]

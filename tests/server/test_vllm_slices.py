@@ -1,0 +1,129 @@
+"""What the vLLM plugin's layers apply, without vLLM: per-slot forms stacked once per slot
+composition (server/engine_vllm/slices.py) and adapter folders whose shared bases are written
+once (server/engine_vllm/forms.py). Every stacked slice equals the per-slot reference row by
+row; base rows and empty slots add exact zeros."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from svda.runtime import AdapterModel, SvdBasisCache
+from svda.runtime.methods import linear_methods
+from svda.runtime.serving_form import compile_adapter, form_delta, gather_slots, reference_forward
+from svda.server.engine_vllm.forms import SHARED_DIR, read_forms, write_vllm_adapter
+from svda.server.engine_vllm.slices import stack_slice, used_components
+from tests.runtime.helpers import METHOD_CONFIGS, perturb, tiny_llama
+
+TARGETS = "q_proj,v_proj,down_proj"
+SLOTS = torch.tensor([2, -1, 0, 2, 1, -1, 0])  # slot 1 holds no form (a PEFT adapter, or none)
+
+
+@pytest.fixture
+def svd_cache(tmp_path) -> SvdBasisCache:
+    return SvdBasisCache(tmp_path / "svd")
+
+
+def _model(methods: list[str], svd_cache, seed: int = 1) -> AdapterModel:
+    model = AdapterModel(tiny_llama(), svd_cache=svd_cache)
+    for i, method in enumerate(methods):
+        model.add_adapter(f"a{i}", METHOD_CONFIGS[method](TARGETS))
+        perturb(model, f"a{i}", seed=seed + i)
+    return model
+
+
+def _slice_delta(stacked, x, out0, weight):
+    """What the vLLM layer computes for one slice (both paths of ``layers._slice_delta``)."""
+    x, out0 = x.to(stacked.dtype), out0.to(stacked.dtype)
+    w = None if weight is None else weight.to(stacked.dtype)
+    if stacked.form is not None:
+        return form_delta(gather_slots(stacked.form, stacked.table[SLOTS]), x, out0, w)
+    delta = torch.zeros_like(out0)
+    for row, k in enumerate(SLOTS.tolist()):
+        if k >= 0 and stacked.per_slot[k] is not None:
+            delta[row] = form_delta(stacked.per_slot[k], x[row : row + 1], out0[row : row + 1], w)
+    return delta
+
+
+def _check_layers(model: AdapterModel, names: list[str | None], atol: float = 1e-5):
+    forms = {n: compile_adapter(model, n) for n in names if n is not None}
+    generator = torch.Generator().manual_seed(0)
+    for layer in model.layers_of(next(n for n in names if n)):
+        per_slot = [None if n is None else forms[n][layer.layer_name] for n in names]
+        stacked = stack_slice(per_slot, torch.float32)
+        w0 = layer.weight_out_in()
+        x = torch.randn(len(SLOTS), layer.shape[1], generator=generator)
+        out0 = F.linear(x, w0)
+        got = out0 + _slice_delta(stacked, x, out0, w0)
+        assert torch.equal(got[SLOTS < 0], out0[SLOTS < 0]), "base rows moved"
+        assert torch.equal(got[SLOTS == 1], out0[SLOTS == 1]), "the empty slot moved its rows"
+        for row, k in enumerate(SLOTS.tolist()):
+            if k >= 0 and per_slot[k] is not None:
+                want = reference_forward(per_slot[k], x[row : row + 1], torch.tensor([0]), w0)[0]
+                torch.testing.assert_close(got[row], want, rtol=1e-4, atol=atol)
+    return stacked
+
+
+@pytest.mark.parametrize("method", linear_methods())
+def test_stacked_slice_equals_the_reference_per_row(method, svd_cache):
+    model = _model([method, method], svd_cache)
+    stacked = _check_layers(model, ["a0", None, "a1"])
+    assert stacked.form is not None and stacked.table.tolist() == [0, 2, 1, 2]
+
+
+def test_slots_of_different_methods_go_slot_by_slot(svd_cache):
+    model = _model(["lora", "svda"], svd_cache)
+    assert _check_layers(model, ["a0", None, "a1"]).form is None
+
+
+def test_unused_svda_components_are_cut_exactly(svd_cache):
+    model = _model(["svda", "svda"], svd_cache)
+    for name in ("a0", "a1"):  # keep 3 components moved in a0, 2 (others) in a1: δ = 0 elsewhere
+        for layer in model.layers_of(name):
+            weights = layer.weights_of(name)
+            keep = [0, 2, 5] if name == "a0" else [1, 2]
+            s, sigma = weights.svda_s.data, layer.shared_of(name).sigma[: weights.k]
+            mask = torch.zeros_like(s, dtype=torch.bool)
+            mask[keep] = True
+            s.copy_(torch.where(mask, s + 0.3, sigma))
+    _check_layers(model, ["a0", None, "a1"])
+    forms = [compile_adapter(model, n) for n in ("a0", "a1")]
+    layer = next(iter(model.layers_of("a0"))).layer_name
+    term = stack_slice([forms[0][layer], forms[1][layer]], torch.float32).form.terms[0]
+    assert term.A.shape[0] == 4 and term.B.shape[1] == 4  # components 0, 1, 2, 5
+    assert used_components(forms[0][layer]).terms[0].inner.shape[1] == 3
+
+
+@pytest.mark.parametrize("method", ["lora", "svda", "boft", "urnn"])
+def test_bfloat16_model_computes_in_bf16_except_rotations(method, svd_cache):
+    model = _model([method], svd_cache)
+    layer = next(iter(model.layers_of("a0"))).layer_name
+    stacked = stack_slice([compile_adapter(model, "a0")[layer]], torch.bfloat16)
+    rotates = method in ("boft", "urnn")
+    assert stacked.dtype == (torch.float32 if rotates else torch.bfloat16)
+    floats = [t for p in stacked.form.primitives() for t in vars(p).values()
+              if isinstance(t, torch.Tensor) and t.is_floating_point()]  # fmt: skip
+    assert floats and all(t.dtype == stacked.dtype for t in floats)
+
+
+def test_no_form_in_any_slot_is_none():
+    assert stack_slice([None, None], torch.float32) is None
+
+
+def test_adapter_folders_share_their_bases_on_disk_and_in_memory(tmp_path, svd_cache):
+    model = _model(["svda", "svda", "vera"], svd_cache)
+    config = tiny_llama().config
+    folders = [write_vllm_adapter(model, n, tmp_path / n, config) for n in ("a0", "a1", "a2")]
+    shared = sorted((tmp_path / SHARED_DIR).iterdir())
+    n_layers = len(list(model.layers_of("a0")))
+    # SvdA: Vᵀ and U once per layer for both adapters; VeRA: A, B per distinct slice
+    assert n_layers * 2 < len(shared) <= n_layers * 4, [p.name for p in shared]
+    sizes = [sum(p.stat().st_size for p in f.iterdir()) for f in folders[:2]]
+    assert max(sizes) * 4 < sum(p.stat().st_size for p in shared)  # folders hold no basis
+    read = [read_forms(f) for f in folders]
+    for name, form in compile_adapter(model, "a1").items():
+        term, got = form.terms[0], read[1][name].terms[0]
+        assert got.A is read[0][name].terms[0].A and got.B is read[0][name].terms[0].B
+        assert torch.equal(got.A, term.A) and torch.equal(got.inner, term.inner)
+    assert read_forms(tmp_path) is None  # not an svda folder: a plain PEFT adapter
