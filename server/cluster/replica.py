@@ -34,6 +34,10 @@ class Registry:
     """Per replica: loads and unloads per model id, residents; one actor per application."""
 
     def __init__(self) -> None:
+        # reports carry svda's ResidentAdapter rows: import their module now, at deploy, not
+        # while the first replica waits for its first report (the import takes seconds)
+        import svda.server.domain  # noqa: F401
+
         self.replicas: dict[str, dict[str, Any]] = {}
 
     def started(self, replica: str, actor_name: str) -> None:

@@ -3,11 +3,13 @@
 Ray Serve's ``PowerOfTwoChoicesRequestRouter`` routes a request for a multiplexed model id to a
 replica that holds it, else to one holding the fewest; it learns what a replica holds from the
 replica's own report (pushed every 0.1 s, then broadcast by the controller). Until that report
-arrives, the router does not know that it just sent model ``M`` to replica ``R``: a second
-request for ``M`` may go elsewhere and load it twice, and cold adapters do not spread by count.
-:class:`AdapterRouter` records each routed model id on its replica as the request leaves, and
-keeps that record for :data:`GRACE_S` seconds over reports that predate it. A replica's report
-remains the truth after that (evictions included).
+arrives, the router does not know that it just sent a cold model ``M`` to replica ``R``: the next
+request for ``M`` may go elsewhere and load it a second time, and cold adapters do not spread by
+count. :class:`AdapterRouter` records a cold model id (one no replica is known to hold) on the
+replica it routes it to, as the request leaves, until ``R``'s own report lists it (reports that
+predate the route do not erase it), or :data:`GRACE_S` seconds at most. A model id some replica
+already holds is left to the reports: they are the truth (evictions included), and a record that
+outlived them would send requests to a replica that evicted the model.
 
 Modelled on Ray Serve's public request-router extension (``ray.serve.request_router``,
 ``RequestRouterConfig(request_router_class=...)``, ``on_request_routed``). Imports Ray: import
@@ -21,12 +23,12 @@ import time
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica
 
-GRACE_S = 5.0  # a routed model id counts on its replica this long before reports overrule it
+GRACE_S = 2.0  # a cold model id's record waits this long at most for its replica's report
 
 
 class AdapterRouter(PowerOfTwoChoicesRequestRouter):
     """Ray Serve's multiplexed power-of-two-choices router that remembers where it just sent a
-    model id (see the module docstring)."""
+    cold model id (see the module docstring)."""
 
     def initialize_state(self, **kwargs) -> None:
         super().initialize_state(**kwargs)
@@ -36,18 +38,20 @@ class AdapterRouter(PowerOfTwoChoicesRequestRouter):
                           result: object) -> None:  # fmt: skip
         super().on_request_routed(pending_request, replica_id, result)
         model_id = pending_request.metadata.multiplexed_model_id
-        if model_id:
+        if model_id and not self._multiplexed_model_id_to_replica_ids.get(model_id):
             self._routed[(model_id, replica_id)] = time.monotonic()
             self._remember(model_id, replica_id)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
-        """Ray's update from the replicas' reports, then this router's recent routes on top
-        (a report sent before a route arrived must not erase it)."""
+        """Ray's update from the replicas' reports, then the records of cold model ids that
+        their replica has not reported yet (a report sent before the route must not erase
+        them)."""
         super().update_replicas(replicas)
         oldest = time.monotonic() - GRACE_S
         for (model_id, replica_id), when in list(self._routed.items()):
-            if when < oldest or replica_id not in self._replicas:
-                del self._routed[(model_id, replica_id)]
+            replica = self._replicas.get(replica_id)
+            if when < oldest or replica is None or model_id in replica.multiplexed_model_ids:
+                del self._routed[(model_id, replica_id)]  # expired, gone, or reported
             else:
                 self._remember(model_id, replica_id)
 
