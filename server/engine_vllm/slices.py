@@ -15,13 +15,27 @@ component no slot uses adds exact zeros.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import threading
+from dataclasses import dataclass, field, fields, replace
 
 import torch
+import torch.nn.functional as F
 
 from svda.runtime.errors import AdapterConfigError
-from svda.runtime.serving_form import LayerForm, stack_forms, with_zero_row
-from svda.runtime.serving_form.primitives import SharedBasisLowRank
+from svda.runtime.serving_form import (
+    LayerForm,
+    form_delta,
+    gather_slots,
+    stack_forms,
+    with_zero_row,
+)
+from svda.runtime.serving_form.primitives import LowRank, SharedBasisLowRank
+
+DENSE_LOW_RANK_MAX = 1024  # slots x rank up to which low-rank terms run dense (no gather)
+SHARED_BASIS = ("A", "B")  # a SharedBasisLowRank's shared fields
+_MEMO: dict = {}  # (id, dtype, device, cut, dim) -> (shared tensor, cut and cast copy)
+_MEMO_MAX = 4096
+_MEMO_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,8 @@ class StackedSlice:
     form: LayerForm | None = None
     table: torch.Tensor | None = None
     per_slot: tuple[LayerForm | None, ...] = ()
+    dense: tuple[tuple[torch.Tensor, torch.Tensor, int], ...] = ()  # (A_cat, B_cat, r) per term
+    cache: dict = field(default_factory=dict, compare=False)  # per batch layout: gathered rows
 
 
 def compute_dtype(forms: list[LayerForm], model_dtype: torch.dtype) -> torch.dtype:
@@ -44,10 +60,42 @@ def compute_dtype(forms: list[LayerForm], model_dtype: torch.dtype) -> torch.dty
 
 
 def cast_form(form: LayerForm, dtype: torch.dtype, device: torch.device | str = "cpu") -> LayerForm:
-    """``form`` on ``device`` with its float tensors in ``dtype`` (permutations stay ``long``)."""
-    return form.map_tensors(
-        lambda t: t.to(device, dtype if t.is_floating_point() else t.dtype).contiguous()
-    )
+    """``form`` on ``device`` with its float tensors in ``dtype`` (permutations stay ``long``);
+    shared bases through :func:`shared_tensor` (once per basis, not once per composition)."""
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, dtype if t.is_floating_point() else t.dtype).contiguous()
+
+    def primitive(p):
+        shared = SHARED_BASIS if isinstance(p, SharedBasisLowRank) else ()
+        values = {f.name: getattr(p, f.name) for f in fields(p)}
+        for name, v in values.items():
+            if isinstance(v, torch.Tensor):
+                values[name] = shared_tensor(v, dtype, device) if name in shared else one(v)
+        return type(p)(**values)
+
+    return form.map_primitives(primitive)
+
+
+def shared_tensor(
+    t: torch.Tensor, dtype: torch.dtype, device, rows: torch.Tensor | None = None, dim: int = 0
+) -> torch.Tensor:
+    """``t`` (a shared basis, the same object in every slot's form) cut to the ``rows`` mask
+    along ``dim`` and cast, memoised per process: a new slot composition reuses it (SvdA's
+    ``Vᵀ, U`` are as large as the base weights)."""
+    cut = None if rows is None else rows.cpu().numpy().tobytes()
+    key = (id(t), dtype, str(device), cut, dim)
+    with _MEMO_LOCK:
+        hit = _MEMO.get(key)
+        if hit is not None and hit[0] is t:
+            return hit[1]
+    out = t if rows is None else t.index_select(dim, rows.nonzero().flatten().to(t.device))
+    out = out.to(device, dtype).contiguous()
+    with _MEMO_LOCK:
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.pop(next(iter(_MEMO)))
+        _MEMO[key] = (t, out)  # t kept alive: its id stays its own
+    return out
 
 
 def used_components(form: LayerForm) -> LayerForm:
@@ -60,16 +108,21 @@ def used_components(form: LayerForm) -> LayerForm:
         used = (term.inner != 0).any(dim=0)
         if bool(used.all()):
             return term
-        return replace(term, A=term.A[used], B=term.B[:, used], inner=term.inner[:, used])
+        a = shared_tensor(term.A, term.A.dtype, term.A.device, used, dim=0)
+        b = shared_tensor(term.B, term.B.dtype, term.B.device, used, dim=1)
+        return replace(term, A=a, B=b, inner=term.inner[:, used])
 
     return replace(form, terms=tuple(cut(t) for t in form.terms))
 
 
 def stack_slice(
-    forms: list[LayerForm | None], model_dtype: torch.dtype, device: torch.device | str = "cpu"
+    forms: list[LayerForm | None],
+    model_dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    dense_limit: int = DENSE_LOW_RANK_MAX,
 ) -> StackedSlice | None:
     """What a layer on ``device`` applies for ``forms`` (one per LoRA slot); None when no slot
-    has a form."""
+    has a form. Low-rank terms of at most ``dense_limit`` slots × rank run dense."""
     present = [(i, f) for i, f in enumerate(forms) if f is not None]
     if not present:
         return None
@@ -81,8 +134,62 @@ def stack_slice(
         per_slot = tuple(None if f is None else cast_form(f, dtype, device) for f in forms)
         return StackedSlice(dtype, needs_w0, per_slot=per_slot)
     form = cast_form(with_zero_row(used_components(stacked)), dtype, device)
+    form, dense = split_dense_low_rank(form, dense_limit)
     table = torch.full((len(forms) + 1,), len(present), dtype=torch.long)  # [-1]: zero slot
     for row, (i, _) in enumerate(present):
         table[i] = row
     table = table.to(device)
-    return StackedSlice(dtype, needs_w0, form=form, table=table)
+    return StackedSlice(dtype, needs_w0, form=form, table=table, dense=dense)
+
+
+def split_dense_low_rank(form: LayerForm, limit: int = DENSE_LOW_RANK_MAX):
+    """``form`` without its low-rank terms of at most ``limit`` slots × rank, and those terms
+    as concatenations ``A_cat (n·r, d_in)``, ``B_cat (d_out, n·r)``: a batch then runs them as
+    two dense products with a one-hot slot mask in between (no per-token gather; the zero slot
+    has zero rows, so base rows get exact zeros)."""
+    dense, kept = [], []
+    for term in form.terms:
+        n, r, d_in = term.A.shape if isinstance(term, LowRank) else (0, 0, 0)
+        if isinstance(term, LowRank) and n * r <= limit:
+            b_cat = term.B.permute(1, 0, 2).reshape(term.B.shape[1], n * r).contiguous()
+            dense.append((term.A.reshape(n * r, d_in).contiguous(), b_cat, r))
+        else:
+            kept.append(term)
+    return replace(form, terms=tuple(kept)), tuple(dense)
+
+
+def slice_delta(
+    stacked: StackedSlice,
+    x: torch.Tensor,
+    out0: torch.Tensor,
+    slots: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    layout: object = None,
+) -> torch.Tensor:
+    """``y − W0x − b0`` of one stacked slice for tokens ``x (N, d_in)`` at ``slots (N,)`` (-1:
+    the base), ``out0 = W0x``, all in ``stacked.dtype``. ``layout``: a value that changes
+    whenever the batch's slots may change (the plugin's mapping version): the gathered rows
+    and masks are kept until then (None: gathered every call)."""
+    cache = stacked.cache
+    if layout is None or cache.get("layout") != (layout, len(slots)):
+        rows = stacked.table[slots]  # slot -1 -> the zero slot
+        onehot = F.one_hot(rows, stacked.form.n_slots).to(stacked.dtype)  # (N, n + 1)
+        cache.clear()
+        cache["layout"] = (layout, len(slots))
+        cache["form"] = gather_slots(stacked.form, rows) if stacked.form.primitives() else None
+        cache["masks"] = {r: onehot.repeat_interleave(r, dim=1) for _, _, r in stacked.dense}
+    delta = None if cache["form"] is None else form_delta(cache["form"], x, out0, weight)
+    for a_cat, b_cat, r in stacked.dense:
+        term = F.linear(F.linear(x, a_cat) * cache["masks"][r], b_cat)
+        delta = term if delta is None else delta + term
+    return torch.zeros_like(out0) if delta is None else delta
+
+
+def per_slot_delta(stacked: StackedSlice, x, out0, slots, weight=None) -> torch.Tensor:
+    """The same for a slice whose slots have different layouts: slot by slot."""
+    delta = torch.zeros_like(out0)
+    for k in torch.unique(slots).tolist():
+        if k >= 0 and stacked.per_slot[k] is not None:
+            rows = slots == k
+            delta[rows] = form_delta(stacked.per_slot[k], x[rows], out0[rows], weight)
+    return delta

@@ -11,9 +11,15 @@ import torch.nn.functional as F
 
 from svda.runtime import AdapterModel, SvdBasisCache
 from svda.runtime.methods import linear_methods
-from svda.runtime.serving_form import compile_adapter, form_delta, gather_slots, reference_forward
+from svda.runtime.serving_form import compile_adapter, reference_forward
+from svda.runtime.serving_form.primitives import LowRank
 from svda.server.engine_vllm.forms import SHARED_DIR, read_forms, write_vllm_adapter
-from svda.server.engine_vllm.slices import stack_slice, used_components
+from svda.server.engine_vllm.slices import (
+    per_slot_delta,
+    slice_delta,
+    stack_slice,
+    used_components,
+)
 from tests.runtime.helpers import METHOD_CONFIGS, perturb, tiny_llama
 
 TARGETS = "q_proj,v_proj,down_proj"
@@ -33,43 +39,48 @@ def _model(methods: list[str], svd_cache, seed: int = 1) -> AdapterModel:
     return model
 
 
-def _slice_delta(stacked, x, out0, weight):
-    """What the vLLM layer computes for one slice (both paths of ``layers._slice_delta``)."""
+def _slice_delta(stacked, x, out0, weight, layout=None):
+    """What the vLLM layer computes for one slice (``layers._slice_delta``)."""
     x, out0 = x.to(stacked.dtype), out0.to(stacked.dtype)
     w = None if weight is None else weight.to(stacked.dtype)
     if stacked.form is not None:
-        return form_delta(gather_slots(stacked.form, stacked.table[SLOTS]), x, out0, w)
-    delta = torch.zeros_like(out0)
-    for row, k in enumerate(SLOTS.tolist()):
-        if k >= 0 and stacked.per_slot[k] is not None:
-            delta[row] = form_delta(stacked.per_slot[k], x[row : row + 1], out0[row : row + 1], w)
-    return delta
+        return slice_delta(stacked, x, out0, SLOTS, w, layout)
+    return per_slot_delta(stacked, x, out0, SLOTS, w)
 
 
-def _check_layers(model: AdapterModel, names: list[str | None], atol: float = 1e-5):
+def _check_layers(model: AdapterModel, names: list[str | None], dense_limit: int = 1024):
     forms = {n: compile_adapter(model, n) for n in names if n is not None}
     generator = torch.Generator().manual_seed(0)
     for layer in model.layers_of(next(n for n in names if n)):
         per_slot = [None if n is None else forms[n][layer.layer_name] for n in names]
-        stacked = stack_slice(per_slot, torch.float32)
+        stacked = stack_slice(per_slot, torch.float32, dense_limit=dense_limit)
         w0 = layer.weight_out_in()
         x = torch.randn(len(SLOTS), layer.shape[1], generator=generator)
         out0 = F.linear(x, w0)
-        got = out0 + _slice_delta(stacked, x, out0, w0)
+        got = out0 + _slice_delta(stacked, x, out0, w0, layout=1)
+        again = out0 + _slice_delta(stacked, x, out0, w0, layout=1)  # gathered rows reused
+        assert torch.equal(got, again)
         assert torch.equal(got[SLOTS < 0], out0[SLOTS < 0]), "base rows moved"
         assert torch.equal(got[SLOTS == 1], out0[SLOTS == 1]), "the empty slot moved its rows"
         for row, k in enumerate(SLOTS.tolist()):
             if k >= 0 and per_slot[k] is not None:
                 want = reference_forward(per_slot[k], x[row : row + 1], torch.tensor([0]), w0)[0]
-                torch.testing.assert_close(got[row], want, rtol=1e-4, atol=atol)
+                torch.testing.assert_close(got[row], want, rtol=1e-4, atol=1e-5)
     return stacked
 
 
+@pytest.mark.parametrize("dense_limit", [1024, 0], ids=["dense", "gathered"])
 @pytest.mark.parametrize("method", linear_methods())
-def test_stacked_slice_equals_the_reference_per_row(method, svd_cache):
+def test_stacked_slice_equals_the_reference_per_row(method, dense_limit, svd_cache):
     model = _model([method, method], svd_cache)
-    stacked = _check_layers(model, ["a0", None, "a1"])
+    stacked = _check_layers(model, ["a0", None, "a1"], dense_limit)
     assert stacked.form is not None and stacked.table.tolist() == [0, 2, 1, 2]
+    layer = list(compile_adapter(model, "a0").values())[-1]
+    low_rank = sum(isinstance(t, LowRank) for t in layer.terms)
+    assert len(stacked.dense) == (low_rank if dense_limit else 0)
+    assert sum(isinstance(t, LowRank) for t in stacked.form.terms) == (
+        0 if dense_limit else low_rank
+    )
 
 
 def test_slots_of_different_methods_go_slot_by_slot(svd_cache):
@@ -104,6 +115,7 @@ def test_bfloat16_model_computes_in_bf16_except_rotations(method, svd_cache):
     assert stacked.dtype == (torch.float32 if rotates else torch.bfloat16)
     floats = [t for p in stacked.form.primitives() for t in vars(p).values()
               if isinstance(t, torch.Tensor) and t.is_floating_point()]  # fmt: skip
+    floats += [t for a, b, _ in stacked.dense for t in (a, b)]
     assert floats and all(t.dtype == stacked.dtype for t in floats)
 
 
