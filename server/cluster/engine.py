@@ -149,9 +149,10 @@ class ClusterEngine:
             call = getattr(self.handle.options(multiplexed_model_id=model_id), method)
             try:
                 return await call.remote(*args)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                 if attempt == RETRIES:
-                    raise
+                    return Unavailable(f"the replica for {method!r} died, {attempt + 1} times "
+                                       f"({exc}); retry")  # fmt: skip
                 await asyncio.sleep(0.5 * (attempt + 1))
 
     def _routed(self, adapter_id: str, tenant: str | None) -> str:
