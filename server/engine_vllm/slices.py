@@ -31,7 +31,8 @@ from svda.runtime.serving_form import (
 )
 from svda.runtime.serving_form.primitives import LowRank, SharedBasisLowRank
 
-DENSE_LOW_RANK_MAX = 1024  # slots x rank up to which low-rank terms run dense (no gather)
+DENSE_LOW_RANK_MAX = 1024  # slots x rank up to which low-rank terms are kept concatenated
+GATHER_MAX_TOKENS = 64  # up to this many tokens, each token's factors are gathered per layout
 SHARED_BASIS = ("A", "B")  # a SharedBasisLowRank's shared fields
 _MEMO: dict = {}  # (id, dtype, device, cut, dim) -> (shared tensor, cut and cast copy)
 _MEMO_MAX = 4096
@@ -172,17 +173,40 @@ def slice_delta(
     and masks are kept until then (None: gathered every call)."""
     cache = stacked.cache
     if layout is None or cache.get("layout") != (layout, len(slots)):
-        rows = stacked.table[slots]  # slot -1 -> the zero slot
-        onehot = F.one_hot(rows, stacked.form.n_slots).to(stacked.dtype)  # (N, n + 1)
         cache.clear()
+        cache.update(_gather_layout(stacked, stacked.table[slots]))  # -1 -> the zero slot
         cache["layout"] = (layout, len(slots))
-        cache["form"] = gather_slots(stacked.form, rows) if stacked.form.primitives() else None
-        cache["masks"] = {r: onehot.repeat_interleave(r, dim=1) for _, _, r in stacked.dense}
     delta = None if cache["form"] is None else form_delta(cache["form"], x, out0, weight)
-    for a_cat, b_cat, r in stacked.dense:
-        term = F.linear(F.linear(x, a_cat) * cache["masks"][r], b_cat)
+    for term in _low_rank_terms(stacked, cache, x):
         delta = term if delta is None else delta + term
     return torch.zeros_like(out0) if delta is None else delta
+
+
+def _gather_layout(stacked: StackedSlice, rows: torch.Tensor) -> dict:
+    """What one batch layout needs: the per-row form, and for the dense low-rank terms either
+    each token's factors (few tokens: decode) or one-hot slot masks (many: prefill)."""
+    form = gather_slots(stacked.form, rows) if stacked.form.primitives() else None
+    if len(rows) <= GATHER_MAX_TOKENS:
+        per_token = []
+        for a_cat, b_cat, r in stacked.dense:
+            a = a_cat.view(-1, r, a_cat.shape[1])[rows].transpose(1, 2)  # (N, d_in, r)
+            b = b_cat.view(b_cat.shape[0], -1, r).permute(1, 2, 0)[rows]  # (N, r, d_out)
+            per_token.append((a.float().contiguous(), b.float().contiguous()))
+        return {"form": form, "per_token": per_token}
+    onehot = F.one_hot(rows, stacked.form.n_slots).to(stacked.dtype)  # (N, n + 1)
+    return {"form": form, "masks": {r: onehot.repeat_interleave(r, 1) for *_, r in stacked.dense}}
+
+
+def _low_rank_terms(stacked: StackedSlice, cache: dict, x: torch.Tensor):
+    """Each dense low-rank term's ``B_k A_k x`` per token: batched products of the gathered
+    factors in float32 (CPU bf16 batched products are slow), or two dense products masked."""
+    if "per_token" in cache:
+        x32 = x.float()[:, None]  # (N, 1, d_in)
+        for a, b in cache["per_token"]:
+            yield torch.bmm(torch.bmm(x32, a), b)[:, 0].to(x.dtype)
+        return
+    for a_cat, b_cat, r in stacked.dense:
+        yield F.linear(F.linear(x, a_cat) * cache["masks"][r], b_cat)
 
 
 def per_slot_delta(stacked: StackedSlice, x, out0, slots, weight=None) -> torch.Tensor:

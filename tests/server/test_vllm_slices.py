@@ -13,6 +13,7 @@ from svda.runtime import AdapterModel, SvdBasisCache
 from svda.runtime.methods import linear_methods
 from svda.runtime.serving_form import compile_adapter, reference_forward
 from svda.runtime.serving_form.primitives import LowRank
+from svda.server.engine_vllm import slices
 from svda.server.engine_vllm.forms import SHARED_DIR, read_forms, write_vllm_adapter
 from svda.server.engine_vllm.slices import (
     per_slot_delta,
@@ -69,9 +70,15 @@ def _check_layers(model: AdapterModel, names: list[str | None], dense_limit: int
     return stacked
 
 
-@pytest.mark.parametrize("dense_limit", [1024, 0], ids=["dense", "gathered"])
+@pytest.mark.parametrize("few_tokens", [True, False], ids=["decode", "prefill"])
+@pytest.mark.parametrize("dense_limit", [1024, 0], ids=["concatenated", "gathered"])
 @pytest.mark.parametrize("method", linear_methods())
-def test_stacked_slice_equals_the_reference_per_row(method, dense_limit, svd_cache):
+def test_stacked_slice_equals_the_reference_per_row(
+    method, dense_limit, few_tokens, svd_cache, monkeypatch
+):
+    """Decode (few tokens: factors gathered per token, float32 products) and prefill (many:
+    one-hot masked dense products) give the per-slot reference."""
+    monkeypatch.setattr(slices, "GATHER_MAX_TOKENS", 64 if few_tokens else 0)
     model = _model([method, method], svd_cache)
     stacked = _check_layers(model, ["a0", None, "a1"], dense_limit)
     assert stacked.form is not None and stacked.table.tolist() == [0, 2, 1, 2]
