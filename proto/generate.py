@@ -28,6 +28,7 @@ _ABSOLUTE_IMPORT = re.compile(r"^from svda\.v1 import (\w+)", re.MULTILINE)
 _MODULE_IMPORT = re.compile(r"^import svda\.v1\.(\w+)$", re.MULTILINE)
 _FLAKE8_PYI_NOQA = re.compile(r"  # noqa: Y\d+$", re.MULTILINE)
 _PYI_PREAMBLE = "# ruff: noqa\n# fmt: off\n"
+_VERSION_STAMP = re.compile(r"^GRPC_GENERATED_VERSION = '[^']*'$", re.MULTILINE)
 
 
 def proto_files() -> list[Path]:
@@ -94,8 +95,21 @@ def stale_files() -> list[str]:
         return [
             n
             for n in names
-            if n not in fresh or n not in current or not filecmp.cmp(fresh[n], current[n], False)
+            if n not in fresh or n not in current or not _same_stub(fresh[n], current[n])
         ]
+
+
+def _same_stub(fresh: Path, current: Path) -> bool:
+    """Equal up to the grpcio-tools version stamp (``GRPC_GENERATED_VERSION``): a newer
+    grpcio-tools release alone does not make the checked-in stubs stale (and keeping the older
+    stamp keeps the stubs importable with the older grpcio)."""
+    if filecmp.cmp(fresh, current, False):
+        return True
+
+    def unstamped(path: Path) -> str:
+        return _VERSION_STAMP.sub("GRPC_GENERATED_VERSION = ''", path.read_text())
+
+    return unstamped(fresh) == unstamped(current)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -215,3 +215,14 @@ def test_generated_stubs_are_up_to_date():
     from svda.proto import generate
 
     assert generate.stale_files() == [], "run `make proto` and commit the regenerated stubs"
+
+
+def test_stub_check_ignores_only_the_grpc_tools_version_stamp(tmp_path):
+    from svda.proto.generate import _same_stub
+
+    old, new, other = (tmp_path / n for n in ("old.py", "new.py", "other.py"))
+    old.write_text("import grpc\nGRPC_GENERATED_VERSION = '1.85.1'\nX = 1\n")
+    new.write_text("import grpc\nGRPC_GENERATED_VERSION = '1.85.4'\nX = 1\n")
+    other.write_text("import grpc\nGRPC_GENERATED_VERSION = '1.85.1'\nX = 2\n")
+    assert _same_stub(new, old)
+    assert not _same_stub(other, old)
