@@ -36,23 +36,22 @@ import time
 from pathlib import Path
 
 import torch
-from serve_bench import QUESTIONS, hot_swap_ms
+from serve_bench import CONFIGS, QUESTIONS, TARGETS, hot_swap_ms
 
 from svda.adapters_store import AdapterStore, export_adapter, export_peft, publish_adapter
-from svda.runtime import AdapterModel, LoraConfig, SvdaConfig, VeraConfig, load_base_model
+from svda.runtime import AdapterModel, load_base_model
 from svda.runtime.methods import DoraConfig
 from svda.server.domain import ChatMessage, Completion, GenerationRequest, SamplingParams
 from svda.server.engine import Engine, EngineSettings
 from svda.server.engine_vllm.engine import VllmEngine, VllmOptions
 
-TARGETS = "q_proj,v_proj"
-KINDS = {
-    "SvdA (pruned)": lambda: SvdaConfig(targets=TARGETS),
-    "VeRA r=64": lambda: VeraConfig(targets=TARGETS, r=64),
-    "LoRA r=8": lambda: LoraConfig(targets=TARGETS, r=8),
-    "DoRA r=8": lambda: DoraConfig(targets=TARGETS, r=8),
+KINDS = {  # label -> (adapter id prefix, config): serve_bench's adapters, and DoRA
+    "SvdA (pruned)": ("svda", CONFIGS["svda"]),
+    "VeRA r=64": ("vera", CONFIGS["vera64"]),
+    "LoRA r=8": ("lora", CONFIGS["lora"]),
+    "DoRA r=8": ("dora", lambda: DoraConfig(targets=TARGETS, r=8)),
 }
-PREFIX = {"SvdA (pruned)": "svda", "VeRA r=64": "vera", "LoRA r=8": "lora", "DoRA r=8": "dora"}
+PREFIX = {kind: prefix for kind, (prefix, _) in KINDS.items()}
 
 
 def requests(n: int, tokens: int, prefix: str | None) -> list[GenerationRequest]:
@@ -94,16 +93,16 @@ def make_adapters(base_path, store: AdapterStore, n: int, dtype, peft_root: Path
     LoRA ones also as PEFT folders under ``peft_root`` (for vLLM's own LoRA path)."""
     model = AdapterModel(load_base_model(base_path, dtype=dtype).model)
     peft_dirs = []
-    for kind, config in KINDS.items():
+    for prefix, config in KINDS.values():
         for i in range(n):
-            name = f"{PREFIX[kind]}-{i}"
+            name = f"{prefix}-{i}"
             model.add_adapter(name, config())
             generator = torch.Generator().manual_seed(i)
             for _, p in sorted(model.adapter_parameters(name).items()):  # dense, like training
                 noise = torch.randn(p.shape, generator=generator).to(p.dtype)
                 p.add_(0.01 * noise * p.abs().mean().clamp_min(1.0))
             publish_adapter(store, export_adapter(model, name), name)
-            if PREFIX[kind] == "lora":
+            if prefix == "lora":
                 peft_dirs.append(str(export_peft(model, name, peft_root / name)))
             model.delete_adapter(name)
     return peft_dirs
@@ -146,13 +145,17 @@ def plain_vllm_child(spec_path: str) -> None:
         llm.shutdown()
         return rates
 
-    result = {"base": asyncio.run(measure(False)), "own LoRA": asyncio.run(measure(True))}
+    result = {"base": asyncio.run(measure(False))}
+    if spec["own_lora"]:
+        result["own LoRA"] = asyncio.run(measure(True))
     print("PLAIN " + json.dumps(result), flush=True)
 
 
-def run_plain(folder: str, prompts, peft: list[str], dtype: str, args, max_context: int):
+def run_plain(folder: str, prompts, peft: list[str], dtype: str, args, max_context: int,
+              own_lora: bool = True):  # fmt: skip
     spec = {"folder": folder, "prompts": prompts, "peft": peft, "dtype": dtype,
-            "tokens": args.new_tokens, "rounds": args.rounds, "max_context": max_context}  # fmt: skip
+            "tokens": args.new_tokens, "rounds": args.rounds, "max_context": max_context,
+            "own_lora": own_lora}  # fmt: skip
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     env = {k: v for k, v in os.environ.items() if k != "SVDA_VLLM_PLUGIN"}
@@ -181,58 +184,77 @@ def rounds_vs_base(engine, n: int, tokens: int, prefixes: list[str], rounds: int
 
 
 def bench_dtype(dtype: str, args, root: Path, rows: list, swaps: list) -> None:
+    """Every row of one dtype: plain vLLM before and after svda on vLLM (their mean is the
+    plain base: the machine drifts), vLLM's own LoRA path, the native engine."""
     n, t, torch_dtype = args.requests, args.new_tokens, getattr(torch, dtype)
     store = AdapterStore(root / dtype / "store")
     peft = make_adapters(args.base, store, n, torch_dtype, root / dtype / "peft")
-    settings = lambda: EngineSettings(max_batch_size=n)  # noqa: E731  (default ε)
     base = load_base_model(args.base, dtype=torch_dtype)
-    native = Engine(base, store, settings())
+    native = Engine(base, store, EngineSettings(max_batch_size=n))  # default ε
     prompts = [native.encode_prompt(r) for r in requests(n, t, None)]
     plain = run_plain(base.source, prompts, peft, dtype, args, native.max_context)
-    plain_base = statistics.median(plain["base"])
-    rows.append((f"plain vLLM {dtype}, base", plain_base, "1.00 (of plain)"))
-    own = statistics.median(plain["own LoRA"])
-    rows.append((f"vLLM's own LoRA path {dtype}, 16 LoRA r=8", own, f"{own / plain_base:.2f}"))
     if not args.no_native:
-        native.start()
-        run_engine(native, requests(n, 2, "lora"))  # adapters resident
-        result = rounds_vs_base(native, n, t, ["lora"], 1)
-        rows.append((f"native {dtype}, base", max(result["base"]["rates"]), ""))
-        rows.append((f"native {dtype}, 16 LoRA r=8", result["lora"]["rates"][0],
-                     f"{result['lora']['ratios'][0]:.2f}"))  # fmt: skip
-        swaps.append((f"native {dtype}", *hot_swap_ms(native, [f"svda-{i}" for i in range(n)],
-                                                      args.swap_repeats)))  # fmt: skip
+        native_rows(native, dtype, args, rows, swaps)
     native.stop()
-    engine = VllmEngine(load_base_model(args.base, dtype=torch_dtype), store, settings(),
-                        options=VllmOptions(dtype=dtype, max_loras=n, max_cpu_loras=4 * n))  # fmt: skip
+    svda_rows = svda_on_vllm_rows(store, dtype, args, swaps)
+    after = run_plain(base.source, prompts, peft, dtype, args, native.max_context, False)
+    plain_base = statistics.mean(
+        [statistics.median(plain["base"]), statistics.median(after["base"])]
+    )
+    own = statistics.median(plain["own LoRA"])
+    rows.append((f"plain vLLM {dtype}, base (before / after)", plain_base,
+                 f"{statistics.median(plain['base']):.1f} / {statistics.median(after['base']):.1f}"))  # fmt: skip
+    rows.append((f"vLLM's own LoRA path {dtype}, 16 LoRA r=8", own, f"{own / plain_base:.2f}"))
+    for label, rate, ratio, note in svda_rows:
+        if ratio is None:  # svda's base row: against plain vLLM
+            note = f"{rate / plain_base:.2f} of plain vLLM"
+        elif label.endswith("LoRA r=8"):
+            note += f"; {rate / own:.2f}× vLLM's own LoRA"
+        rows.append((label, rate, note))
+    for row in rows:
+        print("ROW", row, flush=True)
+
+
+def native_rows(native: Engine, dtype: str, args, rows: list, swaps: list) -> None:
+    n, t = args.requests, args.new_tokens
+    native.start()
+    run_engine(native, requests(n, 2, "lora"))  # adapters resident
+    result = rounds_vs_base(native, n, t, ["lora"], 1)
+    rows.append((f"native {dtype}, base", max(result["base"]["rates"]), ""))
+    rows.append((f"native {dtype}, 16 LoRA r=8", result["lora"]["rates"][0],
+                 f"{result['lora']['ratios'][0]:.2f}"))  # fmt: skip
+    ids = [f"svda-{i}" for i in range(n)]
+    swaps.append((f"native {dtype}", *hot_swap_ms(native, ids, args.swap_repeats)))
+
+
+def svda_on_vllm_rows(store: AdapterStore, dtype: str, args, swaps: list) -> list[tuple]:
+    """(label, tok/s, ratio to its base or None, per-round note) for svda on vLLM."""
+    n, t = args.requests, args.new_tokens
+    base = load_base_model(args.base, dtype=getattr(torch, dtype))
+    options = VllmOptions(dtype=dtype, max_loras=n, max_cpu_loras=4 * n)
+    engine = VllmEngine(base, store, EngineSettings(max_batch_size=n), options=options)
     engine.start()
     prefixes = list(PREFIX.values())
     for prefix in prefixes:
         run_engine(engine, requests(n, 2, prefix))  # every adapter exported and loaded
     result = rounds_vs_base(engine, n, t, prefixes, args.rounds)
-    svda_base = statistics.median(result["base"]["rates"])
-    rows.append(
-        (f"svda on vLLM {dtype}, base", svda_base, f"{svda_base / plain_base:.2f} (of plain)")
-    )
+    out = [(f"svda on vLLM {dtype}, base", statistics.median(result["base"]["rates"]), None, "")]
     for kind, prefix in PREFIX.items():
         r = result[prefix]
         ratio = statistics.median(r["ratios"])
-        note = f"{ratio:.2f} ({', '.join(f'{x:.2f}' for x in r['ratios'])})"
-        if prefix == "lora":
-            note += f"; {statistics.median(r['rates']) / own:.2f}× vLLM's own LoRA"
-        rows.append((f"svda on vLLM {dtype}, 16 {kind}", statistics.median(r["rates"]), note))
-    swaps.append((f"svda on vLLM {dtype}", *hot_swap_ms(engine, [f"svda-{i}" for i in range(n)],
-                                                        args.swap_repeats)))  # fmt: skip
+        note = f"{ratio:.2f} of its base ({', '.join(f'{x:.2f}' for x in r['ratios'])})"
+        out.append((f"svda on vLLM {dtype}, 16 {kind}", statistics.median(r["rates"]), ratio, note))
+    ids = [f"svda-{i}" for i in range(n)]
+    swaps.append((f"svda on vLLM {dtype}", *hot_swap_ms(engine, ids, args.swap_repeats)))
     engine.stop()
-    for row in rows[-8:]:
-        print("ROW", row, flush=True)
+    return out
 
 
 def print_tables(rows, swaps, args) -> None:
     print(f"\n*{args.requests} concurrent chat requests × {args.new_tokens} new tokens (greedy), "
           f"engine level, {args.rounds} rounds; {platform.machine()} · {os.cpu_count()} cores · "
           f"torch {torch.__version__}*\n")  # fmt: skip
-    print("| scenario | tokens/s | vs base (per round) |")
+    print("| scenario | tokens/s | ratio (per round) |")
     print("|---|---:|---|")
     for name, rate, note in rows:
         print(f"| {name} | {rate:.1f} | {note} |")
