@@ -106,10 +106,11 @@ class VllmEngine:
         self._llm = future.result()
 
     async def _build(self) -> Any:
-        from .vllm_setup import build_async_llm
+        from .vllm_setup import build_async_llm, linear_layer_names
 
+        targets = linear_layer_names(self.base.model)
         return build_async_llm(
-            self.base.source, self.native.max_context, self.settings, self.options
+            self.base.source, self.native.max_context, self.settings, self.options, targets
         )
 
     def stop(self) -> None:

@@ -32,8 +32,21 @@ def check_vllm_version() -> str:
     return version
 
 
-def build_async_llm(model: str, max_context: int, settings: Any, options: Any) -> Any:
-    """``AsyncLLM`` on ``model`` (a HF folder) with LoRA slots for svda adapters, eager."""
+def linear_layer_names(model: Any) -> list[str]:
+    """The leaf names of ``model``'s linear layers (``q_proj``, ``down_proj``, ``c_attn``...;
+    svda's "all-linear": not the output head): vLLM wraps only these for LoRA
+    (``lora_target_modules``), so the embeddings and the logits skip vLLM's LoRA work (svda
+    adapters never touch them)."""
+    from svda.runtime.targets import iter_candidate_layers
+
+    return sorted({name.rpartition(".")[2] for name, _ in iter_candidate_layers(model)})
+
+
+def build_async_llm(
+    model: str, max_context: int, settings: Any, options: Any, targets: list[str] | None = None
+) -> Any:
+    """``AsyncLLM`` on ``model`` (a HF folder) with LoRA slots for svda adapters on the layers
+    named ``targets`` (None: every layer vLLM supports), eager."""
     check_vllm_version()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.kv_cache_gib))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", options.threads_bind)
@@ -54,6 +67,7 @@ def build_async_llm(model: str, max_context: int, settings: Any, options: Any) -
         max_loras=options.max_loras,
         max_cpu_loras=options.max_cpu_loras,
         max_lora_rank=8,
+        lora_target_modules=targets,
         seed=options.seed,
         enable_prefix_caching=False,
         # explicit: else vLLM-cpu refuses to start unless 92 % of the node's memory is free

@@ -146,3 +146,15 @@ def test_adapter_folders_share_their_bases_on_disk_and_in_memory(tmp_path, svd_c
         assert got.A is read[0][name].terms[0].A and got.B is read[0][name].terms[0].B
         assert torch.equal(got.A, term.A) and torch.equal(got.inner, term.inner)
     assert read_forms(tmp_path) is None  # not an svda folder: a plain PEFT adapter
+
+
+def test_vllm_lora_targets_are_the_linear_layers_not_the_head(svd_cache):
+    """vLLM wraps only these for LoRA (embeddings and logits skip its LoRA work), wrapped by an
+    attached adapter or not."""
+    from svda.server.engine_vllm.vllm_setup import linear_layer_names
+    from tests.runtime.helpers import tiny_gpt2
+
+    llama = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    model = _model(["lora"], svd_cache)  # q_proj, v_proj, down_proj wrapped
+    assert linear_layer_names(model.model) == llama
+    assert linear_layer_names(tiny_gpt2()) == ["c_attn", "c_fc", "c_proj"]

@@ -91,7 +91,7 @@ def test_engine_arguments_and_request_types():
     from vllm.v1.engine.async_llm import AsyncLLM
 
     fields = AsyncEngineArgs.__dataclass_fields__
-    for name in ("enable_lora", "max_loras", "max_cpu_loras", "max_lora_rank",
+    for name in ("enable_lora", "max_loras", "max_cpu_loras", "max_lora_rank", "lora_target_modules",
                  "enforce_eager", "worker_extension_cls", "enable_prefix_caching",
                  "kv_cache_memory_bytes"):  # fmt: skip
         assert name in fields, f"AsyncEngineArgs lost {name}"
