@@ -8,9 +8,10 @@ appended zero slot, so base rows get exact zeros even when every slot is full (v
 0.32's own path would give them the last slot's adapter). Imported only inside vLLM processes.
 
 Per batch layout (:mod:`.plugin`): a step where no token has an adapter returns the base output
-as it is. Per slot composition (an adapter enters or leaves a slot): the slots' forms are
-stacked once (:class:`StackedSlice`), cast to the model's dtype (rotations stay float32), and
-shared bases are cut to the components some slot uses (pruned SvdA keeps few). A slot holding
+as it is. Per slot composition (an adapter enters or leaves a slot): the new adapter's rows are
+written in place when they fit the stacked layout (:func:`.slot_update.update_slot`), else the
+slice is stacked again (:class:`StackedSlice`), cast to the model's dtype (rotations stay
+float32), and shared bases are cut to the components some slot uses (pruned SvdA keeps few). A slot holding
 a plain PEFT adapter (no svda form) runs vLLM's own LoRA path as well.
 """
 
@@ -31,7 +32,9 @@ from vllm.lora.layers import (
 from svda.runtime.serving_form import LayerForm
 
 from .slices import StackedSlice, per_slot_delta, slice_delta, stack_slice
+from .slot_update import update_slot
 
+STALE = object()  # a slice to restack at the next forward
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
@@ -54,10 +57,15 @@ class SvdaSlotsMixin:
         vLLM's own LoRA path) in slot ``index``."""
         if not hasattr(self, "svda_forms"):
             self._svda_init()
+        stacked = self._svda_stacked
         for s, name in enumerate(self.svda_names):
-            self.svda_forms[s][index] = None if forms is None else forms.get(name)
+            form = None if forms is None else forms.get(name)
+            self.svda_forms[s][index] = form
+            if stacked is None or stacked[s] is STALE:
+                continue  # stacked at the next forward anyway
+            if not update_slot(stacked[s], index, form):
+                stacked[s] = STALE  # restacked at the next forward
         (self.svda_peft_slots.add if forms is None else self.svda_peft_slots.discard)(index)
-        self._svda_stacked = None
         self._svda_any_form = any(f is not None for slot in self.svda_forms for f in slot)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -71,9 +79,10 @@ class SvdaSlotsMixin:
         x2, out2 = x.reshape(-1, x.shape[-1]), output.reshape(-1, output.shape[-1])
         slots = wrapper.token_lora_indices[: x2.shape[0]]
         if self._svda_stacked is None:
-            self._svda_stacked = [
-                stack_slice(forms, out2.dtype, out2.device) for forms in self.svda_forms
-            ]
+            self._svda_stacked = [STALE] * len(self.svda_forms)
+        for s, forms in enumerate(self.svda_forms):
+            if self._svda_stacked[s] is STALE:  # a slot changed and did not fit in place
+                self._svda_stacked[s] = stack_slice(forms, out2.dtype, out2.device)
         bias = getattr(self.base_layer, "bias", None)
         layout = getattr(wrapper, "svda_layout", None)
         start = 0

@@ -52,6 +52,9 @@ class StackedSlice:
     per_slot: tuple[LayerForm | None, ...] = ()
     dense: tuple[tuple[torch.Tensor, torch.Tensor, int], ...] = ()  # (A_cat, B_cat, r) per term
     cache: dict = field(default_factory=dict, compare=False)  # per batch layout: gathered rows
+    kinds: tuple[str, ...] = ()  # the stacked forms' primitives, in order
+    places: tuple[tuple[str, int], ...] = ()  # per term: ("dense", j) or ("form", k)
+    bases: tuple[tuple, ...] = ()  # per shared basis: (A, B as in the forms, used mask)
 
 
 def compute_dtype(forms: list[LayerForm], model_dtype: torch.dtype) -> torch.dtype:
@@ -134,29 +137,38 @@ def stack_slice(
     except AdapterConfigError:  # different layouts on one layer: slot by slot
         per_slot = tuple(None if f is None else cast_form(f, dtype, device) for f in forms)
         return StackedSlice(dtype, needs_w0, per_slot=per_slot)
+    bases = tuple(
+        (t.A, t.B, (t.inner != 0).any(dim=0))
+        for t in stacked.terms
+        if isinstance(t, SharedBasisLowRank)
+    )
     form = cast_form(with_zero_row(used_components(stacked)), dtype, device)
-    form, dense = split_dense_low_rank(form, dense_limit)
+    form, dense, places = split_dense_low_rank(form, dense_limit)
     table = torch.full((len(forms) + 1,), len(present), dtype=torch.long)  # [-1]: zero slot
     for row, (i, _) in enumerate(present):
         table[i] = row
-    table = table.to(device)
-    return StackedSlice(dtype, needs_w0, form=form, table=table, dense=dense)
+    return StackedSlice(
+        dtype, needs_w0, form=form, table=table.to(device), dense=dense,
+        kinds=tuple(stacked.kinds()), places=places, bases=bases,
+    )  # fmt: skip
 
 
 def split_dense_low_rank(form: LayerForm, limit: int = DENSE_LOW_RANK_MAX):
-    """``form`` without its low-rank terms of at most ``limit`` slots × rank, and those terms
-    as concatenations ``A_cat (n·r, d_in)``, ``B_cat (d_out, n·r)``: a batch then runs them as
-    two dense products with a one-hot slot mask in between (no per-token gather; the zero slot
-    has zero rows, so base rows get exact zeros)."""
-    dense, kept = [], []
+    """``form`` without its low-rank terms of at most ``limit`` slots × rank, those terms as
+    concatenations ``A_cat (n·r, d_in)``, ``B_cat (d_out, n·r)`` (a batch runs them as two
+    dense products with a one-hot slot mask in between, or per token from gathered factors; the
+    zero slot has zero rows, so base rows get exact zeros), and where each term went."""
+    dense, kept, places = [], [], []
     for term in form.terms:
         n, r, d_in = term.A.shape if isinstance(term, LowRank) else (0, 0, 0)
         if isinstance(term, LowRank) and n * r <= limit:
             b_cat = term.B.permute(1, 0, 2).reshape(term.B.shape[1], n * r).contiguous()
+            places.append(("dense", len(dense)))
             dense.append((term.A.reshape(n * r, d_in).contiguous(), b_cat, r))
         else:
+            places.append(("form", len(kept)))
             kept.append(term)
-    return replace(form, terms=tuple(kept)), tuple(dense)
+    return replace(form, terms=tuple(kept)), tuple(dense), tuple(places)
 
 
 def slice_delta(

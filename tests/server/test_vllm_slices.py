@@ -158,3 +158,52 @@ def test_vllm_lora_targets_are_the_linear_layers_not_the_head(svd_cache):
     model = _model(["lora"], svd_cache)  # q_proj, v_proj, down_proj wrapped
     assert linear_layer_names(model.model) == llama
     assert linear_layer_names(tiny_gpt2()) == ["c_attn", "c_fc", "c_proj"]
+
+
+@pytest.mark.parametrize("method", linear_methods())
+def test_a_new_adapter_in_a_held_slot_is_written_in_place(method, svd_cache):
+    """A hot swap writes the new adapter's rows in place: the slice then equals a fresh stack."""
+    from svda.server.engine_vllm.slot_update import update_slot
+
+    model = _model([method] * 3, svd_cache)
+    forms = {n: compile_adapter(model, n) for n in ("a0", "a1", "a2")}
+    generator = torch.Generator().manual_seed(5)
+    for layer in model.layers_of("a0"):
+        name, w0 = layer.layer_name, layer.weight_out_in()
+        stacked = stack_slice([forms["a0"][name], None, forms["a1"][name]], torch.float32)
+        assert update_slot(stacked, 2, forms["a2"][name])
+        assert not update_slot(stacked, 1, forms["a2"][name])  # slot 1 held nothing: restack
+        fresh = stack_slice([forms["a0"][name], None, forms["a2"][name]], torch.float32)
+        x = torch.randn(len(SLOTS), layer.shape[1], generator=generator)
+        out0 = F.linear(x, w0)
+        torch.testing.assert_close(
+            _slice_delta(stacked, x, out0, w0),
+            _slice_delta(fresh, x, out0, w0),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+def test_a_slot_update_that_does_not_fit_asks_for_a_restack(svd_cache):
+    from svda.runtime import LoraConfig
+    from svda.server.engine_vllm.slot_update import update_slot
+
+    model = _model(["lora", "lora", "svda"], svd_cache)
+    model.add_adapter("wide", LoraConfig(targets=TARGETS, r=16))
+    forms = {n: compile_adapter(model, n) for n in ("a0", "a1", "a2", "wide")}
+    name = next(iter(model.layers_of("a0"))).layer_name
+    stacked = stack_slice([forms["a0"][name], forms["a1"][name]], torch.float32)
+    assert not update_slot(stacked, 1, forms["a2"][name])  # another method
+    assert not update_slot(stacked, 1, forms["wide"][name])  # a larger rank
+    assert not update_slot(stacked, 1, None) and not update_slot(None, 0, forms["a1"][name])
+    svda = _model(["svda", "svda"], svd_cache)
+    for n, keep in (("a0", [0, 1]), ("a1", [2])):  # a1 moves a component a0's cut dropped
+        for layer in svda.layers_of(n):
+            w = layer.weights_of(n)
+            sigma = layer.shared_of(n).sigma[: w.k]
+            w.svda_s.data.copy_(sigma)
+            w.svda_s.data[keep] += 0.3
+    sv = {n: compile_adapter(svda, n) for n in ("a0", "a1")}
+    name = next(iter(svda.layers_of("a0"))).layer_name
+    stacked = stack_slice([sv["a0"][name], sv["a0"][name]], torch.float32)
+    assert not update_slot(stacked, 1, sv["a1"][name])

@@ -113,3 +113,36 @@ def test_unload_removes_the_adapter_from_vllm_and_a_later_request_brings_it_back
     gone = (folders - left).pop()
     assert not Path(gone).exists(), "the unloaded adapter's vLLM folder is still there"
     assert _run(vllm_engine, rows) == before  # exported again under a new LoRA id
+
+
+@pytest.mark.slow
+def test_adapters_swapped_through_two_slots_equal_native(vllm_folder, tmp_path):
+    """Two LoRA slots, six adapters of two methods requested in turn: each new adapter takes a
+    slot another held (written in place when its layout fits, else restacked); every row
+    still equals the native engine's."""
+    from svda.adapters_store import AdapterStore, export_adapter, publish_adapter
+    from svda.runtime import AdapterModel
+    from tests.runtime.helpers import perturb
+
+    from .conftest import CONFIGS
+
+    store = AdapterStore(tmp_path / "store")
+    ids = []
+    for i, method in enumerate(["lora", "lora", "lora", "svda", "svda", "lora"]):
+        model = AdapterModel(load_base_model(vllm_folder).model)
+        model.add_adapter("a", CONFIGS[method]())
+        perturb(model, "a", scale=0.5, seed=40 + i)
+        publish_adapter(store, export_adapter(model, "a", name=f"{method}-{i}"), f"{method}-{i}")
+        ids.append(f"{method}-{i}")
+    rows = [(a, PROMPTS[i % 2]) for i, a in enumerate(ids + ids[:2])]
+    settings = EngineSettings(max_batch_size=4, svda_prune_tolerance=0.0)
+    options = VllmOptions(dtype="float32", max_loras=2, max_cpu_loras=2)
+    engine = VllmEngine(load_base_model(vllm_folder), store, settings, options=options)
+    engine.start()
+    try:
+        got = [_run(engine, [row])[0] for row in rows]  # one at a time: slots change each time
+    finally:
+        engine.stop()
+    with running_engine(load_base_model(vllm_folder), store, max_batch_size=4) as native:
+        want = [_run(native, [row])[0] for row in rows]
+    assert got == want

@@ -1,0 +1,116 @@
+"""Writing one slot's form into a stacked slice in place (a hot swap without restacking).
+
+When vLLM puts an adapter into a slot that already held one, :func:`update_slot` writes the new
+adapter's per-slot rows into the slice stacked by :func:`.slices.stack_slice` (its row of every
+per-slot table, its ``r`` rows of each concatenated low-rank factor), if the new form fits the
+stacked layout: the same primitives and shapes, the same shared tensors, a low-rank term of at
+most the stacked rank, and (shared bases cut to the used components) no component outside that
+cut. Otherwise it answers False and the layer restacks that slice. Shared tensors are never
+written. Tested equal to a fresh stack (``tests/server/test_vllm_slices.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import torch
+import torch.nn.functional as F
+
+from svda.runtime.serving_form import LayerForm
+from svda.runtime.serving_form.compile import SHARED_FIELDS
+from svda.runtime.serving_form.primitives import LowRank, SharedBasisLowRank
+
+from .slices import StackedSlice
+
+SIDES = ("input_scale", "input_rotation", "output_rotation", "output_scale", "bias")
+
+
+def update_slot(stacked: StackedSlice | None, slot: int, form: LayerForm | None) -> bool:
+    """Write ``form`` (one slot) as slot ``slot`` of ``stacked`` in place; False when it does
+    not fit (restack instead): no stacked form, an empty slot, another layout."""
+    if stacked is None or stacked.form is None or form is None:
+        return False
+    row = int(stacked.table[slot])
+    if row == stacked.form.n_slots - 1 or tuple(form.kinds()) != stacked.kinds:
+        return False  # the zero row (the slot held nothing), or another layout
+    if (form.d_in, form.d_out) != (stacked.form.d_in, stacked.form.d_out):
+        return False
+    writes = _side_writes(stacked, form, row)
+    terms = _term_writes(stacked, form, row)
+    if writes is None or terms is None:
+        return False
+    for target, index, value in writes + terms:
+        target[index] = value.to(target.dtype)
+    stacked.cache.clear()  # gathered rows of the old adapter
+    return True
+
+
+def _side_writes(stacked: StackedSlice, form: LayerForm, row: int) -> list | None:
+    """The per-slot rows of the input/output primitives; None if a shared tensor differs."""
+    writes = []
+    for name in SIDES:
+        new, old = getattr(form, name), getattr(stacked.form, name)
+        if new is None:
+            continue
+        for f in fields(new):
+            value, target = getattr(new, f.name), getattr(old, f.name)
+            if not isinstance(value, torch.Tensor):
+                continue
+            if f.name in SHARED_FIELDS:
+                if not torch.equal(value.to(target), target):
+                    return None
+            else:
+                writes.append((target, row, value[0]))
+    return writes
+
+
+def _term_writes(stacked: StackedSlice, form: LayerForm, row: int) -> list | None:
+    writes, basis = [], 0
+    for term, (where, k) in zip(form.terms, stacked.places, strict=True):
+        if isinstance(term, SharedBasisLowRank):
+            one = _shared_basis_writes(stacked.form.terms[k], stacked.bases[basis], term, row)
+            basis += 1
+        elif where == "dense":
+            one = _dense_writes(stacked.dense[k], term, row)
+        else:
+            one = _low_rank_writes(stacked.form.terms[k], term, row)
+        if one is None:
+            return None
+        writes += one
+    return writes
+
+
+def _shared_basis_writes(old: SharedBasisLowRank, basis: tuple, new: SharedBasisLowRank, row):
+    a, b, used = basis
+    if not (_same(new.A, a) and _same(new.B, b)):
+        return None  # another basis (e.g. another seed): not the stacked one
+    inner = new.inner[0]
+    if bool((inner[~used] != 0).any()):
+        return None  # a component the stacked cut dropped
+    return [(old.inner, row, inner[used]), (old.outer, row, new.outer[0])]
+
+
+def _dense_writes(dense: tuple, new: LowRank, row: int) -> list | None:
+    a_cat, b_cat, r = dense
+    r_new = new.A.shape[1]
+    if r_new > r:
+        return None
+    span = slice(row * r, (row + 1) * r)
+    a = F.pad(new.A[0], (0, 0, 0, r - r_new))  # (r, d_in), zero rows past r_new
+    b = F.pad(new.B[0], (0, r - r_new))  # (d_out, r)
+    return [(a_cat, span, a), (b_cat, (slice(None), span), b)]
+
+
+def _low_rank_writes(old: LowRank, new: LowRank, row: int) -> list | None:
+    r, r_new = old.A.shape[1], new.A.shape[1]
+    if r_new > r:
+        return None
+    return [
+        (old.A, row, F.pad(new.A[0], (0, 0, 0, r - r_new))),
+        (old.B, row, F.pad(new.B[0], (0, r - r_new))),
+    ]
+
+
+def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """One shared tensor (the same object in the worker: read once per process) or equal."""
+    return x is y or (x.shape == y.shape and x.dtype == y.dtype and bool(torch.equal(x, y)))
