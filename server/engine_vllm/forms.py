@@ -3,8 +3,8 @@
 vLLM's worker loads only PEFT folders into its LoRA slots. The engine process compiles an svda
 adapter (already checked and attached on the native model) to its serving form and writes a
 folder with a rank-1 all-zero LoRA on one layer (so the worker gives it a slot and its own
-LoRA path adds nothing) and ``svda_forms.pt``: HF layer name -> one-slot
-:class:`~svda.runtime.serving_form.LayerForm`. The plugin (:mod:`.plugin`) reads that file when
+LoRA path adds nothing) and ``svda_forms.safetensors`` (:mod:`.form_file`, no pickle): HF
+layer name -> one-slot :class:`~svda.runtime.serving_form.LayerForm`. The plugin (:mod:`.plugin`) reads that file when
 vLLM activates the adapter in a slot.
 
 Shared bases (SvdA's ``Vᵀ, U``: as large as the base weights; VeRA's seeded ``A, B``) are not
@@ -29,7 +29,9 @@ from safetensors.torch import load_file, save_file
 from svda.runtime.serving_form import LayerForm, compile_adapter
 from svda.runtime.serving_form.primitives import SharedBasisLowRank
 
-FORMS_FILE = "svda_forms.pt"
+from .form_file import load_forms, save_forms
+
+FORMS_FILE = "svda_forms.safetensors"
 SHARED_DIR = "svda_shared"
 DUMMY_RANK = 1
 _SHARED_CACHE: dict[str, torch.Tensor] = {}  # file name -> tensor, per process
@@ -49,8 +51,8 @@ def write_vllm_adapter(model: Any, name: str, folder: Path, hf_config: Any) -> P
     forms = compile_adapter(model, name)
     folder.mkdir(parents=True, exist_ok=True)
     shared = folder.parent / SHARED_DIR
-    out = {k: _cpu_form(_externalize(v, shared)) for k, v in forms.items()}
-    torch.save(out, folder / FORMS_FILE)
+    out = {k: _externalize(v, shared) for k, v in forms.items()}
+    save_forms(out, folder / FORMS_FILE, lambda v: v.name if isinstance(v, SharedRef) else None)
     _write_zero_lora(folder, hf_config)
     return folder
 
@@ -60,10 +62,8 @@ def read_forms(folder: str | Path) -> dict[str, LayerForm] | None:
     path = Path(folder) / FORMS_FILE
     if not path.is_file():
         return None
-    # the file is written by this svda process into its own private folder (dataclasses)
-    forms = torch.load(path, map_location="cpu", weights_only=False)
     shared = Path(folder).parent / SHARED_DIR
-    return {k: _resolve(v, shared) for k, v in forms.items()}
+    return load_forms(path, lambda name: _shared_tensor(shared, name))
 
 
 def _shared_name(key: str, field: str, tensor: torch.Tensor) -> str:
@@ -93,20 +93,14 @@ def _externalize(form: LayerForm, shared: Path) -> LayerForm:
     return replace(form, terms=tuple(one(t) for t in form.terms))
 
 
-def _resolve(form: LayerForm, shared: Path) -> LayerForm:
-    def load(ref: Any) -> Any:
-        if not isinstance(ref, SharedRef):
-            return ref
-        with _SHARED_LOCK:
-            if ref.name not in _SHARED_CACHE:
-                _SHARED_CACHE[ref.name] = load_file(str(shared / f"{ref.name}.safetensors"))["t"]
-            return _SHARED_CACHE[ref.name]
-
-    terms = tuple(
-        replace(t, A=load(t.A), B=load(t.B)) if isinstance(t, SharedBasisLowRank) else t
-        for t in form.terms
-    )
-    return replace(form, terms=terms)
+def _shared_tensor(shared: Path, name: str) -> torch.Tensor:
+    """The shared basis ``name``, loaded once per process (every slot gets the same tensor)."""
+    if not name.isalnum():
+        raise ValueError(f"bad shared tensor name {name[:40]!r}")
+    with _SHARED_LOCK:
+        if name not in _SHARED_CACHE:
+            _SHARED_CACHE[name] = load_file(str(shared / f"{name}.safetensors"))["t"]
+        return _SHARED_CACHE[name]
 
 
 def _write_zero_lora(folder: Path, hf_config: Any) -> None:
@@ -130,7 +124,3 @@ def _write_zero_lora(folder: Path, hf_config: Any) -> None:
         "task_type": "CAUSAL_LM",
     }
     (folder / "adapter_config.json").write_text(json.dumps(config))
-
-
-def _cpu_form(form: LayerForm) -> LayerForm:
-    return form.map_tensors(lambda t: t.detach().cpu().contiguous())

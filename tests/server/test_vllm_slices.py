@@ -207,3 +207,41 @@ def test_a_slot_update_that_does_not_fit_asks_for_a_restack(svd_cache):
     name = next(iter(svda.layers_of("a0"))).layer_name
     stacked = stack_slice([sv["a0"][name], sv["a0"][name]], torch.float32)
     assert not update_slot(stacked, 1, sv["a1"][name])
+
+
+@pytest.mark.parametrize("method", linear_methods())
+def test_forms_survive_the_adapter_folder_for_every_method(method, tmp_path, svd_cache):
+    """write_vllm_adapter / read_forms (safetensors and JSON, no pickle) give back every
+    primitive, field for field."""
+    from dataclasses import fields
+
+    model = _model([method], svd_cache)
+    folder = write_vllm_adapter(model, "a0", tmp_path / "a0", tiny_llama().config)
+    assert not list(folder.glob("*.pt")), "a pickle in the adapter folder"
+    got, want = read_forms(folder), compile_adapter(model, "a0")
+    assert set(got) == set(want)
+    for name, form in want.items():
+        assert got[name].kinds() == form.kinds() and got[name].n_slots == form.n_slots
+        for p, q in zip(got[name].primitives(), form.primitives(), strict=True):
+            for f in fields(q):
+                a, b = getattr(p, f.name), getattr(q, f.name)
+                assert torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b, f.name
+
+
+def test_a_forms_file_with_an_unknown_primitive_is_refused(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from svda.server.engine_vllm.form_file import META_KEY, load_forms
+
+    layout = {"l": {"d_in": 2, "d_out": 2, "n_slots": 1, "sides": {},
+                    "terms": [{"type": "os.system", "tensors": [], "refs": {}, "values": {}}]}}  # fmt: skip
+    save_file(
+        {"x": torch.zeros(1)}, str(tmp_path / "f.safetensors"), {META_KEY: json.dumps(layout)}
+    )
+    with pytest.raises(ValueError, match="unknown serving-form primitive"):
+        load_forms(tmp_path / "f.safetensors", lambda name: torch.zeros(1))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "g.safetensors"))
+    with pytest.raises(ValueError, match="holds no svda serving forms"):
+        load_forms(tmp_path / "g.safetensors", lambda name: torch.zeros(1))
