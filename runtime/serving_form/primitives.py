@@ -181,18 +181,6 @@ class LayerForm:
             **changes,
         )
 
-    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> LayerForm:
-        """The form with ``fn`` applied to every tensor of every primitive (e.g. a move to
-        another device or a cast; ``fn`` decides what to do with integer tensors)."""
-
-        def one(p: Any) -> Any:
-            values = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
-            return type(p)(
-                **{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
-            )
-
-        return self.map_primitives(one)
-
     def kinds(self) -> list[str]:
         """Names of the primitives present, in order (e.g. ``['OutputScale', 'LowRank']``)."""
         return [type(p).__name__ for p in self.primitives()]

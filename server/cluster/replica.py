@@ -115,8 +115,8 @@ class ReplicaBody:
 
     def _held(self) -> set[str]:
         """Model ids of the adapters resident in this replica's engine."""
-        rows = self.engine.resident_adapters()
-        return {model_id_of(r.tenant, r.adapter_id, r.version) for r in rows}
+        keys = self.engine.adapters.resident_keys()
+        return {model_id_of(k.namespace, k.id, k.version) for k in keys}
 
     async def hold(self, model_id: str) -> _Held:
         """The multiplexed loader: make ``model_id``'s adapter resident in the engine."""

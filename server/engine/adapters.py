@@ -407,6 +407,11 @@ class AdapterManager:
         self.evict()
         return True
 
+    def resident_keys(self) -> set[Key]:
+        """The keys of every resident adapter (all namespaces)."""
+        with self._lock:
+            return set(self._resident)
+
     def resident(self, tenant: str | None = None) -> list[ResidentAdapter]:
         with self._lock:
             rows = [r for r in self._resident.values() if visible(r.entry, tenant)]

@@ -40,7 +40,7 @@ from ..domain import (
     ServerInfo,
 )
 from ..engine import Engine, EngineSettings
-from ..engine.adapters import Key, key_of
+from ..engine.adapters import key_of
 from ..engine.detok import TextStream
 from ..engine.sequence import EventCallback, RequestHandle, Sequence
 from ..metrics import Metrics
@@ -253,9 +253,7 @@ class VllmEngine:
     async def _forget_unloaded(self) -> None:
         """Remove from vLLM the adapters the native side no longer holds (unloaded or evicted:
         no request runs them) and delete their folders; a later request exports them again."""
-        resident = {
-            Key(r.tenant or "", r.adapter_id, r.version) for r in self.native.adapters.resident()
-        }
+        resident = self.native.adapters.resident_keys()
         with self._lock:
             gone = [self._loras.pop(k) for k in list(self._loras) if k not in resident]
         for lora in gone:

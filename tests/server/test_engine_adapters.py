@@ -186,5 +186,6 @@ def test_drop_detaches_exactly_one_key_once_no_request_holds_it(tiny_base, store
             assert time.monotonic() < deadline, "the dropped adapter stayed after its request"
             time.sleep(0.05)
         assert _rows(engine) == {(None, "lora-a"), (None, "svda-b")}  # the namesake stays
+        assert engine.adapters.resident_keys() == {Key("", "lora-a", 1), Key("", "svda-b", 1)}
         assert engine.adapters.drop(Key("", "lora-a", 1))
         assert _rows(engine) == {(None, "svda-b")} and not engine.adapters.drop(acme)
