@@ -115,8 +115,7 @@ def delta_norms(adapter_file: AdapterFile, model: AdapterModel, name: str) -> li
     """‖ΔW‖_F per layer of attached adapter ``name``, from its payload and our frozen tensors."""
     norms = []
     for entry in adapter_file.header.layers:
-        layer = model.layers[entry.name]
-        norms.append(layer.weights_of(name).delta_norm(layer.shared_of(name)))
+        norms.append(model.layers[entry.name].delta_norm_of(name))
     return norms
 
 

@@ -15,7 +15,7 @@ tables are views made once).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +25,8 @@ from torch import nn
 from .bank import AdapterBank, local_rows
 from .methods.base import AdapterWeights
 from .names import AdapterDict
+from .serving_form.compile import compile_layer
+from .serving_form.primitives import LayerForm
 from .targets import weight_out_in
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -160,6 +162,26 @@ class AdapterLinear(nn.Module):
             return self.adapters[name]
         bank, index = self._require_bank(name)
         return bank.materialize(name, index, self.shared[bank.shared_key])
+
+    def delta_norm_of(self, name: str) -> float:
+        """‖ΔW‖_F of adapter ``name`` here, from its slot's tensors where the method can."""
+        shared, fast = self.shared_of(name), self._slot_shortcut(name, "slot_delta_norm")
+        if fast is not None:
+            return fast(self.tensors_of(name), shared)
+        return self.weights_of(name).delta_norm(shared)
+
+    def serving_form_of(self, name: str) -> LayerForm:
+        """Adapter ``name``'s one-slot serving form here (:func:`compile_layer`'s checks)."""
+        shared, fast = self.shared_of(name), self._slot_shortcut(name, "slot_serving_form")
+        if fast is not None:
+            return fast(self.tensors_of(name), shared, self.bias)
+        return compile_layer(self.weights_of(name), shared, self.bias)
+
+    def _slot_shortcut(self, name: str, what: str) -> Callable | None:
+        """A banked adapter's tensor-level classmethod ``what`` (None: attached modules, or a
+        method without one; the caller builds the module then)."""
+        found = None if name in self.adapters else self._bank_of(name)
+        return None if found is None else getattr(found[0].weights_cls, what)
 
     def tensors_of(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter ``name``'s trainable tensors here (parameters, or views of its bank slot)."""

@@ -141,6 +141,10 @@ class AdapterWeights(nn.Module):
         """‖ΔW‖_F in float64 (methods with a cheaper closed form override it)."""
         return float(torch.linalg.norm(self.get_delta_weight(shared).double()))
 
+    # tensor-level shortcuts for a slot bank's adapters (load, export: no module is built)
+    slot_delta_norm: ClassVar[Any] = None  # classmethod (tensors, shared) -> float
+    slot_serving_form: ClassVar[Any] = None  # classmethod (tensors, shared, base_bias) -> form
+
     def get_delta_bias(self, shared: nn.Module | None) -> torch.Tensor | None:
         """Change of the layer's bias (d1,), or None: most methods leave the bias alone."""
         return None

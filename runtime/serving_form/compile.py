@@ -44,11 +44,7 @@ def compile_layer(
 def compile_adapter(model: Any, name: str) -> dict[str, LayerForm]:
     """Every layer's form of adapter ``name`` on ``model`` (an ``AdapterModel``): layer name ->
     one-slot form."""
-    forms = {}
-    for layer in model.layers_of(name):
-        weights, shared = layer.weights_of(name), layer.shared_of(name)
-        forms[layer.layer_name] = compile_layer(weights, shared, layer.bias)
-    return forms
+    return {layer.layer_name: layer.serving_form_of(name) for layer in model.layers_of(name)}
 
 
 def stack_forms(forms: Sequence[LayerForm]) -> LayerForm:

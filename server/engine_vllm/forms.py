@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import threading
 import uuid
 from dataclasses import dataclass, replace
@@ -36,6 +38,7 @@ SHARED_DIR = "svda_shared"
 DUMMY_RANK = 1
 _SHARED_CACHE: dict[str, torch.Tensor] = {}  # file name -> tensor, per process
 _SHARED_LOCK = threading.Lock()
+_WRITTEN: set[Path] = set()  # shared basis files this process knows exist
 
 
 @dataclass(frozen=True)
@@ -81,16 +84,24 @@ def _externalize(form: LayerForm, shared: Path) -> LayerForm:
         for field in ("A", "B"):
             tensor = getattr(term, field)
             name = _shared_name(term.key, field, tensor)
-            path = shared / f"{name}.safetensors"
-            if not path.is_file():
-                shared.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-                save_file({"t": tensor.detach().cpu().contiguous()}, str(tmp))
-                tmp.replace(path)
+            _write_shared_once(shared / f"{name}.safetensors", tensor)
             refs[field] = SharedRef(name)
         return replace(term, **refs)
 
     return replace(form, terms=tuple(one(t) for t in form.terms))
+
+
+def _write_shared_once(path: Path, tensor: torch.Tensor) -> None:
+    """Write a shared basis unless this process wrote or saw it already (atomic rename)."""
+    if path in _WRITTEN:
+        return
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+        save_file({"t": tensor.detach().cpu().contiguous()}, str(tmp))
+        tmp.replace(path)
+    with _SHARED_LOCK:
+        _WRITTEN.add(path)
 
 
 def _shared_tensor(shared: Path, name: str) -> torch.Tensor:
@@ -104,6 +115,30 @@ def _shared_tensor(shared: Path, name: str) -> torch.Tensor:
 
 
 def _write_zero_lora(folder: Path, hf_config: Any) -> None:
+    """The all-zero rank-1 PEFT files, written once beside the adapter folders and linked."""
+    template = folder.parent / SHARED_DIR / f"zero-lora-{_zero_lora_id(hf_config)}"
+    if not (template / "adapter_config.json").is_file():
+        tmp = template.with_name(f"{template.name}.{uuid.uuid4().hex}.tmp")
+        tmp.mkdir(parents=True)
+        _zero_lora_files(tmp, hf_config)
+        try:
+            tmp.replace(template)
+        except OSError:  # another thread or process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        try:
+            os.link(template / name, folder / name)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(template / name, folder / name)
+
+
+def _zero_lora_id(hf_config: Any) -> str:
+    hidden, heads = hf_config.hidden_size, hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
+    return f"{hidden}-{heads * head_dim}"
+
+
+def _zero_lora_files(folder: Path, hf_config: Any) -> None:
     hidden = hf_config.hidden_size
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hidden // heads

@@ -68,6 +68,18 @@ class SvdaSlotsMixin:
         (self.svda_peft_slots.add if forms is None else self.svda_peft_slots.discard)(index)
         self._svda_any_form = any(f is not None for slot in self.svda_forms for f in slot)
 
+    def reset_lora(self, index: int) -> None:
+        """vLLM zeroes a slot's PEFT weights on every activation of an adapter without weights
+        here (every svda adapter, on every layer): skip slots already zero."""
+        zeroed = self.__dict__.setdefault("_svda_zeroed", set())
+        if index not in zeroed:
+            super().reset_lora(index)
+            zeroed.add(index)
+
+    def set_lora(self, index: int, *args: Any, **kwargs: Any) -> None:
+        self.__dict__.setdefault("_svda_zeroed", set()).discard(index)
+        super().set_lora(index, *args, **kwargs)
+
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         if getattr(self, "svda_peft_slots", None):
             output = super()._apply_lora_to_output(x, output)  # vLLM's path for PEFT slots

@@ -94,26 +94,41 @@ class SvdaWeights(AdapterWeights):
         return self.svda_b[:, None] * ((u * s_full) @ v.T)  # (d1, d2), the plain formula
 
     def serving_form(self, shared, base_bias=None) -> LayerForm:
+        return self.slot_serving_form(
+            {"svda_s": self.svda_s, "svda_b": self.svda_b}, shared, base_bias
+        )
+
+    @classmethod
+    def slot_serving_form(cls, tensors, shared, base_bias=None) -> LayerForm:
         """``OutputScale(b)`` and ``SharedBasisLowRank(Vᵀ, U, inner=δ, outer=b)``, δ = s − σ
         (zero beyond the top k): ``h = W0x + b ⊙ (W0x + U(δ ⊙ Vᵀx))``."""
-        dtype = self.svda_s.dtype
-        delta = torch.zeros_like(shared.sigma, dtype=dtype)
-        delta[: self.k] = self.delta(shared)
-        b = self.svda_b[None]  # (1, d1)
+        s, b = tensors["svda_s"].detach(), tensors["svda_b"].detach()
+        k = s.shape[0]
+        delta = torch.zeros_like(shared.sigma, dtype=s.dtype)
+        delta[:k] = s - shared.sigma[:k]
+        b = b.clone()[None]  # (1, d1): a copy, the slot may be reused
         term = SharedBasisLowRank(
-            shared.V.T.to(dtype),
-            shared.U.to(dtype),
+            shared.V.T.to(s.dtype),
+            shared.U.to(s.dtype),
             delta[None],
             b,
             key=getattr(shared, "identity", ""),
         )
-        return LayerForm(self.d_in, self.d_out, output_scale=OutputScale(b), terms=(term,))
+        d_in, d_out = shared.V.shape[0], b.shape[1]
+        return LayerForm(d_in, d_out, output_scale=OutputScale(b), terms=(term,))
 
     def delta_norm(self, shared: nn.Module | None) -> float:
-        """‖ΔW‖_F² = Σ_j b_j² Σ_i s_i² U_ji² (V has orthonormal columns): O(d1·m), no d1×d2."""
-        s_full = torch.cat([self.svda_s.double(), shared.sigma[self.k :].double()])
-        u_sq = shared.U.double() ** 2  # (d1, m)
-        return float(((self.svda_b.double() ** 2) @ (u_sq @ s_full**2)).sqrt())
+        return self.slot_delta_norm({"svda_s": self.svda_s, "svda_b": self.svda_b}, shared)
+
+    @classmethod
+    def slot_delta_norm(cls, tensors, shared) -> float:
+        """‖ΔW‖_F² = Σ_j b_j² Σ_i s_i² U_ji² (V has orthonormal columns): O(d1·m), no d1×d2;
+        products in float32 (or wider), the final sum in float64."""
+        s, b = tensors["svda_s"].detach(), tensors["svda_b"].detach()
+        s_full = torch.cat([s, shared.sigma[s.shape[0] :].to(s.dtype)]).float()
+        scaled = shared.U * s_full  # (d1, m), promoted to float32 in one pass (no U copy)
+        rows = (scaled * scaled).sum(1)  # (d1,) Σ_i s_i² U_ji²
+        return float((b.double().square() @ rows.double()).sqrt())
 
     @classmethod
     def member_tables(cls, members, shared) -> dict[str, torch.Tensor]:
