@@ -16,6 +16,7 @@ from svda.runtime.serving_form.primitives import LowRank
 from svda.server.engine_vllm import slices
 from svda.server.engine_vllm.forms import SHARED_DIR, read_forms, write_vllm_adapter
 from svda.server.engine_vllm.slices import (
+    kept_cuts,
     per_slot_delta,
     slice_delta,
     stack_slice,
@@ -110,7 +111,7 @@ def test_unused_svda_components_are_cut_exactly(svd_cache):
     layer = next(iter(model.layers_of("a0"))).layer_name
     term = stack_slice([forms[0][layer], forms[1][layer]], torch.float32).form.terms[0]
     assert term.A.shape[0] == 4 and term.B.shape[1] == 4  # components 0, 1, 2, 5
-    assert used_components(forms[0][layer]).terms[0].inner.shape[1] == 3
+    assert used_components(forms[0][layer])[0].terms[0].inner.shape[1] == 3
 
 
 @pytest.mark.parametrize("method", ["lora", "svda", "boft", "urnn"])
@@ -207,6 +208,16 @@ def test_a_slot_update_that_does_not_fit_asks_for_a_restack(svd_cache):
     name = next(iter(svda.layers_of("a0"))).layer_name
     stacked = stack_slice([sv["a0"][name], sv["a0"][name]], torch.float32)
     assert not update_slot(stacked, 1, sv["a1"][name])
+    # the restack keeps the former cut: a0 can come back into either slot in place
+    both = stack_slice([sv["a0"][name], sv["a1"][name]], torch.float32, keep=kept_cuts(stacked))
+    again = stack_slice([sv["a1"][name], sv["a1"][name]], torch.float32, keep=kept_cuts(both))
+    assert again.form.terms[0].inner.shape[1] == 3  # components 0, 1 (kept) and 2
+    assert update_slot(again, 0, sv["a0"][name]) and update_slot(again, 1, sv["a0"][name])
+    fresh = stack_slice([sv["a0"][name], sv["a0"][name]], torch.float32)
+    layer = next(iter(svda.layers_of("a0")))
+    x = torch.randn(len(SLOTS), layer.shape[1], generator=torch.Generator().manual_seed(2))
+    out0 = F.linear(x, layer.weight_out_in())
+    torch.testing.assert_close(_slice_delta(again, x, out0, None), _slice_delta(fresh, x, out0, None))
 
 
 @pytest.mark.parametrize("method", linear_methods())
