@@ -134,6 +134,6 @@ def _view(flat: dict[str, torch.Tensor], place: Any) -> torch.Tensor:
     kind, offset, shape = place
     buffer = flat.get(f"flat.{kind}")
     numel = math.prod(shape)
-    if buffer is None or not (0 <= offset and offset + numel <= buffer.numel()):
+    if buffer is None or not (offset >= 0 and offset + numel <= buffer.numel()):
         raise ValueError(f"a serving-form tensor lies outside the file's {kind} data")
     return buffer[offset : offset + numel].view(shape)

@@ -31,7 +31,7 @@ from vllm.lora.layers import (
 
 from svda.runtime.serving_form import LayerForm
 
-from .slices import StackedSlice, per_slot_delta, slice_delta, stack_slice
+from .slices import StackedSlice, kept_cuts, per_slot_delta, slice_delta, stack_slice
 from .slot_update import update_slot
 
 STALE = object()  # a slice to restack at the next forward
@@ -50,6 +50,7 @@ class SvdaSlotsMixin:
         self.svda_forms: list[list[LayerForm | None]] = [[None] * n for _ in self.svda_names]
         self.svda_peft_slots: set[int] = set()  # slots holding a plain PEFT adapter
         self._svda_stacked: list[StackedSlice | None] | None = None
+        self._svda_keep: list[dict] = [{} for _ in self.svda_names]  # per slice: former cuts
         self._svda_any_form = False
 
     def svda_set(self, index: int, forms: dict[str, LayerForm] | None) -> None:
@@ -64,6 +65,7 @@ class SvdaSlotsMixin:
             if stacked is None or stacked[s] is STALE:
                 continue  # stacked at the next forward anyway
             if not update_slot(stacked[s], index, form):
+                self._svda_keep[s] = kept_cuts(stacked[s])  # cuts only grow: later swaps fit
                 stacked[s] = STALE  # restacked at the next forward
         (self.svda_peft_slots.add if forms is None else self.svda_peft_slots.discard)(index)
         self._svda_any_form = any(f is not None for slot in self.svda_forms for f in slot)
@@ -94,7 +96,8 @@ class SvdaSlotsMixin:
             self._svda_stacked = [STALE] * len(self.svda_forms)
         for s, forms in enumerate(self.svda_forms):
             if self._svda_stacked[s] is STALE:  # a slot changed and did not fit in place
-                self._svda_stacked[s] = stack_slice(forms, out2.dtype, out2.device)
+                keep = self._svda_keep[s]
+                self._svda_stacked[s] = stack_slice(forms, out2.dtype, out2.device, keep=keep)
         bias = getattr(self.base_layer, "bias", None)
         layout = getattr(wrapper, "svda_layout", None)
         start = 0

@@ -102,21 +102,41 @@ def shared_tensor(
     return out
 
 
-def used_components(form: LayerForm) -> LayerForm:
+def used_components(form: LayerForm, keep: dict | None = None) -> tuple[LayerForm, tuple]:
     """``form`` with each shared basis cut to the components some slot's ``inner`` uses
-    (``inner[:, i] == 0`` for every slot: component ``i`` adds exact zeros)."""
+    (``inner[:, i] == 0`` for every slot: component ``i`` adds exact zeros) or ``keep`` names
+    (:func:`kept_cuts`: a former cut, so adapters that left keep their components and can come
+    back in place); and per basis ``(A, B, mask)``, the uncut tensors and the cut."""
+    keep = keep or {}
+    bases = []
 
     def cut(term):
         if not isinstance(term, SharedBasisLowRank):
             return term
         used = (term.inner != 0).any(dim=0)
+        kept = keep.get(_basis_key(term.A))
+        if kept is not None and kept.shape == used.shape:
+            used = used | kept
+        bases.append((term.A, term.B, used))
         if bool(used.all()):
             return term
         a = shared_tensor(term.A, term.A.dtype, term.A.device, used, dim=0)
         b = shared_tensor(term.B, term.B.dtype, term.B.device, used, dim=1)
         return replace(term, A=a, B=b, inner=term.inner[:, used])
 
-    return replace(form, terms=tuple(cut(t) for t in form.terms))
+    return replace(form, terms=tuple(cut(t) for t in form.terms)), tuple(bases)
+
+
+def kept_cuts(stacked: StackedSlice | None) -> dict:
+    """The cuts of ``stacked``'s shared bases, for :func:`stack_slice`'s ``keep``."""
+    if stacked is None:
+        return {}
+    return {_basis_key(a): used for a, _, used in stacked.bases}
+
+
+def _basis_key(t: torch.Tensor) -> tuple:
+    """One shared basis: the same memory seen the same way (views made apart compare equal)."""
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device))
 
 
 def stack_slice(
@@ -124,9 +144,11 @@ def stack_slice(
     model_dtype: torch.dtype,
     device: torch.device | str = "cpu",
     dense_limit: int = DENSE_LOW_RANK_MAX,
+    keep: dict | None = None,
 ) -> StackedSlice | None:
     """What a layer on ``device`` applies for ``forms`` (one per LoRA slot); None when no slot
-    has a form. Low-rank terms of at most ``dense_limit`` slots × rank run dense."""
+    has a form. Low-rank terms of at most ``dense_limit`` slots × rank run dense. ``keep``:
+    components to keep in the shared bases' cuts (:func:`kept_cuts` of the former stack)."""
     present = [(i, f) for i, f in enumerate(forms) if f is not None]
     if not present:
         return None
@@ -137,12 +159,8 @@ def stack_slice(
     except AdapterConfigError:  # different layouts on one layer: slot by slot
         per_slot = tuple(None if f is None else cast_form(f, dtype, device) for f in forms)
         return StackedSlice(dtype, needs_w0, per_slot=per_slot)
-    bases = tuple(
-        (t.A, t.B, (t.inner != 0).any(dim=0))
-        for t in stacked.terms
-        if isinstance(t, SharedBasisLowRank)
-    )
-    form = cast_form(with_zero_row(used_components(stacked)), dtype, device)
+    cut, bases = used_components(stacked, keep)
+    form = cast_form(with_zero_row(cut), dtype, device)
     form, dense, places = split_dense_low_rank(form, dense_limit)
     table = torch.full((len(forms) + 1,), len(present), dtype=torch.long)  # [-1]: zero slot
     for row, (i, _) in enumerate(present):

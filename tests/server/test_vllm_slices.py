@@ -217,7 +217,9 @@ def test_a_slot_update_that_does_not_fit_asks_for_a_restack(svd_cache):
     layer = next(iter(svda.layers_of("a0")))
     x = torch.randn(len(SLOTS), layer.shape[1], generator=torch.Generator().manual_seed(2))
     out0 = F.linear(x, layer.weight_out_in())
-    torch.testing.assert_close(_slice_delta(again, x, out0, None), _slice_delta(fresh, x, out0, None))
+    torch.testing.assert_close(
+        _slice_delta(again, x, out0, None), _slice_delta(fresh, x, out0, None)
+    )
 
 
 @pytest.mark.parametrize("method", linear_methods())
