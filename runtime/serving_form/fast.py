@@ -79,9 +79,9 @@ def _low_rank(t: LowRank, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _shared_basis(t: SharedBasisLowRank, x: torch.Tensor) -> torch.Tensor:
-    hidden = F.linear(x, t.A) * _rows(t.inner, x.dim())  # (N, .., r): A once for the batch
-    return _rows(t.outer, x.dim()) * F.linear(hidden, t.B)
+def _shared_basis(t: SharedBasisLowRank, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
+    hidden = linear(x, t.A) * _rows(t.inner, x.dim())  # (N, .., r): A once for the batch
+    return _rows(t.outer, x.dim()) * linear(hidden, t.B)
 
 
 def _rotation_moved(p: OutputRotation, h: torch.Tensor) -> torch.Tensor:
@@ -112,11 +112,13 @@ def form_delta(
     out0: torch.Tensor,
     weight: torch.Tensor | None = None,
     term_input: torch.Tensor | None = None,
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,
 ) -> torch.Tensor:
     """``y − W0 x − b0`` for a form with one slot per row of ``x (N, ..., d_in)`` (or one slot
     for every row), ``out0 = W0 x``; zero slots give exact zeros. ``weight``: W0, needed only by
     input-side primitives; ``term_input``: what the additive terms read (e.g. ``x`` after
-    training dropout; default ``x``)."""
+    training dropout; default ``x``); ``linear``: ``x Wᵀ`` for the shared bases' fixed ``W``
+    (an engine may pass a GEMM with prepacked weights)."""
     parts, h = [], out0
     if form.reads_base_input_changed:
         moved_in = F.linear(_input_change(form, x), weight.to(x.dtype))  # W0 (x̃ − x)
@@ -130,7 +132,10 @@ def form_delta(
         parts.append(_rows(form.output_scale.delta, x.dim()) * h)
     term_x = x if term_input is None else term_input
     for t in form.terms:
-        parts.append(_low_rank(t, term_x) if isinstance(t, LowRank) else _shared_basis(t, term_x))
+        if isinstance(t, LowRank):
+            parts.append(_low_rank(t, term_x))
+        else:
+            parts.append(_shared_basis(t, term_x, linear))
     if form.bias is not None:
         parts.append(_rows(form.bias.delta, x.dim()).expand_as(out0))
     if not parts:

