@@ -28,7 +28,7 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     call after call), through a oneDNN handler made once per weight on CPU."""
     if x.device.type != "cpu" or x.dtype not in PACKED_DTYPES or x.dtype != weight.dtype:
         return F.linear(x, weight)
-    if x.dim() != 2:
+    if x.dim() != 2 or x.numel() == 0 or weight.numel() == 0:  # a basis cut to no component
         return F.linear(x, weight)
     handler = _handler(weight)
     if handler is None:

@@ -258,3 +258,27 @@ def test_a_forms_file_with_an_unknown_primitive_is_refused(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "g.safetensors"))
     with pytest.raises(ValueError, match="holds no svda serving forms"):
         load_forms(tmp_path / "g.safetensors", lambda name: torch.zeros(1))
+
+
+@pytest.mark.parametrize("moved", [True, False])
+def test_bf16_shared_bases_through_the_packed_gemm(moved, svd_cache):
+    """The vLLM layers multiply the shared bases with cpu_gemm.packed_linear (oneDNN when vLLM
+    is installed): the same delta as F.linear in bfloat16, also for a basis cut to no component
+    (SvdA that moved only b)."""
+    from svda.server.engine_vllm.cpu_gemm import packed_linear
+
+    model = _model(["svda", "vera"], svd_cache)
+    if not moved:
+        for layer in model.layers_of("a0"):
+            w = layer.weights_of("a0")
+            w.svda_s.data.copy_(layer.shared_of("a0").sigma[: w.k])
+    generator = torch.Generator().manual_seed(3)
+    for name in ("a0", "a1"):
+        forms = compile_adapter(model, name)
+        for layer in model.layers_of(name):
+            stacked = stack_slice([forms[layer.layer_name]] * 3, torch.bfloat16)
+            x = torch.randn(len(SLOTS), layer.shape[1], generator=generator).bfloat16()
+            out0 = F.linear(x, layer.weight_out_in().bfloat16())
+            want = slice_delta(stacked, x, out0, SLOTS, None, None, F.linear)
+            got = slice_delta(stacked, x, out0, SLOTS, None, None, packed_linear)
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

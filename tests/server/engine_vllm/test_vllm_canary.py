@@ -185,3 +185,5 @@ def test_onednn_gemm_entry_points_and_the_packed_linear():
     if ops._supports_onednn:
         assert cpu_gemm._HANDLERS[id(w16)][1] is not None, "no oneDNN handler was made"
     assert torch.equal(cpu_gemm.packed_linear(x, w), F.linear(x, w))  # float32: F.linear
+    empty = torch.zeros(40, 0, dtype=torch.bfloat16)  # a shared basis cut to no component
+    assert torch.equal(cpu_gemm.packed_linear(x[:, :0].bfloat16(), empty), torch.zeros(16, 40))
