@@ -13,7 +13,9 @@ greedy tokens; wall time from the first submit to the last completion. Per dtype
   server's default ε, VeRA r=64, LoRA r=8, DoRA r=8; one per request, every slot full);
 * the native engine, base and the 16 LoRA adapters (``--no-native`` skips it);
 * hot swap on both engines: time to first token of a request whose SvdA adapter is not resident
-  minus that of the next one (resident), median over ``--swap-repeats`` pairs.
+  minus that of the next one (resident), median over ``--swap-repeats`` pairs. On vLLM twice:
+  with every slot holding an SvdA adapter (the new one is written into its slot in place), and
+  right after the DoRA round (a slot of another method: the layer's slots are stacked again).
 
 Adapters are "trained-looking": every trained tensor moved by Gaussian noise (dense δ).
 Each round runs every adapter kind between two base runs of the same engine; "vs base" is the
@@ -245,7 +247,10 @@ def svda_on_vllm_rows(store: AdapterStore, dtype: str, args, swaps: list) -> lis
         note = f"{ratio:.2f} of its base ({', '.join(f'{x:.2f}' for x in r['ratios'])})"
         out.append((f"svda on vLLM {dtype}, 16 {kind}", statistics.median(r["rates"]), ratio, note))
     ids = [f"svda-{i}" for i in range(n)]
+    mixed = hot_swap_ms(engine, ids, args.swap_repeats)  # slots held the DoRA round's adapters
+    run_engine(engine, requests(n, 2, "svda"))  # every slot holds an SvdA adapter
     swaps.append((f"svda on vLLM {dtype}", *hot_swap_ms(engine, ids, args.swap_repeats)))
+    swaps.append((f"svda on vLLM {dtype}, into slots of DoRA adapters", *mixed))
     engine.stop()
     return out
 
