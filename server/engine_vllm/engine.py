@@ -182,7 +182,14 @@ class VllmEngine:
         return seq, entry
 
     async def _start_task(self, seq: Sequence) -> None:
-        self._tasks[seq.request_id] = asyncio.get_running_loop().create_task(self._run(seq))
+        """Run ``seq`` as a task; a deadline cancels it when it passes (``CANCELLED``, as the
+        native engine drops it), also while it waits for its adapter or for vLLM's next step."""
+        loop = asyncio.get_running_loop()
+        task = self._tasks[seq.request_id] = loop.create_task(self._run(seq))
+        deadline = seq.request.deadline  # a time.monotonic() value
+        if deadline is not None:
+            timer = loop.call_later(max(0.0, deadline - time.monotonic()), task.cancel)
+            task.add_done_callback(lambda _: timer.cancel())
 
     def _wake(self, request_id: str) -> None:
         """Cancel a request's task (from any thread); the row leaves vLLM's batch."""

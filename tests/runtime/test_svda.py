@@ -125,6 +125,25 @@ def test_closed_form_delta_norm_equals_the_plain_one(svd_cache):
         assert abs(weights.delta_norm(shared) - plain) <= 1e-5 * plain
 
 
+@torch.no_grad()
+def test_a_packed_adapters_norm_and_form_come_from_its_slot(svd_cache):
+    """Loading and exporting read a banked SvdA adapter's ‖ΔW‖ and serving form straight from
+    its slot's tensors (no module per layer): both match the plain ΔW of the reference formula."""
+    from svda.runtime.serving_form import form_delta
+
+    model = svda_model(svd_cache)
+    perturb(model, "a", scale=0.1)
+    model.add_packed_adapter("p", model.configs["a"], *packed(model, "a"))
+    for layer in model.layers_of("p"):
+        plain = layer.get_delta_weight("p").double()  # (d1, d2), from a materialized module
+        assert layer.delta_norm_of("p") == pytest.approx(float(torch.linalg.norm(plain)), rel=1e-5)
+        form = layer.serving_form_of("p")
+        eye = torch.eye(form.d_in, dtype=plain.dtype).to(layer.weight_out_in().dtype)
+        out0 = eye @ layer.weight_out_in().T
+        got = form_delta(form, eye, out0).double().T  # column i: ΔW e_i
+        torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-5)
+
+
 def reference_prune(model: AdapterModel, name: str, norms, tolerance: float) -> dict:
     """docs/methods.md pruning layer by layer, the plain way: sort the bounds |δ_i|·max|b|, drop the
     smallest while their squares sum to at most (ε‖ΔW‖)²."""

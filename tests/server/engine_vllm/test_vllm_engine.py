@@ -97,6 +97,23 @@ def test_cancel_ends_the_request_with_cancelled(vllm_engine):
 
 
 @pytest.mark.slow
+def test_a_deadline_ends_the_request_when_it_passes(vllm_engine):
+    """The deadline cancels the request's task when it passes, not at vLLM's next output: one
+    already past gives no token at all, one 50 ms ahead ends a 200-token request early."""
+    import time
+
+    from svda.server.domain import FinishReason
+
+    for ahead, most in ((-1.0, 0), (0.05, 199)):
+        collector = Collector()
+        deadline = time.monotonic() + ahead
+        vllm_engine.submit(request("svda", PROMPTS[0], n=200, deadline=deadline), collector)
+        done = collector.wait(timeout=120)
+        assert done.finish_reason == FinishReason.CANCELLED
+        assert done.completion_tokens <= most
+
+
+@pytest.mark.slow
 def test_unknown_adapter_is_refused_before_queuing(vllm_engine):
     with pytest.raises(LookupError, match="not in the store"):
         vllm_engine.submit(request("no-such", PROMPTS[0]), Collector())
