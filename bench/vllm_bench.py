@@ -10,7 +10,8 @@ greedy tokens; wall time from the first submit to the last completion. Per dtype
   adapters exported as PEFT folders (one adapter per request, every slot full); both run in a
   child process without the svda plugin (``SVDA_VLLM_PLUGIN`` unset);
 * svda on vLLM: base rows, then 16 different adapters per kind (SvdA on q,v pruned at the
-  server's default ε, VeRA r=64, LoRA r=8, DoRA r=8; one per request, every slot full);
+  server's default ε, VeRA r=64, LoRA r=8, DoRA r=8; one per request, every slot full), and
+  16 adapters of the four kinds mixed (four methods in every layer's slots);
 * the native engine, base and the 16 LoRA adapters (``--no-native`` skips it);
 * hot swap on both engines: time to first token of a request whose SvdA adapter is not resident
   minus that of the next one (resident), median over ``--swap-repeats`` pairs. On vLLM twice:
@@ -54,18 +55,28 @@ KINDS = {  # label -> (adapter id prefix, config): serve_bench's adapters, and D
     "DoRA r=8": ("dora", lambda: DoraConfig(targets=TARGETS, r=8)),
 }
 PREFIX = {kind: prefix for kind, (prefix, _) in KINDS.items()}
+MIXED = "mixed"  # request i takes adapter i of kind i mod 4: four methods in every layer's slots
 
 
 def requests(n: int, tokens: int, prefix: str | None) -> list[GenerationRequest]:
     params = SamplingParams(max_new_tokens=tokens, temperature=0.0)
     return [
         GenerationRequest(
-            adapter_id=f"{prefix}-{i}" if prefix else None,
+            adapter_id=adapter_of(prefix, i),
             messages=(ChatMessage("user", QUESTIONS[i % len(QUESTIONS)]),),
             params=params,
         )
         for i in range(n)
     ]
+
+
+def adapter_of(prefix: str | None, i: int) -> str | None:
+    """Request ``i``'s adapter id: None (base), ``<prefix>-i``, or for :data:`MIXED` adapter
+    ``i`` of kind ``i mod 4``."""
+    if prefix == MIXED:
+        kinds = list(PREFIX.values())
+        prefix = kinds[i % len(kinds)]
+    return f"{prefix}-{i}" if prefix else None
 
 
 def run_engine(engine, reqs: list[GenerationRequest]) -> float:
@@ -239,9 +250,9 @@ def svda_on_vllm_rows(store: AdapterStore, dtype: str, args, swaps: list) -> lis
     prefixes = list(PREFIX.values())
     for prefix in prefixes:
         run_engine(engine, requests(n, 2, prefix))  # every adapter exported and loaded
-    result = rounds_vs_base(engine, n, t, prefixes, args.rounds)
+    result = rounds_vs_base(engine, n, t, [*prefixes, MIXED], args.rounds)
     out = [(f"svda on vLLM {dtype}, base", statistics.median(result["base"]["rates"]), None, "")]
-    for kind, prefix in PREFIX.items():
+    for kind, prefix in [*PREFIX.items(), ("mixed (4 each of the above)", MIXED)]:
         r = result[prefix]
         ratio = statistics.median(r["ratios"])
         note = f"{ratio:.2f} of its base ({', '.join(f'{x:.2f}' for x in r['ratios'])})"

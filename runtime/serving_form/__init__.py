@@ -17,7 +17,7 @@ torch implementation (zero slot appended by :func:`with_zero_row`, rows gathered
 whole blocks and stay on the native engine. docs/methods.md, "Serving form".
 """
 
-from .compile import compile_adapter, compile_layer, stack_forms
+from .compile import can_stack, compile_adapter, compile_layer, stack_forms
 from .fast import form_delta, gather_slots, gathered_forward, with_zero_row
 from .primitives import (
     BiasDelta,
@@ -43,6 +43,7 @@ __all__ = [
     "SharedBasisLowRank",
     "Term",
     "apply_slot",
+    "can_stack",
     "compile_adapter",
     "compile_layer",
     "form_delta",

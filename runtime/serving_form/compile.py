@@ -69,6 +69,22 @@ def stack_forms(forms: Sequence[LayerForm]) -> LayerForm:
     return LayerForm(first.d_in, first.d_out, n, **fields)
 
 
+def can_stack(a: LayerForm, b: LayerForm) -> bool:
+    """Whether :func:`stack_forms` takes ``a`` and ``b`` together: the same primitives and
+    shapes, and the same shared tensors (checked by identity first)."""
+    if a.kinds() != b.kinds() or (a.d_in, a.d_out) != (b.d_in, b.d_out):
+        return False
+    for p, q in zip(a.primitives(), b.primitives(), strict=True):
+        if isinstance(p, LowRank):
+            continue  # ranks are padded
+        for f in dataclasses.fields(p):
+            x, y = getattr(p, f.name), getattr(q, f.name)
+            shared = f.name in SHARED_FIELDS or not isinstance(x, torch.Tensor)
+            if shared and not _same(x, y):
+                return False
+    return True
+
+
 def _stack_primitive(parts: Sequence[Any]) -> Any:
     first = parts[0]
     if isinstance(first, LowRank):

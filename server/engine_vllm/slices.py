@@ -5,7 +5,8 @@ layer's LoRA slots (``None``: no svda form there) into what :mod:`.layers` appli
 
 * one stacked form with a zero slot appended and a slot -> row table (``-1`` and slots without
   a form -> the zero slot), when every present form has one layout (the usual case);
-* else the per-slot list, applied slot by slot (different methods on one layer).
+* else one such stack per layout (different methods, or bases, on one layer: each maps the
+  other layouts' slots to its zero slot, and :func:`stacked_delta` adds their deltas).
 
 It is cast to the model's dtype, except forms with a rotation (BOFT, uRNN, the hybrid), which
 stay float32 (Cayley/unitary products lose too much in bfloat16). Shared bases are cut to the
@@ -16,14 +17,15 @@ component no slot uses adds exact zeros.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
 
-from svda.runtime.errors import AdapterConfigError
 from svda.runtime.serving_form import (
     LayerForm,
+    can_stack,
     form_delta,
     gather_slots,
     stack_forms,
@@ -42,14 +44,15 @@ _MEMO_LOCK = threading.Lock()
 @dataclass(frozen=True)
 class StackedSlice:
     """``form`` (stacked, zero slot last) with ``table`` (slot -> row, ``table[-1]`` the zero
-    slot), or ``per_slot`` (one form or None per slot); ``dtype``: what the delta is computed in;
+    slot), or ``groups`` (slots of several layouts: one such stack per layout, each mapping the
+    other layouts' slots to its zero slot); ``dtype``: what the delta is computed in;
     ``needs_w0``: some form changes the base product's input (IA³ on inputs, BOFT, hybrid)."""
 
     dtype: torch.dtype
     needs_w0: bool
     form: LayerForm | None = None
     table: torch.Tensor | None = None
-    per_slot: tuple[LayerForm | None, ...] = ()
+    groups: tuple[StackedSlice, ...] = ()
     dense: tuple[tuple[torch.Tensor, torch.Tensor, int], ...] = ()  # (A_cat, B_cat, r) per term
     cache: dict = field(default_factory=dict, compare=False)  # per batch layout: gathered rows
     kinds: tuple[str, ...] = ()  # the stacked forms' primitives, in order
@@ -131,7 +134,8 @@ def kept_cuts(stacked: StackedSlice | None) -> dict:
     """The cuts of ``stacked``'s shared bases, for :func:`stack_slice`'s ``keep``."""
     if stacked is None:
         return {}
-    return {_basis_key(a): used for a, _, used in stacked.bases}
+    layouts = stacked.groups or (stacked,)
+    return {_basis_key(a): used for part in layouts for a, _, used in part.bases}
 
 
 def _basis_key(t: torch.Tensor) -> tuple:
@@ -152,13 +156,39 @@ def stack_slice(
     present = [(i, f) for i, f in enumerate(forms) if f is not None]
     if not present:
         return None
+    groups = _layout_groups(present)
+    if len(groups) > 1:  # several methods (or bases) on one layer: one stack per layout
+        parts = tuple(
+            _stack_layout([f if i in g else None for i, f in enumerate(forms)], model_dtype,
+                          device, dense_limit, keep)
+            for g in groups
+        )  # fmt: skip
+        needs_w0 = any(p.needs_w0 for p in parts)
+        return StackedSlice(parts[0].dtype, needs_w0, groups=parts)
+    return _stack_layout(forms, model_dtype, device, dense_limit, keep)
+
+
+def _layout_groups(present: list[tuple[int, LayerForm]]) -> list[set[int]]:
+    """Slots whose forms stack together (:func:`can_stack`), in order of first appearance."""
+    firsts: list[LayerForm] = []
+    groups: list[set[int]] = []
+    for i, form in present:
+        for first, group in zip(firsts, groups, strict=True):
+            if can_stack(first, form):
+                group.add(i)
+                break
+        else:
+            firsts.append(form)
+            groups.append({i})
+    return groups
+
+
+def _stack_layout(forms, model_dtype, device, dense_limit, keep) -> StackedSlice:
+    """:func:`stack_slice` for slots of one layout (the others ``None``)."""
+    present = [(i, f) for i, f in enumerate(forms) if f is not None]
     dtype = compute_dtype([f for _, f in present], model_dtype)
     needs_w0 = any(f.reads_base_input_changed for _, f in present)
-    try:
-        stacked = stack_forms([f for _, f in present])
-    except AdapterConfigError:  # different layouts on one layer: slot by slot
-        per_slot = tuple(None if f is None else cast_form(f, dtype, device) for f in forms)
-        return StackedSlice(dtype, needs_w0, per_slot=per_slot)
+    stacked = stack_forms([f for _, f in present])
     cut, bases = used_components(stacked, keep)
     form = cast_form(with_zero_row(cut), dtype, device)
     form, dense, places = split_dense_low_rank(form, dense_limit)
@@ -242,12 +272,23 @@ def _low_rank_terms(stacked: StackedSlice, cache: dict, x: torch.Tensor):
         yield F.linear(F.linear(x, a_cat) * cache["masks"][r], b_cat)
 
 
-def per_slot_delta(stacked: StackedSlice, x, out0, slots, weight=None, linear=F.linear):
-    """The same for a slice whose slots have different layouts: slot by slot."""
-    delta = torch.zeros_like(out0)
-    for k in torch.unique(slots).tolist():
-        if k >= 0 and stacked.per_slot[k] is not None:
-            rows = slots == k
-            one = stacked.per_slot[k]
-            delta[rows] = form_delta(one, x[rows], out0[rows], weight, linear=linear)
-    return delta
+def stacked_delta(
+    stacked: StackedSlice,
+    x: torch.Tensor,
+    out0: torch.Tensor,
+    slots: torch.Tensor,
+    weight_for: Callable[[torch.dtype], torch.Tensor] | None = None,
+    layout: object = None,
+    linear=F.linear,
+) -> torch.Tensor:
+    """``y − W0x − b0`` of a stacked slice in ``out0``'s dtype, each layout group computed in
+    its own dtype (:func:`slice_delta`). ``weight_for(dtype)``: W0 in that dtype, for groups
+    whose forms change the base product's input."""
+    total = None
+    for part in stacked.groups or (stacked,):
+        dtype = part.dtype
+        weight = weight_for(dtype) if part.needs_w0 else None
+        delta = slice_delta(part, x.to(dtype), out0.to(dtype), slots, weight, layout, linear)
+        delta = delta.to(out0.dtype)
+        total = delta if total is None else total + delta
+    return total

@@ -28,6 +28,11 @@ SIDES = ("input_scale", "input_rotation", "output_rotation", "output_scale", "bi
 def update_slot(stacked: StackedSlice | None, slot: int, form: LayerForm | None) -> bool:
     """Write ``form`` (one slot) as slot ``slot`` of ``stacked`` in place; False when it does
     not fit (restack instead): no stacked form, an empty slot, another layout."""
+    if stacked is not None and stacked.groups:  # several layouts: the slot's own group
+        for group in stacked.groups:
+            if int(group.table[slot]) != group.form.n_slots - 1:
+                return update_slot(group, slot, form)
+        return False
     if stacked is None or stacked.form is None or form is None:
         return False
     row = int(stacked.table[slot])

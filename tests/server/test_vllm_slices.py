@@ -17,9 +17,9 @@ from svda.server.engine_vllm import slices
 from svda.server.engine_vllm.forms import SHARED_DIR, read_forms, write_vllm_adapter
 from svda.server.engine_vllm.slices import (
     kept_cuts,
-    per_slot_delta,
     slice_delta,
     stack_slice,
+    stacked_delta,
     used_components,
 )
 from tests.runtime.helpers import METHOD_CONFIGS, perturb, tiny_llama
@@ -43,11 +43,11 @@ def _model(methods: list[str], svd_cache, seed: int = 1) -> AdapterModel:
 
 def _slice_delta(stacked, x, out0, weight, layout=None):
     """What the vLLM layer computes for one slice (``layers._slice_delta``)."""
-    x, out0 = x.to(stacked.dtype), out0.to(stacked.dtype)
-    w = None if weight is None else weight.to(stacked.dtype)
-    if stacked.form is not None:
-        return slice_delta(stacked, x, out0, SLOTS, w, layout)
-    return per_slot_delta(stacked, x, out0, SLOTS, w)
+
+    def weight_for(dtype):
+        return None if weight is None else weight.to(dtype)
+
+    return stacked_delta(stacked, x, out0, SLOTS, weight_for, layout)
 
 
 def _check_layers(model: AdapterModel, names: list[str | None], dense_limit: int = 1024):
@@ -91,9 +91,41 @@ def test_stacked_slice_equals_the_reference_per_row(
     )
 
 
-def test_slots_of_different_methods_go_slot_by_slot(svd_cache):
-    model = _model(["lora", "svda"], svd_cache)
-    assert _check_layers(model, ["a0", None, "a1"]).form is None
+@pytest.mark.parametrize("pair", [("lora", "svda"), ("svda", "boft"), ("vera", "dora")])
+def test_slots_of_different_methods_stack_one_group_per_layout(pair, svd_cache):
+    model = _model(list(pair), svd_cache)
+    stacked = _check_layers(model, ["a0", None, "a1"])
+    assert stacked.form is None and len(stacked.groups) == 2
+    assert [g.table.tolist() for g in stacked.groups] == [[0, 1, 1, 1], [1, 1, 0, 1]]
+
+
+def test_groups_in_bf16_keep_each_layouts_dtype_and_update_in_place(svd_cache):
+    """LoRA (bf16) beside BOFT (float32: a rotation) on one layer; a new LoRA adapter in the
+    LoRA slot is written in place, one of another method asks for a restack."""
+    from svda.server.engine_vllm.slot_update import update_slot
+
+    model = _model(["lora", "boft", "lora", "svda"], svd_cache)
+    forms = {n: compile_adapter(model, n) for n in ("a0", "a1", "a2", "a3")}
+    generator = torch.Generator().manual_seed(4)
+    for layer in model.layers_of("a0"):
+        name, w0 = layer.layer_name, layer.weight_out_in()
+        if name not in forms["a1"]:
+            continue
+        stacked = stack_slice([forms["a0"][name], None, forms["a1"][name]], torch.bfloat16)
+        assert [g.dtype for g in stacked.groups] == [torch.bfloat16, torch.float32]
+        assert update_slot(stacked, 0, forms["a2"][name])
+        assert not update_slot(stacked, 2, forms["a3"][name])  # SvdA into the BOFT slot
+        x = torch.randn(len(SLOTS), layer.shape[1], generator=generator)
+        out0 = F.linear(x, w0)
+        got = out0 + _slice_delta(stacked, x.bfloat16(), out0.bfloat16(), w0).float()
+        for row, k in enumerate(SLOTS.tolist()):
+            form = {0: forms["a2"][name], 2: forms["a1"][name]}.get(k)
+            want = (
+                out0[row]
+                if form is None
+                else reference_forward(form, x[row : row + 1], torch.tensor([0]), w0)[0]
+            )
+            torch.testing.assert_close(got[row], want, rtol=3e-2, atol=3e-2)
 
 
 def test_unused_svda_components_are_cut_exactly(svd_cache):
