@@ -79,7 +79,8 @@ def _low_rank(t: LowRank, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _shared_basis(t: SharedBasisLowRank, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
+def _shared_basis(t: SharedBasisLowRank, x: torch.Tensor, linear=None) -> torch.Tensor:
+    linear = F.linear if linear is None else linear
     hidden = linear(x, t.A) * _rows(t.inner, x.dim())  # (N, .., r): A once for the batch
     return _rows(t.outer, x.dim()) * linear(hidden, t.B)
 
@@ -112,13 +113,13 @@ def form_delta(
     out0: torch.Tensor,
     weight: torch.Tensor | None = None,
     term_input: torch.Tensor | None = None,
-    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``y − W0 x − b0`` for a form with one slot per row of ``x (N, ..., d_in)`` (or one slot
     for every row), ``out0 = W0 x``; zero slots give exact zeros. ``weight``: W0, needed only by
     input-side primitives; ``term_input``: what the additive terms read (e.g. ``x`` after
     training dropout; default ``x``); ``linear``: ``x Wᵀ`` for the shared bases' fixed ``W``
-    (an engine may pass a GEMM with prepacked weights)."""
+    (an engine may pass a GEMM with prepacked weights; default ``F.linear``)."""
     parts, h = [], out0
     if form.reads_base_input_changed:
         moved_in = F.linear(_input_change(form, x), weight.to(x.dtype))  # W0 (x̃ − x)

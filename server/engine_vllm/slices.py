@@ -226,7 +226,7 @@ def slice_delta(
     slots: torch.Tensor,
     weight: torch.Tensor | None = None,
     layout: object = None,
-    linear=F.linear,
+    linear=None,
 ) -> torch.Tensor:
     """``y − W0x − b0`` of one stacked slice for tokens ``x (N, d_in)`` at ``slots (N,)`` (-1:
     the base), ``out0 = W0x``, all in ``stacked.dtype``. ``layout``: a value that changes
@@ -279,7 +279,7 @@ def stacked_delta(
     slots: torch.Tensor,
     weight_for: Callable[[torch.dtype], torch.Tensor] | None = None,
     layout: object = None,
-    linear=F.linear,
+    linear=None,
 ) -> torch.Tensor:
     """``y − W0x − b0`` of a stacked slice in ``out0``'s dtype, each layout group computed in
     its own dtype (:func:`slice_delta`). ``weight_for(dtype)``: W0 in that dtype, for groups
