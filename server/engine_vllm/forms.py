@@ -133,19 +133,22 @@ def _write_zero_lora(folder: Path, hf_config: Any) -> None:
 
 
 def _zero_lora_id(hf_config: Any) -> str:
+    return "-".join(map(str, _o_proj_shape(hf_config)))
+
+
+def _o_proj_shape(hf_config: Any) -> tuple[int, int]:
+    """(d_out, d_in) of the attention output projection: (hidden, heads · head_dim)."""
     hidden, heads = hf_config.hidden_size, hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
-    return f"{hidden}-{heads * head_dim}"
+    return hidden, heads * head_dim
 
 
 def _zero_lora_files(folder: Path, hf_config: Any) -> None:
-    hidden = hf_config.hidden_size
-    heads = hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
+    hidden, width = _o_proj_shape(hf_config)
     key = "base_model.model.model.layers.0.self_attn.o_proj"
     save_file(
         {
-            f"{key}.lora_A.weight": torch.zeros(DUMMY_RANK, heads * head_dim),
+            f"{key}.lora_A.weight": torch.zeros(DUMMY_RANK, width),
             f"{key}.lora_B.weight": torch.zeros(hidden, DUMMY_RANK),
         },
         str(folder / "adapter_model.safetensors"),
