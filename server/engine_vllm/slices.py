@@ -238,8 +238,11 @@ def slice_delta(
         cache.clear()
         cache.update(_gather_layout(stacked, stacked.table[slots]))  # -1 -> the zero slot
         cache["layout"] = (layout, len(slots))
-    form = cache["form"]
-    delta = None if form is None else form_delta(form, x, out0, weight, linear=linear)
+    form, scale = cache["form"], cache["scale"]
+    if scale is not None:  # only an output scale besides the dense terms (DoRA): no dispatch
+        delta = scale * out0
+    else:
+        delta = None if form is None else form_delta(form, x, out0, weight, linear=linear)
     for term in _low_rank_terms(stacked, cache, x):
         delta = term if delta is None else delta + term
     return torch.zeros_like(out0) if delta is None else delta
@@ -249,15 +252,17 @@ def _gather_layout(stacked: StackedSlice, rows: torch.Tensor) -> dict:
     """What one batch layout needs: the per-row form, and for the dense low-rank terms either
     each token's factors (few tokens: decode) or one-hot slot masks (many: prefill)."""
     form = gather_slots(stacked.form, rows) if stacked.form.primitives() else None
+    only_scale = form is not None and form.output_scale is not None and len(form.primitives()) == 1
+    out = {"form": form, "scale": form.output_scale.delta if only_scale else None}
     if len(rows) <= GATHER_MAX_TOKENS:
         per_token = []
         for a_cat, b_cat, r in stacked.dense:
             a = a_cat.view(-1, r, a_cat.shape[1])[rows].transpose(1, 2)  # (N, d_in, r)
             b = b_cat.view(b_cat.shape[0], -1, r).permute(1, 2, 0)[rows]  # (N, r, d_out)
             per_token.append((a.float().contiguous(), b.float().contiguous()))
-        return {"form": form, "per_token": per_token}
+        return out | {"per_token": per_token}
     onehot = F.one_hot(rows, stacked.form.n_slots).to(stacked.dtype)  # (N, n + 1)
-    return {"form": form, "masks": {r: onehot.repeat_interleave(r, 1) for *_, r in stacked.dense}}
+    return out | {"masks": {r: onehot.repeat_interleave(r, 1) for *_, r in stacked.dense}}
 
 
 def _low_rank_terms(stacked: StackedSlice, cache: dict, x: torch.Tensor):
