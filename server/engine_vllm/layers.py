@@ -63,8 +63,8 @@ class SvdaSlotsMixin:
         for s, name in enumerate(self.svda_names):
             form = None if forms is None else forms.get(name)
             self.svda_forms[s][index] = form
-            if stacked is None or stacked[s] is STALE:
-                continue  # stacked at the next forward anyway
+            if stacked is None or stacked[s] is STALE or (stacked[s] is None and form is None):
+                continue  # stacked at the next forward anyway, or nothing to stack
             if not update_slot(stacked[s], index, form):
                 self._svda_keep[s] = kept_cuts(stacked[s])  # cuts only grow: later swaps fit
                 stacked[s] = STALE  # restacked at the next forward

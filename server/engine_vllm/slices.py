@@ -3,8 +3,9 @@
 Pure torch (no vLLM), so it is tested without vLLM. :func:`stack_slice` turns the forms in a
 layer's LoRA slots (``None``: no svda form there) into what :mod:`.layers` applies per token:
 
-* one stacked form with a zero slot appended and a slot -> row table (``-1`` and slots without
-  a form -> the zero slot), when every present form has one layout (the usual case);
+* one stacked form with a row per slot and a zero row appended, and a slot -> row table
+  (``-1`` and slots without a form -> the zero row), when every present form has one layout
+  (the usual case): an adapter entering any slot is then written into its row in place;
 * else one such stack per layout (different methods, or bases, on one layer: each maps the
   other layouts' slots to its zero slot, and :func:`stacked_delta` adds their deltas).
 
@@ -190,11 +191,17 @@ def _stack_layout(forms, model_dtype, device, dense_limit, keep) -> StackedSlice
     needs_w0 = any(f.reads_base_input_changed for _, f in present)
     stacked = stack_forms([f for _, f in present])
     cut, bases = used_components(stacked, keep)
-    form = cast_form(with_zero_row(cut), dtype, device)
-    form, dense, places = split_dense_low_rank(form, dense_limit)
-    table = torch.full((len(forms) + 1,), len(present), dtype=torch.long)  # [-1]: zero slot
+    # one row per slot (row i: slot i; a slot without a form of this layout holds the zero
+    # row's values), the zero row last: any slot can later take an adapter in place
+    n = len(forms)
+    position = torch.full((n + 1,), len(present), dtype=torch.long)
     for row, (i, _) in enumerate(present):
-        table[i] = row
+        position[i] = row
+    form = cast_form(gather_slots(with_zero_row(cut), position), dtype, device)
+    form, dense, places = split_dense_low_rank(form, dense_limit)
+    table = torch.full((n + 1,), n, dtype=torch.long)  # slot -> row; absent and -1: zero row
+    for i, _ in present:
+        table[i] = i
     return StackedSlice(
         dtype, needs_w0, form=form, table=table.to(device), dense=dense,
         kinds=tuple(stacked.kinds()), places=places, bases=bases,

@@ -1,11 +1,12 @@
 """Writing one slot's form into a stacked slice in place (a hot swap without restacking).
 
-When vLLM puts an adapter into a slot that already held one, :func:`update_slot` writes the new
-adapter's per-slot rows into the slice stacked by :func:`.slices.stack_slice` (its row of every
-per-slot table, its ``r`` rows of each concatenated low-rank factor), if the new form fits the
-stacked layout: the same primitives and shapes, the same shared tensors, a low-rank term of at
-most the stacked rank, and (shared bases cut to the used components) no component outside that
-cut. Otherwise it answers False and the layer restacks that slice. Shared tensors are never
+When vLLM puts an adapter into a slot, :func:`update_slot` writes the new adapter's per-slot
+rows into the slice stacked by :func:`.slices.stack_slice` (a stack has a row per slot: its row
+of every per-slot table, its ``r`` rows of each concatenated low-rank factor), if the new form
+fits one stacked layout: the same primitives and shapes, the same shared tensors, a low-rank
+term of at most the stacked rank, and (shared bases cut to the used components) no component
+outside that cut. A slot that changes layout group leaves its old group by pointing at that
+group's zero row. Otherwise it answers False and the layer restacks that slice. Shared tensors are never
 written. Tested equal to a fresh stack (``tests/server/test_vllm_slices.py``).
 """
 
@@ -26,26 +27,42 @@ SIDES = ("input_scale", "input_rotation", "output_rotation", "output_scale", "bi
 
 
 def update_slot(stacked: StackedSlice | None, slot: int, form: LayerForm | None) -> bool:
-    """Write ``form`` (one slot) as slot ``slot`` of ``stacked`` in place; False when it does
-    not fit (restack instead): no stacked form, an empty slot, another layout."""
-    if stacked is not None and stacked.groups:  # several layouts: the slot's own group
-        for group in stacked.groups:
-            if int(group.table[slot]) != group.form.n_slots - 1:
-                return update_slot(group, slot, form)
+    """Write ``form`` (one slot; None: the slot holds no svda form now) as slot ``slot`` of
+    ``stacked`` in place; False when it does not fit (restack instead): nothing stacked, or a
+    layout none of the stacked groups has."""
+    if stacked is None:
         return False
-    if stacked is None or stacked.form is None or form is None:
+    groups = stacked.groups or (stacked,)
+    mine = [g for g in groups if int(g.table[slot]) != _zero_row(g)]  # the slot's group, if any
+    target = None
+    if form is not None:
+        target = next((g for g in mine + list(groups) if _write(g, slot, form)), None)
+        if target is None:
+            return False
+    for group in mine:
+        if group is not target:  # the slot left this layout: its tokens read the zero row
+            group.table[slot] = _zero_row(group)
+            group.cache.clear()
+    return True
+
+
+def _zero_row(stacked: StackedSlice) -> int:
+    return stacked.form.n_slots - 1
+
+
+def _write(stacked: StackedSlice, slot: int, form: LayerForm) -> bool:
+    """``form`` into row ``slot`` of one layout's stack, if it has that layout."""
+    if stacked.form is None or tuple(form.kinds()) != stacked.kinds:
         return False
-    row = int(stacked.table[slot])
-    if row == stacked.form.n_slots - 1 or tuple(form.kinds()) != stacked.kinds:
-        return False  # the zero row (the slot held nothing), or another layout
     if (form.d_in, form.d_out) != (stacked.form.d_in, stacked.form.d_out):
         return False
-    writes = _side_writes(stacked, form, row)
-    terms = _term_writes(stacked, form, row)
+    writes = _side_writes(stacked, form, slot)
+    terms = _term_writes(stacked, form, slot)
     if writes is None or terms is None:
         return False
     for target, index, value in writes + terms:
         target[index] = value.to(target.dtype)
+    stacked.table[slot] = slot
     stacked.cache.clear()  # gathered rows of the old adapter
     return True
 

@@ -82,7 +82,7 @@ def test_stacked_slice_equals_the_reference_per_row(
     monkeypatch.setattr(slices, "GATHER_MAX_TOKENS", 64 if few_tokens else 0)
     model = _model([method, method], svd_cache)
     stacked = _check_layers(model, ["a0", None, "a1"], dense_limit)
-    assert stacked.form is not None and stacked.table.tolist() == [0, 2, 1, 2]
+    assert stacked.form is not None and stacked.table.tolist() == [0, 3, 2, 3]  # row per slot
     layer = list(compile_adapter(model, "a0").values())[-1]
     low_rank = sum(isinstance(t, LowRank) for t in layer.terms)
     assert len(stacked.dense) == (low_rank if dense_limit else 0)
@@ -96,7 +96,7 @@ def test_slots_of_different_methods_stack_one_group_per_layout(pair, svd_cache):
     model = _model(list(pair), svd_cache)
     stacked = _check_layers(model, ["a0", None, "a1"])
     assert stacked.form is None and len(stacked.groups) == 2
-    assert [g.table.tolist() for g in stacked.groups] == [[0, 1, 1, 1], [1, 1, 0, 1]]
+    assert [g.table.tolist() for g in stacked.groups] == [[0, 3, 3, 3], [3, 3, 2, 3]]
 
 
 def test_groups_in_bf16_keep_each_layouts_dtype_and_update_in_place(svd_cache):
@@ -114,18 +114,24 @@ def test_groups_in_bf16_keep_each_layouts_dtype_and_update_in_place(svd_cache):
         stacked = stack_slice([forms["a0"][name], None, forms["a1"][name]], torch.bfloat16)
         assert [g.dtype for g in stacked.groups] == [torch.bfloat16, torch.float32]
         assert update_slot(stacked, 0, forms["a2"][name])
-        assert not update_slot(stacked, 2, forms["a3"][name])  # SvdA into the BOFT slot
+        assert not update_slot(stacked, 2, forms["a3"][name])  # SvdA: no such group
         x = torch.randn(len(SLOTS), layer.shape[1], generator=generator)
         out0 = F.linear(x, w0)
-        got = out0 + _slice_delta(stacked, x.bfloat16(), out0.bfloat16(), w0).float()
-        for row, k in enumerate(SLOTS.tolist()):
-            form = {0: forms["a2"][name], 2: forms["a1"][name]}.get(k)
-            want = (
-                out0[row]
-                if form is None
-                else reference_forward(form, x[row : row + 1], torch.tensor([0]), w0)[0]
-            )
-            torch.testing.assert_close(got[row], want, rtol=3e-2, atol=3e-2)
+        _check_rows(stacked, x, out0, w0, {0: forms["a2"][name], 2: forms["a1"][name]})
+        assert update_slot(stacked, 2, forms["a0"][name])  # LoRA into the BOFT slot: moves
+        assert stacked.groups[1].table.tolist() == [3, 3, 3, 3]
+        _check_rows(stacked, x, out0, w0, {0: forms["a2"][name], 2: forms["a0"][name]})
+
+
+def _check_rows(stacked, x, out0, w0, held: dict):
+    """bf16 slice rows against the reference of the form each slot holds (``held``)."""
+    got = out0 + _slice_delta(stacked, x.bfloat16(), out0.bfloat16(), w0).float()
+    for row, k in enumerate(SLOTS.tolist()):
+        form = held.get(k)
+        want = out0[row]
+        if form is not None:
+            want = reference_forward(form, x[row : row + 1], torch.tensor([0]), w0)[0]
+        torch.testing.assert_close(got[row], want, rtol=3e-2, atol=3e-2)
 
 
 def test_unused_svda_components_are_cut_exactly(svd_cache):
@@ -205,8 +211,9 @@ def test_a_new_adapter_in_a_held_slot_is_written_in_place(method, svd_cache):
         name, w0 = layer.layer_name, layer.weight_out_in()
         stacked = stack_slice([forms["a0"][name], None, forms["a1"][name]], torch.float32)
         assert update_slot(stacked, 2, forms["a2"][name])
-        assert not update_slot(stacked, 1, forms["a2"][name])  # slot 1 held nothing: restack
-        fresh = stack_slice([forms["a0"][name], None, forms["a2"][name]], torch.float32)
+        assert update_slot(stacked, 1, forms["a1"][name])  # a slot that held nothing
+        assert update_slot(stacked, 0, None)  # a slot emptied (a plain PEFT adapter there)
+        fresh = stack_slice([None, forms["a1"][name], forms["a2"][name]], torch.float32)
         x = torch.randn(len(SLOTS), layer.shape[1], generator=generator)
         out0 = F.linear(x, w0)
         torch.testing.assert_close(
@@ -228,7 +235,8 @@ def test_a_slot_update_that_does_not_fit_asks_for_a_restack(svd_cache):
     stacked = stack_slice([forms["a0"][name], forms["a1"][name]], torch.float32)
     assert not update_slot(stacked, 1, forms["a2"][name])  # another method
     assert not update_slot(stacked, 1, forms["wide"][name])  # a larger rank
-    assert not update_slot(stacked, 1, None) and not update_slot(None, 0, forms["a1"][name])
+    assert not update_slot(None, 0, forms["a1"][name])  # nothing stacked yet
+    assert update_slot(stacked, 1, None) and stacked.table.tolist() == [0, 2, 2]  # emptied
     svda = _model(["svda", "svda"], svd_cache)
     for n, keep in (("a0", [0, 1]), ("a1", [2])):  # a1 moves a component a0's cut dropped
         for layer in svda.layers_of(n):
