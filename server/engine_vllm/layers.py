@@ -108,7 +108,9 @@ class SvdaSlotsMixin:
             if stacked is not None:
                 part = out2[:, start : start + size]  # a view: the delta is added in place
                 out0 = part if bias is None else part - bias[start : start + size]
-                part += self._slice_delta(stacked, x2, out0, slots, start, size, layout)
+                delta = self._slice_delta(stacked, x2, out0, slots, start, size, layout)
+                if delta is not None:  # None: no token of the batch has a slot here
+                    part += delta
             start += size
         return out2.reshape(output.shape)  # out2 is a view of output unless reshape copied
 

@@ -240,11 +240,9 @@ def slice_delta(
     whenever the batch's slots may change (the plugin's mapping version): the gathered rows
     and masks are kept until then (None: gathered every call). ``linear``: products with the
     shared bases (:func:`svda.runtime.serving_form.form_delta`)."""
-    cache = stacked.cache
-    if layout is None or cache.get("layout") != (layout, len(slots)):
-        cache.clear()
-        cache.update(_gather_layout(stacked, stacked.table[slots]))  # -1 -> the zero slot
-        cache["layout"] = (layout, len(slots))
+    cache = layout_cache(stacked, slots, layout)
+    if cache["idle"]:
+        return torch.zeros_like(out0)
     form, scale = cache["form"], cache["scale"]
     if scale is not None:  # only an output scale besides the dense terms (DoRA): no dispatch
         delta = scale * out0
@@ -253,6 +251,20 @@ def slice_delta(
     for term in _low_rank_terms(stacked, cache, x):
         delta = term if delta is None else delta + term
     return torch.zeros_like(out0) if delta is None else delta
+
+
+def layout_cache(stacked: StackedSlice, slots: torch.Tensor, layout: object) -> dict:
+    """What :func:`slice_delta` keeps per batch layout: ``idle`` when no token's slot has a row
+    in this stack (one host check per layout: such a stack is skipped), else the gathered rows
+    (:func:`_gather_layout`)."""
+    cache = stacked.cache
+    if layout is None or cache.get("layout") != (layout, len(slots)):
+        cache.clear()
+        rows = stacked.table[slots]  # -1 -> the zero row
+        idle = bool((rows == stacked.form.n_slots - 1).all())
+        cache.update({"idle": True} if idle else {"idle": False, **_gather_layout(stacked, rows)})
+        cache["layout"] = (layout, len(slots))
+    return cache
 
 
 def _gather_layout(stacked: StackedSlice, rows: torch.Tensor) -> dict:
@@ -292,12 +304,15 @@ def stacked_delta(
     weight_for: Callable[[torch.dtype], torch.Tensor] | None = None,
     layout: object = None,
     linear=None,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """``y − W0x − b0`` of a stacked slice in ``out0``'s dtype, each layout group computed in
     its own dtype (:func:`slice_delta`). ``weight_for(dtype)``: W0 in that dtype, for groups
-    whose forms change the base product's input."""
+    whose forms change the base product's input. None when no token of the batch has a slot
+    in any of its stacks (nothing to add)."""
     total = None
     for part in stacked.groups or (stacked,):
+        if layout_cache(part, slots, layout)["idle"]:
+            continue  # e.g. a group whose slots all moved to another layout
         dtype = part.dtype
         weight = weight_for(dtype) if part.needs_w0 else None
         delta = slice_delta(part, x.to(dtype), out0.to(dtype), slots, weight, layout, linear)

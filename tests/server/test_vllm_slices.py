@@ -47,7 +47,8 @@ def _slice_delta(stacked, x, out0, weight, layout=None):
     def weight_for(dtype):
         return None if weight is None else weight.to(dtype)
 
-    return stacked_delta(stacked, x, out0, SLOTS, weight_for, layout)
+    delta = stacked_delta(stacked, x, out0, SLOTS, weight_for, layout)
+    return torch.zeros_like(out0) if delta is None else delta
 
 
 def _check_layers(model: AdapterModel, names: list[str | None], dense_limit: int = 1024):
@@ -121,6 +122,33 @@ def test_groups_in_bf16_keep_each_layouts_dtype_and_update_in_place(svd_cache):
         assert update_slot(stacked, 2, forms["a0"][name])  # LoRA into the BOFT slot: moves
         assert stacked.groups[1].table.tolist() == [3, 3, 3, 3]
         _check_rows(stacked, x, out0, w0, {0: forms["a2"][name], 2: forms["a0"][name]})
+
+
+def test_a_stack_no_token_uses_is_skipped(svd_cache):
+    """A layout group whose slots all moved away (or that no token of the batch uses) adds
+    nothing and is not computed."""
+    from svda.server.engine_vllm.slot_update import update_slot
+
+    model = _model(["lora", "svda", "lora"], svd_cache)
+    forms = {n: compile_adapter(model, n) for n in ("a0", "a1", "a2")}
+    layer = next(iter(model.layers_of("a0")))
+    name, w0 = layer.layer_name, layer.weight_out_in()
+    stacked = stack_slice([forms["a0"][name], None, forms["a1"][name]], torch.float32)
+    assert update_slot(stacked, 2, forms["a2"][name])  # the SvdA group is left without a slot
+    x = torch.randn(len(SLOTS), layer.shape[1], generator=torch.Generator().manual_seed(6))
+    out0 = F.linear(x, w0)
+    calls = []
+    original = slices.slice_delta
+    slices.slice_delta = lambda part, *a, **k: calls.append(part) or original(part, *a, **k)
+    try:
+        got = out0 + _slice_delta(stacked, x, out0, w0, layout=7)
+    finally:
+        slices.slice_delta = original
+    assert calls == [stacked.groups[0]]
+    fresh = stack_slice([forms["a0"][name], None, forms["a2"][name]], torch.float32)
+    torch.testing.assert_close(got, out0 + _slice_delta(fresh, x, out0, w0))
+    base_only = torch.full_like(SLOTS, -1)
+    assert stacked_delta(stacked, x, out0, base_only, None, layout=8) is None
 
 
 def _check_rows(stacked, x, out0, w0, held: dict):
