@@ -60,6 +60,11 @@ class StackedSlice:
     places: tuple[tuple[str, int], ...] = ()  # per term: ("dense", j) or ("form", k)
     bases: tuple[tuple, ...] = ()  # per shared basis: (A, B as in the forms, used mask)
 
+    @property
+    def zero_row(self) -> int:
+        """The row that adds exact zeros (last): slot -1 and slots without a form read it."""
+        return self.form.n_slots - 1
+
 
 def compute_dtype(forms: list[LayerForm], model_dtype: torch.dtype) -> torch.dtype:
     """The model's dtype, or float32 when a form rotates (input or output side)."""
@@ -261,7 +266,7 @@ def layout_cache(stacked: StackedSlice, slots: torch.Tensor, layout: object) -> 
     if layout is None or cache.get("layout") != (layout, len(slots)):
         cache.clear()
         rows = stacked.table[slots]  # -1 -> the zero row
-        idle = bool((rows == stacked.form.n_slots - 1).all())
+        idle = bool((rows == stacked.zero_row).all())
         cache.update({"idle": True} if idle else {"idle": False, **_gather_layout(stacked, rows)})
         cache["layout"] = (layout, len(slots))
     return cache

@@ -6,8 +6,8 @@ of every per-slot table, its ``r`` rows of each concatenated low-rank factor), i
 fits one stacked layout: the same primitives and shapes, the same shared tensors, a low-rank
 term of at most the stacked rank, and (shared bases cut to the used components) no component
 outside that cut. A slot that changes layout group leaves its old group by pointing at that
-group's zero row. Otherwise it answers False and the layer restacks that slice. Shared tensors are never
-written. Tested equal to a fresh stack (``tests/server/test_vllm_slices.py``).
+group's zero row. Otherwise it answers False and the layer restacks that slice. Shared tensors
+are never written. Tested equal to a fresh stack (``tests/server/test_vllm_slices.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def update_slot(stacked: StackedSlice | None, slot: int, form: LayerForm | None)
     if stacked is None:
         return False
     groups = stacked.groups or (stacked,)
-    mine = [g for g in groups if int(g.table[slot]) != _zero_row(g)]  # the slot's group, if any
+    mine = [g for g in groups if int(g.table[slot]) != g.zero_row]  # the slot's group, if any
     target = None
     if form is not None:
         target = next((g for g in mine + list(groups) if _write(g, slot, form)), None)
@@ -41,13 +41,9 @@ def update_slot(stacked: StackedSlice | None, slot: int, form: LayerForm | None)
             return False
     for group in mine:
         if group is not target:  # the slot left this layout: its tokens read the zero row
-            group.table[slot] = _zero_row(group)
+            group.table[slot] = group.zero_row
             group.cache.clear()
     return True
-
-
-def _zero_row(stacked: StackedSlice) -> int:
-    return stacked.form.n_slots - 1
 
 
 def _write(stacked: StackedSlice, slot: int, form: LayerForm) -> bool:
