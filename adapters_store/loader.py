@@ -72,8 +72,8 @@ def load_adapter(
         norms = None
         if verify and not (probe == "auto" and frozen_identical(adapter_file, model, name)):
             norms = check_probe(adapter_file, model, name)
-        if prune_tolerance and not trainable:
-            norms = norms or delta_norms(adapter_file, model, name)  # never the file's own
+        if prune_tolerance and not trainable and model.can_prune(name):
+            # the probe's exact norms, else the model's (bounds where tight); never the file's
             model.prune_adapter(name, prune_tolerance, norms)
     except BaseException:
         model.delete_adapter(name)
@@ -109,14 +109,6 @@ def frozen_identical(adapter_file: AdapterFile, model: AdapterModel, name: str) 
     if not (adapter_file.header.content_hashed and expected):
         return False
     return frozen_sha256(model, name) == expected
-
-
-def delta_norms(adapter_file: AdapterFile, model: AdapterModel, name: str) -> list[float]:
-    """‖ΔW‖_F per layer of attached adapter ``name``, from its payload and our frozen tensors."""
-    norms = []
-    for entry in adapter_file.header.layers:
-        norms.append(model.layers[entry.name].delta_norm_of(name))
-    return norms
 
 
 def check_probe(adapter_file: AdapterFile, model: AdapterModel, name: str) -> list[float]:

@@ -12,6 +12,8 @@ from .bank import AdapterBank, BankLayout, frozen_identity_sha256
 from .errors import AdapterConfigError, AdapterStateError
 from .methods import AdapterConfig, get_method
 
+NORM_BOUND_TIGHTNESS = 0.95  # a cheap lower bound of ‖ΔW‖ this close to its upper bound is used
+
 
 class PackedAdapters:
     """Mixin of :class:`~svda.runtime.model.AdapterModel` (uses its layers, configs, state)."""
@@ -104,18 +106,21 @@ class PackedAdapters:
 
     @torch.no_grad()
     def prune_adapter(
-        self, name: str, tolerance: float, delta_norms: Sequence[float]
+        self, name: str, tolerance: float, delta_norms: Sequence[float] | None = None
     ) -> dict[str, int]:
         """Let frozen adapter ``name`` serve with ΔW within ``tolerance · ‖ΔW‖_F`` of the exact
         one per layer, where its method can make that cheaper (SvdA drops components of δ;
-        docs/methods.md). ``delta_norms``: exact ‖ΔW‖_F per layer, in the adapter's layer order.
-        Changes the adapter's tensors in place; returns the method's counts."""
+        docs/methods.md). ``delta_norms``: exact ‖ΔW‖_F per layer, in the adapter's layer order
+        (default: :meth:`pruning_norms`). Changes the adapter's tensors in place; returns the
+        method's counts."""
         if not tolerance >= 0:
             raise AdapterConfigError(f"tolerance must be >= 0, got {tolerance}")
         if not self.is_frozen(name):
             raise AdapterStateError(f"adapter {name!r} is trainable; only frozen ones are pruned")
         bank = self._banked[name]
-        norms = torch.as_tensor(list(delta_norms), dtype=torch.float64)
+        if delta_norms is None:
+            delta_norms = self.pruning_norms(name)
+        norms = torch.as_tensor(delta_norms, dtype=torch.float64)
         if norms.shape != (len(bank.layers),):
             raise AdapterConfigError(
                 f"need one ‖ΔW‖ per layer ({len(bank.layers)}), got {tuple(norms.shape)}"
@@ -127,6 +132,33 @@ class PackedAdapters:
         )
         bank.version += 1  # layers drop what they prepared from the old values
         return counts
+
+    def can_prune(self, name: str) -> bool:
+        """Whether frozen adapter ``name``'s method prunes (:meth:`prune_adapter` may change it)."""
+        return self.is_frozen(name) and self._banked[name].weights_cls.prunable
+
+    def pruning_norms(self, name: str) -> torch.Tensor:
+        """(L,) float64 per layer of frozen adapter ``name``: a lower bound of ‖ΔW‖_F for
+        pruning budgets. The method's cheap bound where it is within
+        :data:`NORM_BOUND_TIGHTNESS` of its upper bound (no pass over the frozen tensors),
+        else the exact norm."""
+        bank = self._banked[name]
+        slot = bank.slots[name]
+        tensors = {kind: table[slot] for kind, table in bank.storage.items()}
+        bounds = bank.weights_cls.packed_norm_bounds(
+            tensors, bank.layers, bank.shared_modules, memo=bank.memo
+        )
+        if bounds is None:
+            norms, loose = (
+                torch.zeros(len(bank.layers), dtype=torch.float64),
+                range(len(bank.layers)),
+            )
+        else:
+            norms = bounds[0].cpu()
+            loose = (bounds[0] < NORM_BOUND_TIGHTNESS * bounds[1]).nonzero().flatten().tolist()
+        for index in loose:
+            norms[index] = self.layers[bank.layers[index][0]].delta_norm_of(name)
+        return norms
 
     def is_frozen(self, name: str) -> bool:
         """True for adapters attached with :meth:`add_packed_adapter` (not trainable)."""

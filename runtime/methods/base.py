@@ -210,6 +210,21 @@ class AdapterWeights(nn.Module):
         from the weights)."""
         return {name: getattr(self, name) for name in self.row_constant_fields}
 
+    prunable: ClassVar[bool] = False  # True: prune_packed can make the adapter cheaper
+
+    @classmethod
+    def packed_norm_bounds(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        layers: Sequence[tuple[str, Sequence[tuple[str, tuple[int, ...]]]]],
+        shared: Sequence[nn.Module | None],
+        memo: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Lower and upper bounds (L,) float64 on ‖ΔW‖_F per layer, from packed tensors (as in
+        :meth:`prune_packed`) without a pass over large frozen tensors, or None where the method
+        has none. Pruning budgets from a lower bound stay within the declared tolerance."""
+        return None
+
     @classmethod
     def prune_packed(
         cls,
@@ -222,7 +237,8 @@ class AdapterWeights(nn.Module):
     ) -> dict[str, int]:
         """Serve a cheaper adapter whose ΔW is within ``tolerance · ‖ΔW‖_F`` of the exact one on
         every layer, by editing its packed tensors in place (one flat tensor per kind, as in a
-        slot bank). ``delta_norms``: (L,) exact ‖ΔW‖_F per layer (from the adapter file).
+        slot bank). ``delta_norms``: (L,) ‖ΔW‖_F per layer, or lower bounds of it (never the
+        file's own values).
         ``memo``: a dict kept for one layer table and its shared modules (a slot bank's), for
         constants the method computes once. Returns counts for reports, e.g. components kept /
         total. Default: nothing to prune."""

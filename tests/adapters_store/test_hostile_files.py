@@ -357,11 +357,16 @@ def test_pruning_uses_recomputed_norms(good, target, monkeypatch):
         meta["svda.probes"] = pack_probes(values)
 
     hostile = edit(good, meta_edit=tiny_norms, rehash=True)
-    seen = []
-    monkeypatch.setattr(target, "prune_adapter", lambda name, tol, norms: seen.append(norms))
+    seen, prune = [], target.prune_adapter
+    monkeypatch.setattr(
+        target,
+        "prune_adapter",
+        lambda name, tol, norms=None: seen.append(norms) or prune(name, tol, norms),
+    )
     load_adapter(hostile, target, "p", prune_tolerance=0.1)  # probe skipped: frozen identical
+    assert seen == [None]  # the model's own norms (bounds or exact), not the file's
+    assert min(target.pruning_norms("p").tolist()) > 1e-6
     target.delete_adapter("p")
-    assert seen and min(seen[0]) > 1e-6
 
 
 # ----- not a .svda file at all -----------------------------------------------------------------

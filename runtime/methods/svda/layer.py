@@ -142,6 +142,37 @@ class SvdaWeights(AdapterWeights):
             "svda_b": stack_with_zero_row([m.svda_b for m in members]),
         }
 
+    prunable = True
+
+    @classmethod
+    def packed_norm_bounds(cls, tensors, layers, shared, memo=None):
+        """docs/methods.md: with σ̃ = σ in s's dtype and D = s² − σ̃² (zero beyond k),
+        ``‖ΔW‖² = Σ_j b_j² r_j + c``, ``r_j = Σ_i σ̃_i² U_ji²`` (a constant of the layer) and
+        ``c = Σ_j b_j² Σ_i U_ji² D_i``. With ρ_j = Σ_i U_ji² (row sums of U∘U) and κ its largest
+        column sum (1 for orthonormal columns), ``|c| ≤ min(max|D| Σ_j b_j² ρ_j,
+        Σ|D| · max b² · κ, ‖b²‖ ‖D‖ √(κ max ρ))``: O(k + d1) per layer, no pass over U (its
+        constants are made once per bank). Tight when δ is small against σ (trained s)."""
+        s, b = tensors["svda_s"], tensors["svda_b"]
+        memo = memo if memo is not None else {}
+        plan = _prune_plan(layers, shared, s, memo)
+        rows = _norm_bound_rows(shared, plan, s.dtype, memo)
+        b2, d = b.double().square(), s.double().square() - plan.sigma.double().square()
+
+        def per_layer(values, index, reduce="sum"):
+            out = torch.zeros(plan.n_layers, dtype=torch.float64, device=values.device)
+            if reduce == "sum":
+                return out.index_add_(0, index, values)
+            return out.scatter_reduce_(0, index, values, "amax", include_self=False)
+
+        base = per_layer(b2 * rows.r, plan.layer_of_b)
+        on_d = per_layer(d.abs(), plan.layer_of_k, "amax") * per_layer(
+            b2 * rows.rho, plan.layer_of_b
+        )
+        on_b = per_layer(d.abs(), plan.layer_of_k) * per_layer(b2, plan.layer_of_b, "amax")
+        both = (per_layer(b2 * b2, plan.layer_of_b) * per_layer(d * d, plan.layer_of_k)).sqrt()
+        c = torch.minimum(torch.minimum(on_d, on_b * rows.kappa), both * rows.spectral)
+        return (base - c).clamp_min(0).sqrt(), (base + c).sqrt()
+
     @classmethod
     def prune_packed(
         cls, tensors, layers, shared, delta_norms, tolerance, memo=None
@@ -265,6 +296,38 @@ class _PrunePlan:
     @property
     def n_layers(self) -> int:
         return self.starts.shape[0]
+
+
+@dataclass(frozen=True)
+class _NormBoundRows:
+    """Layer constants of :meth:`SvdaWeights.packed_norm_bounds`, float64."""
+
+    r: torch.Tensor  # (Σd1,) Σ_i σ̃_i² U_ji² of every layer's rows
+    rho: torch.Tensor  # (Σd1,) Σ_i U_ji²
+    kappa: torch.Tensor  # (L,) largest column sum of U∘U
+    spectral: torch.Tensor  # (L,) √(κ · max ρ) ≥ ‖U∘U‖₂
+
+
+def _norm_bound_rows(shared, plan: _PrunePlan, dtype: torch.dtype, memo: dict) -> _NormBoundRows:
+    """One pass over every layer's U, kept in ``memo`` per dtype and device."""
+    key = f"svda_norm_rows:{dtype}:{plan.sigma.device}"
+    if key not in memo:
+        r, rho, kappa, rho_max = [], [], [], []
+        for module in shared:
+            squares = module.U.double().square()  # (d1, m)
+            sigma = module.sigma.to(dtype).double()
+            r.append(squares @ sigma.square())
+            rho.append(squares.sum(1))
+            kappa.append(squares.sum(0).max())
+            rho_max.append(rho[-1].max())
+        kappa_t = torch.stack(kappa)
+        memo[key] = _NormBoundRows(
+            r=torch.cat(r).to(plan.sigma.device),
+            rho=torch.cat(rho).to(plan.sigma.device),
+            kappa=kappa_t.to(plan.sigma.device),
+            spectral=(kappa_t * torch.stack(rho_max)).sqrt().to(plan.sigma.device),
+        )
+    return memo[key]
 
 
 def _smallest_within_budget(
