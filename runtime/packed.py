@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -132,6 +133,30 @@ class PackedAdapters:
         )
         bank.version += 1  # layers drop what they prepared from the old values
         return counts
+
+    def packed_serving_forms(self, name: str) -> dict[str, Any] | None:
+        """Layer name -> one-slot serving form of frozen adapter ``name``, all layers at once
+        where its method can (None: compile layer by layer)."""
+        if name not in self._banked:
+            return None
+        bank = self._banked[name]
+        slot = bank.slots[name]
+        tensors = {kind: table[slot] for kind, table in bank.storage.items()}
+        forms = bank.weights_cls.packed_serving_forms(
+            tensors, bank.layers, bank.shared_modules, memo=bank.memo
+        )
+        if forms is None:
+            return None
+        return {layer_name: form for (layer_name, _), form in zip(bank.layers, forms, strict=True)}
+
+    def packed_forms_key(self, name: str) -> Any:
+        """A key equal for frozen adapters whose :meth:`packed_serving_forms` have the same
+        structure (their slot bank's layout; None without a bank): a writer may reuse the
+        forms' encoded layout across them."""
+        bank = self._banked.get(name)
+        if bank is None or not bank.weights_cls.has_packed_serving_forms():
+            return None
+        return ("packed-forms", bank.layout)
 
     def can_prune(self, name: str) -> bool:
         """Whether frozen adapter ``name``'s method prunes (:meth:`prune_adapter` may change it)."""

@@ -210,6 +210,24 @@ class AdapterWeights(nn.Module):
         from the weights)."""
         return {name: getattr(self, name) for name in self.row_constant_fields}
 
+    @classmethod
+    def packed_serving_forms(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        layers: Sequence[tuple[str, Sequence[tuple[str, tuple[int, ...]]]]],
+        shared: Sequence[nn.Module | None],
+        memo: dict[str, Any] | None = None,
+    ) -> list[Any] | None:
+        """Every layer's one-slot serving form at once from packed tensors (as in
+        :meth:`prune_packed`; the forms' per-slot tensors may be views of a few new flat
+        tensors), or None where the method has no such shortcut (then per layer)."""
+        return None
+
+    @classmethod
+    def has_packed_serving_forms(cls) -> bool:
+        """Whether the method overrides :meth:`packed_serving_forms`."""
+        return cls.packed_serving_forms.__func__ is not AdapterWeights.packed_serving_forms.__func__
+
     prunable: ClassVar[bool] = False  # True: prune_packed can make the adapter cheaper
 
     @classmethod

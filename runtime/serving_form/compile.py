@@ -43,7 +43,11 @@ def compile_layer(
 
 def compile_adapter(model: Any, name: str) -> dict[str, LayerForm]:
     """Every layer's form of adapter ``name`` on ``model`` (an ``AdapterModel``): layer name ->
-    one-slot form."""
+    one-slot form. A frozen adapter whose method compiles all layers at once does so."""
+    packed = getattr(model, "packed_serving_forms", None)
+    forms = packed(name) if packed is not None else None
+    if forms is not None:
+        return forms
     return {layer.layer_name: layer.serving_form_of(name) for layer in model.layers_of(name)}
 
 

@@ -12,8 +12,10 @@ resolved by the reader's ``resolve(name)``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -40,11 +42,29 @@ PRIMITIVE_CLASSES = (
 PRIMITIVES = {c.__name__: c for c in PRIMITIVE_CLASSES}
 SIDES = ("input_scale", "input_rotation", "output_rotation", "output_scale", "bias")
 META_KEY = "svda_forms"
+_LAYOUTS: dict[Any, tuple[str, int, torch.dtype]] = {}  # layout key -> (text, numel, dtype)
+_LAYOUTS_MAX = 256
+_LAYOUTS_LOCK = threading.Lock()
 
 
-def save_forms(forms: dict[str, LayerForm], path: Path, ref_of: Callable[[Any], str | None]):
-    """Write ``forms`` to ``path``; a field value for which ``ref_of`` gives a name is stored
-    as that reference, not as a tensor."""
+def save_forms(
+    forms: dict[str, LayerForm],
+    path: Path,
+    ref_of: Callable[[Any, str], str | None],
+    layout_key: Any = None,
+) -> None:
+    """Write ``forms`` to ``path``; a field for which ``ref_of(primitive, field name)`` gives a
+    name is stored as that reference, not as a tensor. ``layout_key``: equal for forms of one
+    structure whose tensors are views of one new flat tensor at the same places (a slot bank's
+    packed forms): the layout is encoded once per key, later files store that tensor whole."""
+    known = _LAYOUTS.get(layout_key) if layout_key is not None else None
+    if known is not None:
+        text, numel, dtype = known
+        base = _first_base(forms, ref_of)
+        if base is not None and (base.numel(), base.dtype) == (numel, dtype):
+            kind = str(dtype).removeprefix("torch.")
+            save_file({f"flat.{kind}": base.reshape(-1)}, str(path), metadata={META_KEY: text})
+            return
     packer = _Packer()
     layout = {}
     for layer, form in forms.items():
@@ -57,16 +77,37 @@ def save_forms(forms: dict[str, LayerForm], path: Path, ref_of: Callable[[Any], 
             },
             "terms": [_encode(t, packer, ref_of) for t in form.terms],
         }  # fmt: skip
-    save_file(packer.tensors(), str(path), metadata={META_KEY: json.dumps(layout)})
+    text, tensors = json.dumps(layout), packer.tensors()
+    save_file(tensors, str(path), metadata={META_KEY: text})
+    if layout_key is not None and packer.whole_base is not None:
+        with _LAYOUTS_LOCK:
+            _LAYOUTS[layout_key] = (text, packer.whole_base.numel(), packer.whole_base.dtype)
+            while len(_LAYOUTS) > _LAYOUTS_MAX:
+                _LAYOUTS.pop(next(iter(_LAYOUTS)))
+
+
+def _first_base(forms: dict[str, LayerForm], ref_of: Callable) -> torch.Tensor | None:
+    """The tensor the first per-slot tensor of ``forms`` is a view of (None: not a view)."""
+    for form in forms.values():
+        for p in form.primitives():
+            for f in fields(p):
+                value = getattr(p, f.name)
+                if isinstance(value, torch.Tensor) and ref_of(p, f.name) is None:
+                    return value._base
+    return None
 
 
 def load_forms(path: Path, resolve: Callable[[str], torch.Tensor]) -> dict[str, LayerForm]:
     """The forms of a file written by :func:`save_forms` (CPU tensors, views of the flat ones)."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        layout = json.loads((f.metadata() or {}).get(META_KEY, "null"))
+        layout, extents = _parsed_layout((f.metadata() or {}).get(META_KEY, "null"))
         if not isinstance(layout, dict):
             raise ValueError(f"{path} holds no svda serving forms")
         flat = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    for kind, end in extents.items():
+        buffer = flat.get(f"flat.{kind}")
+        if buffer is None or buffer.numel() < end:
+            raise ValueError(f"a serving-form tensor lies outside the file's {kind} data")
     forms = {}
     for layer, entry in layout.items():
         sides = {
@@ -80,14 +121,38 @@ def load_forms(path: Path, resolve: Callable[[str], torch.Tensor]) -> dict[str, 
 
 
 class _Packer:
-    """Collects tensors into one flat buffer per dtype; the same tensor object is kept once."""
+    """Collects tensors into one flat buffer per dtype; the same tensor object is kept once,
+    and a contiguous view of a 1-D tensor is a place in that tensor, kept whole once."""
 
     def __init__(self) -> None:
         self.parts: dict[str, list[torch.Tensor]] = {}
         self.sizes: dict[str, int] = {}
         self.seen: dict[int, tuple[torch.Tensor, list]] = {}  # id -> (tensor, its place)
 
+    @property
+    def whole_base(self) -> torch.Tensor | None:
+        """The one tensor packed, when every tensor added was it or a view of it."""
+        only = [t for parts in self.parts.values() for t in parts]
+        return only[0] if len(only) == 1 and self.views_only else None
+
+    views_only = True
+
     def add(self, tensor: torch.Tensor) -> list:
+        base = tensor._base  # a 1-D base only: never a whole table (a slot bank's is 2-D)
+        if (
+            base is not None
+            and base.dim() == 1
+            and base.dtype == tensor.dtype
+            and base.is_contiguous()
+            and tensor.is_contiguous()
+        ):
+            kind, offset, _ = self._add_whole(base)
+            start = offset + tensor.storage_offset() - base.storage_offset()
+            return [kind, start, list(tensor.shape)]
+        self.views_only = False
+        return self._add_whole(tensor)
+
+    def _add_whole(self, tensor: torch.Tensor) -> list:
         known = self.seen.get(id(tensor))
         if known is not None and known[0] is tensor:
             return known[1]
@@ -107,7 +172,7 @@ def _encode(p: Any, packer: _Packer, ref_of: Callable) -> dict:
     out: dict[str, Any] = {"type": type(p).__name__, "tensors": {}, "refs": {}, "values": {}}
     for f in fields(p):
         value = getattr(p, f.name)
-        ref = ref_of(value)
+        ref = ref_of(p, f.name)
         if ref is not None:
             out["refs"][f.name] = ref
         elif isinstance(value, torch.Tensor):
@@ -130,10 +195,40 @@ def _decode(p: dict, flat: dict[str, torch.Tensor], resolve: Callable) -> Any:
 
 
 def _view(flat: dict[str, torch.Tensor], place: Any) -> torch.Tensor:
-    """``flat.<dtype>[offset : offset + numel]`` shaped; a place outside the buffer is refused."""
+    """``flat.<dtype>[offset : offset + numel]`` shaped (inside it: :func:`_parsed_layout`)."""
     kind, offset, shape = place
-    buffer = flat.get(f"flat.{kind}")
-    numel = math.prod(shape)
-    if buffer is None or not (offset >= 0 and offset + numel <= buffer.numel()):
-        raise ValueError(f"a serving-form tensor lies outside the file's {kind} data")
-    return buffer[offset : offset + numel].view(shape)
+    buffer = flat[f"flat.{kind}"]
+    return buffer.as_strided(
+        shape, _contiguous_strides(tuple(shape)), buffer.storage_offset() + offset
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_layout(text: str) -> tuple[Any, dict[str, int]]:
+    """The layout of a forms file (adapters of one bank layout write the same text: parsed once)
+    and per flat dtype the end of its furthest tensor; places must be well formed."""
+    layout, extents = json.loads(text), {}
+    if not isinstance(layout, dict):
+        return layout, extents
+    try:
+        primitives = [p for e in layout.values() for p in [*e["sides"].values(), *e["terms"]]]
+        for p in primitives:
+            if p.get("type") not in PRIMITIVES:
+                raise ValueError(f"unknown serving-form primitive {p.get('type')!r}")
+            for place in p["tensors"].values():
+                kind, offset, shape = place
+                if not (isinstance(offset, int) and offset >= 0 and all(d >= 0 for d in shape)):
+                    raise ValueError(f"a serving-form tensor has a bad place {place!r}")
+                extents[kind] = max(extents.get(kind, 0), offset + math.prod(shape))
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise ValueError(f"malformed svda serving-forms layout: {exc!r}") from exc
+    return layout, extents

@@ -21,7 +21,6 @@ import os
 import shutil
 import threading
 import uuid
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +38,7 @@ DUMMY_RANK = 1
 _SHARED_CACHE: dict[str, torch.Tensor] = {}  # file name -> tensor, per process
 _SHARED_LOCK = threading.Lock()
 _WRITTEN: set[Path] = set()  # shared basis files this process knows exist
-
-
-@dataclass(frozen=True)
-class SharedRef:
-    """Stands for a shared basis tensor in ``svda_shared/<name>.safetensors``."""
-
-    name: str
+_REFS: dict[tuple, str] = {}  # (folder, key, field, shape, dtype) -> a written basis's name
 
 
 def write_vllm_adapter(model: Any, name: str, folder: Path, hf_config: Any) -> Path:
@@ -54,8 +47,9 @@ def write_vllm_adapter(model: Any, name: str, folder: Path, hf_config: Any) -> P
     forms = compile_adapter(model, name)
     folder.mkdir(parents=True, exist_ok=True)
     shared = folder.parent / SHARED_DIR
-    out = {k: _externalize(v, shared) for k, v in forms.items()}
-    save_forms(out, folder / FORMS_FILE, lambda v: v.name if isinstance(v, SharedRef) else None)
+    key = getattr(model, "packed_forms_key", lambda _: None)(name)
+    key = None if key is None else (key, shared)  # shared bases' names depend on the folder
+    save_forms(forms, folder / FORMS_FILE, lambda p, f: _shared_ref(shared, p, f), key)
     _write_zero_lora(folder, hf_config)
     return folder
 
@@ -74,21 +68,20 @@ def _shared_name(key: str, field: str, tensor: torch.Tensor) -> str:
     return hashlib.sha256(recipe.encode()).hexdigest()[:32]
 
 
-def _externalize(form: LayerForm, shared: Path) -> LayerForm:
-    """Shared-basis ``A, B`` with a known identity -> :class:`SharedRef` (written once)."""
-
-    def one(term):
-        if not isinstance(term, SharedBasisLowRank) or not term.key:
-            return term
-        refs = {}
-        for field in ("A", "B"):
-            tensor = getattr(term, field)
-            name = _shared_name(term.key, field, tensor)
-            _write_shared_once(shared / f"{name}.safetensors", tensor)
-            refs[field] = SharedRef(name)
-        return replace(term, **refs)
-
-    return replace(form, terms=tuple(one(t) for t in form.terms))
+def _shared_ref(shared: Path, primitive: Any, field: str) -> str | None:
+    """The file name of a shared-basis ``A`` or ``B`` with a known identity (None for any other
+    field), its file written unless this process wrote or saw it."""
+    if not (isinstance(primitive, SharedBasisLowRank) and primitive.key and field in ("A", "B")):
+        return None
+    tensor = getattr(primitive, field)
+    ident = (shared, primitive.key, field, tuple(tensor.shape), tensor.dtype)
+    name = _REFS.get(ident)
+    if name is None:
+        name = _shared_name(primitive.key, field, tensor)
+        _write_shared_once(shared / f"{name}.safetensors", tensor)
+        with _SHARED_LOCK:
+            _REFS[ident] = name
+    return name
 
 
 def _write_shared_once(path: Path, tensor: torch.Tensor) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,17 @@ _MEMO_MAX = 4096
 _MEMO_LOCK = threading.Lock()
 
 
+class BasisCut(NamedTuple):
+    """A shared basis of a stack: the uncut ``A, B`` (as in the forms) and the components kept
+    (``used`` mask; their indices and the dropped ones', None when every component is kept)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    used: torch.Tensor
+    kept: torch.Tensor | None = None
+    dropped: torch.Tensor | None = None
+
+
 @dataclass(frozen=True)
 class StackedSlice:
     """``form`` (stacked, zero slot last) with ``table`` (slot -> row, ``table[-1]`` the zero
@@ -58,7 +70,7 @@ class StackedSlice:
     cache: dict = field(default_factory=dict, compare=False)  # per batch layout: gathered rows
     kinds: tuple[str, ...] = ()  # the stacked forms' primitives, in order
     places: tuple[tuple[str, int], ...] = ()  # per term: ("dense", j) or ("form", k)
-    bases: tuple[tuple, ...] = ()  # per shared basis: (A, B as in the forms, used mask)
+    bases: tuple[BasisCut, ...] = ()  # per shared basis
 
     @property
     def zero_row(self) -> int:
@@ -115,7 +127,7 @@ def used_components(form: LayerForm, keep: dict | None = None) -> tuple[LayerFor
     """``form`` with each shared basis cut to the components some slot's ``inner`` uses
     (``inner[:, i] == 0`` for every slot: component ``i`` adds exact zeros) or ``keep`` names
     (:func:`kept_cuts`: a former cut, so adapters that left keep their components and can come
-    back in place); and per basis ``(A, B, mask)``, the uncut tensors and the cut."""
+    back in place); and per basis :class:`BasisCut`."""
     keep = keep or {}
     bases = []
 
@@ -126,8 +138,10 @@ def used_components(form: LayerForm, keep: dict | None = None) -> tuple[LayerFor
         kept = keep.get(_basis_key(term.A))
         if kept is not None and kept.shape == used.shape:
             used = used | kept
-        bases.append((term.A, term.B, used))
-        if bool(used.all()):
+        whole = bool(used.all())
+        indices = None if whole else (used.nonzero().flatten(), (~used).nonzero().flatten())
+        bases.append(BasisCut(term.A, term.B, used, *(indices or (None, None))))
+        if whole:
             return term
         a = shared_tensor(term.A, term.A.dtype, term.A.device, used, dim=0)
         b = shared_tensor(term.B, term.B.dtype, term.B.device, used, dim=1)
@@ -141,7 +155,7 @@ def kept_cuts(stacked: StackedSlice | None) -> dict:
     if stacked is None:
         return {}
     layouts = stacked.groups or (stacked,)
-    return {_basis_key(a): used for part in layouts for a, _, used in part.bases}
+    return {_basis_key(cut.A): cut.used for part in layouts for cut in part.bases}
 
 
 def _basis_key(t: torch.Tensor) -> tuple:

@@ -21,7 +21,7 @@ from svda.runtime.serving_form import LayerForm
 from svda.runtime.serving_form.compile import SHARED_FIELDS
 from svda.runtime.serving_form.primitives import LowRank, SharedBasisLowRank
 
-from .slices import StackedSlice
+from .slices import BasisCut, StackedSlice
 
 SIDES = ("input_scale", "input_rotation", "output_rotation", "output_scale", "bias")
 
@@ -57,7 +57,7 @@ def _write(stacked: StackedSlice, slot: int, form: LayerForm) -> bool:
     if writes is None or terms is None:
         return False
     for target, index, value in writes + terms:
-        target[index] = value.to(target.dtype)
+        target[index] = value  # copies, casting to the stack's dtype
     stacked.table[slot] = slot
     stacked.cache.clear()  # gathered rows of the old adapter
     return True
@@ -98,14 +98,15 @@ def _term_writes(stacked: StackedSlice, form: LayerForm, row: int) -> list | Non
     return writes
 
 
-def _shared_basis_writes(old: SharedBasisLowRank, basis: tuple, new: SharedBasisLowRank, row):
-    a, b, used = basis
-    if not (_same(new.A, a) and _same(new.B, b)):
+def _shared_basis_writes(old: SharedBasisLowRank, basis: BasisCut, new: SharedBasisLowRank, row):
+    if not (_same(new.A, basis.A) and _same(new.B, basis.B)):
         return None  # another basis (e.g. another seed): not the stacked one
     inner = new.inner[0]
-    if bool((inner[~used] != 0).any()):
+    if basis.kept is None:  # no cut
+        return [(old.inner, row, inner), (old.outer, row, new.outer[0])]
+    if bool(inner.index_select(0, basis.dropped).any()):
         return None  # a component the stacked cut dropped
-    return [(old.inner, row, inner[used]), (old.outer, row, new.outer[0])]
+    return [(old.inner, row, inner.index_select(0, basis.kept)), (old.outer, row, new.outer[0])]
 
 
 def _dense_writes(dense: tuple, new: LowRank, row: int) -> list | None:

@@ -117,6 +117,32 @@ class SvdaWeights(AdapterWeights):
         d_in, d_out = shared.V.shape[0], b.shape[1]
         return LayerForm(d_in, d_out, output_scale=OutputScale(b), terms=(term,))
 
+    @classmethod
+    def packed_serving_forms(cls, tensors, layers, shared, memo=None) -> list[LayerForm]:
+        """:meth:`slot_serving_form` of every layer in two flat operations: δ = s − σ scattered
+        into zeros of Σm (zero beyond each layer's k), b copied after it; each layer's form
+        holds views of that one tensor, and its ``Vᵀ, U`` (made once per bank and dtype)."""
+        s, b = tensors["svda_s"].detach(), tensors["svda_b"].detach()
+        memo = memo if memo is not None else {}
+        plan = _prune_plan(layers, shared, s, memo)
+        places = _form_places(shared, plan, s.dtype, memo)
+        # one new flat tensor (δ then b) that every form's per-slot tensors view: the forms
+        # outlive the slot, which may be reused, and a writer can store the flat tensor whole
+        rows = s.new_zeros(places.total_m + b.numel()) if b.dtype == s.dtype else None
+        delta = s.new_zeros(places.total_m) if rows is None else rows[: places.total_m]
+        delta.index_copy_(0, places.k_to_m, s - plan.sigma)
+        b = b.clone() if rows is None else rows[places.total_m :].copy_(b)
+        forms = []
+        for (m, m_at), (d1, b_at), (v_t, u, key) in zip(
+            places.m_spans, places.b_spans, places.bases, strict=True
+        ):
+            b_row = b[b_at : b_at + d1].view(1, d1)
+            term = SharedBasisLowRank(v_t, u, delta[m_at : m_at + m].view(1, m), b_row, key=key)
+            forms.append(
+                LayerForm(v_t.shape[1], d1, output_scale=OutputScale(b_row), terms=(term,))
+            )
+        return forms
+
     def delta_norm(self, shared: nn.Module | None) -> float:
         return self.slot_delta_norm({"svda_s": self.svda_s, "svda_b": self.svda_b}, shared)
 
@@ -296,6 +322,36 @@ class _PrunePlan:
     @property
     def n_layers(self) -> int:
         return self.starts.shape[0]
+
+
+@dataclass(frozen=True)
+class _FormPlaces:
+    """Layer-table constants of :meth:`SvdaWeights.packed_serving_forms` for one dtype."""
+
+    total_m: int
+    k_to_m: torch.Tensor  # (Σk,) place of each s entry in the flat (Σm,) δ
+    m_spans: list[tuple[int, int]]  # per layer (m, first place in δ)
+    b_spans: list[tuple[int, int]]  # per layer (d1, first place in b)
+    bases: list[tuple[torch.Tensor, torch.Tensor, str]]  # per layer (Vᵀ, U in the dtype, key)
+
+
+def _form_places(shared, plan: _PrunePlan, dtype: torch.dtype, memo: dict) -> _FormPlaces:
+    key = f"svda_form_places:{dtype}:{plan.sigma.device}"
+    if key not in memo:
+        ms = [module.sigma.shape[0] for module in shared]
+        d1s = [module.U.shape[0] for module in shared]
+        m_starts = torch.tensor([0, *ms[:-1]]).cumsum(0)
+        k_starts = plan.starts.cpu()
+        layer_of_k = plan.layer_of_k.cpu()
+        k_to_m = m_starts[layer_of_k] + torch.arange(layer_of_k.numel()) - k_starts[layer_of_k]
+        memo[key] = _FormPlaces(
+            total_m=sum(ms),
+            k_to_m=k_to_m.to(plan.sigma.device),
+            m_spans=list(zip(ms, m_starts.tolist(), strict=True)),
+            b_spans=list(zip(d1s, [0, *torch.tensor(d1s).cumsum(0).tolist()[:-1]], strict=True)),
+            bases=[(m.V.T.to(dtype), m.U.to(dtype), getattr(m, "identity", "")) for m in shared],
+        )
+    return memo[key]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""SvdA's cheap bounds on ‖ΔW‖_F (pruning budgets without a pass over U) and where they are used."""
+"""SvdA on packed (slot-bank) tensors: cheap bounds on ‖ΔW‖_F for pruning budgets (no pass over
+U) and where they are used; every layer's serving form at once."""
 
 from __future__ import annotations
 
@@ -91,3 +92,50 @@ def test_methods_without_pruning_are_not_pruned_or_measured(svd_cache):
     model.add_packed_adapter("p", model.configs["a"], *packed(model, "a"))
     assert not model.can_prune("p")
     assert packed_svda(svd_cache, 0.01).can_prune("p")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_all_layers_forms_at_once_equal_the_per_layer_forms(top_k, dtype, svd_cache):
+    """``compile_adapter`` on a banked SvdA adapter takes the packed path; its forms equal each
+    layer's own ``serving_form_of`` (δ zero beyond k), share one copy of b per layer, and do not
+    change when the slot is reused."""
+    from svda.runtime.serving_form import compile_adapter
+
+    model = packed_svda(svd_cache, 0.05, dtype, top_k=top_k)
+    with torch.no_grad():
+        model.prune_adapter("p", 0.1)
+    forms = compile_adapter(model, "p")
+    storages = {f.terms[0].inner.untyped_storage().data_ptr() for f in forms.values()}
+    assert len(storages) == 1  # the packed path ran: every layer's δ is a view of one tensor
+    for layer in model.layers_of("p"):
+        expected, got = layer.serving_form_of("p"), forms[layer.layer_name]
+        assert (got.d_in, got.d_out, got.kinds()) == (
+            expected.d_in,
+            expected.d_out,
+            expected.kinds(),
+        )
+        (term,), (want,) = got.terms, expected.terms
+        for field in ("A", "B", "inner", "outer"):
+            torch.testing.assert_close(getattr(term, field), getattr(want, field), rtol=0, atol=0)
+        assert term.key == want.key
+        torch.testing.assert_close(
+            got.output_scale.delta, expected.output_scale.delta, rtol=0, atol=0
+        )
+        assert got.output_scale.delta is term.outer
+    before = {k: f.terms[0].inner.clone() for k, f in forms.items()}
+    bank = model._banked["p"]
+    for table in bank.storage.values():
+        table[bank.slots["p"]].add_(1.0)
+    for k, f in forms.items():
+        torch.testing.assert_close(f.terms[0].inner, before[k], rtol=0, atol=0)
+
+
+def test_methods_without_the_shortcut_compile_layer_by_layer(svd_cache):
+    from svda.runtime import LoraConfig
+
+    model = AdapterModel(tiny_llama(), svd_cache=svd_cache)
+    model.add_adapter("a", LoraConfig(targets="all-linear", r=2))
+    model.add_packed_adapter("p", model.configs["a"], *packed(model, "a"))
+    assert model.packed_serving_forms("p") is None
+    assert model.packed_serving_forms("a") is None  # modules, not a bank
