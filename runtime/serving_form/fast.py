@@ -55,13 +55,16 @@ def with_zero_row(form: LayerForm) -> LayerForm:
     return form.map_primitives(pad, n_slots=form.n_slots + 1)
 
 
-def gather_slots(form: LayerForm, slots: torch.Tensor) -> LayerForm:
+def gather_slots(form: LayerForm, slots: torch.Tensor, in_range: bool = False) -> LayerForm:
     """The form whose slot ``i`` is slot ``slots[i]`` of ``form`` (``-1``: its last slot, the zero
     slot of :func:`with_zero_row` or of a table): per-row tensors, gathered once per batch
-    composition; shared tensors are kept."""
-    return form.map_primitives(
-        lambda p: _map_per_slot(p, lambda _, value: value[slots]), n_slots=len(slots)
-    )
+    composition; shared tensors are kept. ``in_range``: no ``-1`` in ``slots`` (a cheaper
+    gather)."""
+
+    def gather(_: str, value: torch.Tensor) -> torch.Tensor:
+        return value.index_select(0, slots) if in_range else value[slots]
+
+    return form.map_primitives(lambda p: _map_per_slot(p, gather), n_slots=len(slots))
 
 
 def _rows(table: torch.Tensor, ndim: int, lead: int = 1) -> torch.Tensor:

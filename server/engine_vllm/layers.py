@@ -32,7 +32,7 @@ from vllm.lora.layers import (
 from svda.runtime.serving_form import LayerForm
 
 from .cpu_gemm import packed_linear
-from .slices import StackedSlice, kept_cuts, stack_slice, stacked_delta
+from .slices import BatchLayout, StackedSlice, kept_cuts, stack_slice, stacked_delta
 from .slot_update import update_slot
 
 STALE = object()  # a slice to restack at the next forward
@@ -92,7 +92,11 @@ class SvdaSlotsMixin:
         if not getattr(wrapper, "svda_active", True):
             return output  # no token of this batch has an adapter
         x2, out2 = x.reshape(-1, x.shape[-1]), output.reshape(-1, output.shape[-1])
-        slots = wrapper.token_lora_indices[: x2.shape[0]]
+        layout = getattr(wrapper, "svda_layout", None)
+        if isinstance(layout, BatchLayout):
+            slots = layout.slots[: x2.shape[0]]  # the base as the tables' last entry
+        else:
+            slots = wrapper.token_lora_indices[: x2.shape[0]]
         if self._svda_stacked is None:
             self._svda_stacked = [STALE] * len(self.svda_forms)
         for s, forms in enumerate(self.svda_forms):
@@ -100,7 +104,6 @@ class SvdaSlotsMixin:
                 keep = self._svda_keep[s]
                 self._svda_stacked[s] = stack_slice(forms, out2.dtype, out2.device, keep=keep)
         bias = getattr(self.base_layer, "bias", None)
-        layout = getattr(wrapper, "svda_layout", None)
         start = 0
         for stacked, size in zip(
             self._svda_stacked, self._slice_sizes(out2.shape[-1]), strict=True

@@ -19,14 +19,12 @@ the pinned vLLM (checked by ``test_vllm_canary.py``):
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 
 log = logging.getLogger(__name__)
 ENABLE_ENV = "SVDA_VLLM_PLUGIN"
 _PATCHED = False
-_LAYOUTS = itertools.count()
 
 
 def enabled() -> bool:
@@ -83,14 +81,28 @@ def _patch_mapping(cls: type) -> None:
 
     def _set_adapter_mapping(self, mapping) -> None:
         original(self, mapping)
-        # index_mapping: one lora id per token, 0 for the base (host-side: no device sync)
-        active = any(i > 0 for i in mapping.index_mapping)
-        wrappers = self.punica_wrapper_mapping.values()
-        for wrapper in wrappers:  # multimodal models: several wrappers, always active
-            wrapper.svda_active = active if len(wrappers) == 1 else True
-            wrapper.svda_layout = next(_LAYOUTS)  # the layers' gathered rows are stale
+        _mark_layout(self, mapping)
 
     cls._set_adapter_mapping = _set_adapter_mapping
+
+
+def _mark_layout(manager, mapping) -> None:
+    """Tell the layers about a new batch layout: whether any token has an adapter
+    (``svda_active``) and a :class:`.slices.BatchLayout` (``svda_layout``: the layers' gathered
+    rows are stale) made host-side from ``index_mapping`` (one lora id per token, 0 for the
+    base) and the tokens' slots with the base as the tables' last entry."""
+    import torch
+
+    from .slices import BatchLayout
+
+    ids = {i for i in mapping.index_mapping if i > 0}
+    used = frozenset(manager.lora_index_to_id.index(i) for i in ids)
+    wrappers = manager.punica_wrapper_mapping.values()
+    for wrapper in wrappers:  # multimodal models: several wrappers, always active
+        wrapper.svda_active = bool(ids) if len(wrappers) == 1 else True
+        tokens = wrapper.token_lora_indices
+        slots = torch.where(tokens < 0, manager.lora_slots, tokens)
+        wrapper.svda_layout = BatchLayout(used, slots) if len(wrappers) == 1 else object()
 
 
 def _fill_slot(manager, lora_id: int) -> None:

@@ -68,6 +68,7 @@ class StackedSlice:
     groups: tuple[StackedSlice, ...] = ()
     dense: tuple[tuple[torch.Tensor, torch.Tensor, int], ...] = ()  # (A_cat, B_cat, r) per term
     cache: dict = field(default_factory=dict, compare=False)  # per batch layout: gathered rows
+    present: set[int] = field(default_factory=set, compare=False)  # slots with a row here
     kinds: tuple[str, ...] = ()  # the stacked forms' primitives, in order
     places: tuple[tuple[str, int], ...] = ()  # per term: ("dense", j) or ("form", k)
     bases: tuple[BasisCut, ...] = ()  # per shared basis
@@ -223,7 +224,8 @@ def _stack_layout(forms, model_dtype, device, dense_limit, keep) -> StackedSlice
         table[i] = i
     return StackedSlice(
         dtype, needs_w0, form=form, table=table.to(device), dense=dense,
-        kinds=tuple(stacked.kinds()), places=places, bases=bases,
+        present={i for i, _ in present}, kinds=tuple(stacked.kinds()), places=places,
+        bases=bases,
     )  # fmt: skip
 
 
@@ -272,15 +274,29 @@ def slice_delta(
     return torch.zeros_like(out0) if delta is None else delta
 
 
+@dataclass(frozen=True, eq=False)
+class BatchLayout:
+    """One batch composition in the vLLM worker (the plugin makes one per LoRA mapping; equal
+    only to itself): ``used``, the slots some token is at; ``slots``, each token's slot with the
+    base as ``n_slots`` (a table's last entry: the zero row), so no token is ``-1``."""
+
+    used: frozenset[int]
+    slots: torch.Tensor
+
+
 def layout_cache(stacked: StackedSlice, slots: torch.Tensor, layout: object) -> dict:
     """What :func:`slice_delta` keeps per batch layout: ``idle`` when no token's slot has a row
-    in this stack (one host check per layout: such a stack is skipped), else the gathered rows
-    (:func:`_gather_layout`)."""
+    in this stack (such a stack is skipped), else the gathered rows (:func:`_gather_layout`).
+    With a :class:`BatchLayout` (``slots`` its tokens' slots) the idle check is host-side."""
     cache = stacked.cache
     if layout is None or cache.get("layout") != (layout, len(slots)):
         cache.clear()
-        rows = stacked.table[slots]  # -1 -> the zero row
-        idle = bool((rows == stacked.zero_row).all())
+        if isinstance(layout, BatchLayout):
+            idle = stacked.present.isdisjoint(layout.used)
+            rows = None if idle else stacked.table.index_select(0, slots)
+        else:
+            rows = stacked.table[slots]  # -1 -> the zero row
+            idle = bool((rows == stacked.zero_row).all())
         cache.update({"idle": True} if idle else {"idle": False, **_gather_layout(stacked, rows)})
         cache["layout"] = (layout, len(slots))
     return cache
@@ -289,7 +305,7 @@ def layout_cache(stacked: StackedSlice, slots: torch.Tensor, layout: object) -> 
 def _gather_layout(stacked: StackedSlice, rows: torch.Tensor) -> dict:
     """What one batch layout needs: the per-row form, and for the dense low-rank terms either
     each token's factors (few tokens: decode) or one-hot slot masks (many: prefill)."""
-    form = gather_slots(stacked.form, rows) if stacked.form.primitives() else None
+    form = gather_slots(stacked.form, rows, in_range=True) if stacked.form.primitives() else None
     only_scale = form is not None and form.output_scale is not None and len(form.primitives()) == 1
     out = {"form": form, "scale": form.output_scale.delta if only_scale else None}
     if len(rows) <= GATHER_MAX_TOKENS:

@@ -33,7 +33,7 @@ def update_slot(stacked: StackedSlice | None, slot: int, form: LayerForm | None)
     if stacked is None:
         return False
     groups = stacked.groups or (stacked,)
-    mine = [g for g in groups if int(g.table[slot]) != g.zero_row]  # the slot's group, if any
+    mine = [g for g in groups if slot in g.present]  # the slot's group, if any
     target = None
     if form is not None:
         target = next((g for g in mine + list(groups) if _write(g, slot, form)), None)
@@ -42,6 +42,7 @@ def update_slot(stacked: StackedSlice | None, slot: int, form: LayerForm | None)
     for group in mine:
         if group is not target:  # the slot left this layout: its tokens read the zero row
             group.table[slot] = group.zero_row
+            group.present.discard(slot)
             group.cache.clear()
     return True
 
@@ -59,6 +60,7 @@ def _write(stacked: StackedSlice, slot: int, form: LayerForm) -> bool:
     for target, index, value in writes + terms:
         target[index] = value  # copies, casting to the stack's dtype
     stacked.table[slot] = slot
+    stacked.present.add(slot)
     stacked.cache.clear()  # gathered rows of the old adapter
     return True
 

@@ -16,6 +16,7 @@ from svda.runtime.serving_form.primitives import LowRank
 from svda.server.engine_vllm import slices
 from svda.server.engine_vllm.forms import SHARED_DIR, read_forms, write_vllm_adapter
 from svda.server.engine_vllm.slices import (
+    BatchLayout,
     kept_cuts,
     slice_delta,
     stack_slice,
@@ -51,6 +52,13 @@ def _slice_delta(stacked, x, out0, weight, layout=None):
     return torch.zeros_like(out0) if delta is None else delta
 
 
+def _batch_layout(slots: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, BatchLayout]:
+    """What the plugin makes of a batch: the tokens' slots with the base as ``n_slots``."""
+    used = frozenset(int(k) for k in slots if k >= 0)
+    nonnegative = torch.where(slots < 0, n_slots, slots)
+    return nonnegative, BatchLayout(used, nonnegative)
+
+
 def _check_layers(model: AdapterModel, names: list[str | None], dense_limit: int = 1024):
     forms = {n: compile_adapter(model, n) for n in names if n is not None}
     generator = torch.Generator().manual_seed(0)
@@ -63,6 +71,12 @@ def _check_layers(model: AdapterModel, names: list[str | None], dense_limit: int
         got = out0 + _slice_delta(stacked, x, out0, w0, layout=1)
         again = out0 + _slice_delta(stacked, x, out0, w0, layout=1)  # gathered rows reused
         assert torch.equal(got, again)
+        slots, layout = _batch_layout(SLOTS, len(names))  # the plugin's host-side layout
+        via_layout = stacked_delta(stacked, x, out0, slots, lambda d, w=w0: w.to(d), layout)
+        assert torch.equal(got, out0 + via_layout)
+        assert set().union(*(g.present for g in stacked.groups or (stacked,))) == {
+            i for i, n in enumerate(names) if n is not None
+        }
         assert torch.equal(got[SLOTS < 0], out0[SLOTS < 0]), "base rows moved"
         assert torch.equal(got[SLOTS == 1], out0[SLOTS == 1]), "the empty slot moved its rows"
         for row, k in enumerate(SLOTS.tolist()):
@@ -145,10 +159,21 @@ def test_a_stack_no_token_uses_is_skipped(svd_cache):
     finally:
         slices.slice_delta = original
     assert calls == [stacked.groups[0]]
+    assert [g.present for g in stacked.groups] == [{0, 2}, set()]
+    calls.clear()
+    slots, layout = _batch_layout(SLOTS, 3)
+    slices.slice_delta = lambda part, *a, **k: calls.append(part) or original(part, *a, **k)
+    try:
+        via_layout = out0 + stacked_delta(stacked, x, out0, slots, None, layout)
+    finally:
+        slices.slice_delta = original
+    assert calls == [stacked.groups[0]] and torch.equal(via_layout, got)  # idle: host-side
     fresh = stack_slice([forms["a0"][name], None, forms["a2"][name]], torch.float32)
     torch.testing.assert_close(got, out0 + _slice_delta(fresh, x, out0, w0))
     base_only = torch.full_like(SLOTS, -1)
     assert stacked_delta(stacked, x, out0, base_only, None, layout=8) is None
+    slots, layout = _batch_layout(base_only, 3)
+    assert stacked_delta(stacked, x, out0, slots, None, layout) is None
 
 
 def _check_rows(stacked, x, out0, w0, held: dict):

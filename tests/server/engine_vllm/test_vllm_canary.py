@@ -92,6 +92,15 @@ def test_manager_hooks_exist_with_their_signatures():
     source = inspect.getsource(LoRAModelManager.activate_adapter)
     for name in ("lora_index_to_id", "_registered_adapters", "self.modules"):
         assert name in source, f"LoRAModelManager.activate_adapter no longer uses {name}"
+    # the batch layout (plugin._mark_layout): slots per token from the mapping's lora ids, and
+    # max_loras slots (the base row of every svda table is the last, index lora_slots)
+    slots = LoRAModelManager.__dict__.get("lora_slots")
+    assert isinstance(slots, property) and "max_loras" in inspect.getsource(slots.fget)
+    mapping = inspect.getsource(LoRAModelManager._set_adapter_mapping)
+    assert "lora_index_to_id" in mapping and "punica_wrapper" in mapping
+    from vllm.lora.layers import LoRAMapping
+
+    assert "index_mapping" in inspect.signature(LoRAMapping).parameters
 
 
 def test_engine_arguments_and_request_types():
