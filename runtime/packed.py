@@ -36,10 +36,14 @@ class PackedAdapters:
         self._require_unmerged("add_packed_adapter")  # bases must come from the original W0
         if not layers:
             raise AdapterConfigError(f"adapter {name!r} has no target layers")
-        self._check_packed_targets(config, layers)  # before anything is allocated
+        if layers[0][0] not in self.layer_shapes():
+            self._check_packed_targets(config, layers)  # says which layers are unknown
         dtype = self.target_info(layers[0][0]).dtype
         layout = BankLayout.of(config, dtype, layers, layer_key)
-        bank = self.banks.get(layout) or self._new_bank(layout, config)
+        bank = self.banks.get(layout)
+        if bank is None:  # a bank of this layout passed these checks (same config and layers)
+            self._check_packed_targets(config, layers)  # before anything is allocated
+            bank = self._new_bank(layout, config)
         try:
             bank.add(name, tensors)
         except AdapterConfigError:

@@ -12,6 +12,7 @@ Every failure is an :class:`AdapterConfigError` naming the field, its value and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -141,10 +142,16 @@ def _check_number(method: str, name: str, value: Any) -> None:
         require(math.isfinite(value), f"{method} {name} must be a finite number, got {value!r}")
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config class (resolving them evaluates strings: slow)."""
+    return typing.get_type_hints(cls)
+
+
 def check_field_types(config: AdapterConfig) -> None:
     """Every dataclass field of ``config`` has its annotated type (strictly), ints fit in
     int64 and floats are finite; else :class:`AdapterConfigError` naming field and value."""
-    hints = typing.get_type_hints(type(config))
+    hints = _type_hints(type(config))
     method = config.method
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)

@@ -160,6 +160,9 @@ class AdapterManager:
         self._pool = ThreadPoolExecutor(
             threads, thread_name_prefix="svda-adapter-load", initializer=_one_torch_thread
         )
+        # called on the loader thread, model lock held, right after an adapter is attached:
+        # (key, internal name); an exception fails the load (another engine's export step)
+        self.on_attached: Callable[[Key, str], None] | None = None
 
     # ----- lookups ----------------------------------------------------------------------------
     def resolve(self, adapter_id: str, tenant: str | None = None) -> StoreEntry:
@@ -249,6 +252,12 @@ class AdapterManager:
                 self.model.unmerge()
                 self.model.set_adapter(None)
             load_adapter(adapter_file, self.model, name, prune_tolerance=self.prune_tolerance)
+            try:
+                if self.on_attached is not None:
+                    self.on_attached(key_of(entry), name)
+            except BaseException:
+                self.model.delete_adapter(name)
+                raise
             nbytes = self.model.adapter_nbytes(name)
         return Resident(key_of(entry), name, entry, nbytes, last_used=time.time(), uses=1)
 

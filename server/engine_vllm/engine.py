@@ -84,6 +84,8 @@ class VllmEngine:
         self.settings, self.metrics, self.base = settings, metrics, base
         self._folder = Path(tempfile.mkdtemp(prefix="svda-vllm-"))
         self._loras: dict[Any, Any] = {}  # adapter key -> vllm LoRARequest
+        self._exported: dict[Any, tuple[int, Path]] = {}  # key -> (lora id, folder), unused yet
+        self.native.adapters.on_attached = self._export_attached
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._tasks: dict[str, asyncio.Task] = {}
@@ -247,15 +249,32 @@ class VllmEngine:
         seq.adapter_name = name
         with self._lock:
             lora = self._loras.get(seq.key)
+            again = self._exported.pop(seq.key, None) if lora is not None else None
+        if again is not None:  # attached again before vLLM forgot it: the known folder serves
+            await asyncio.to_thread(shutil.rmtree, again[1], True)
         if lora is not None:
             return lora
         await self._forget_unloaded()
-        lora_id = next(self._ids)
-        folder = self._folder / f"adapter-{lora_id}"
-        await asyncio.to_thread(self._export, name, folder)
+        with self._lock:
+            exported = self._exported.pop(seq.key, None)
+        if exported is None:  # attached before this engine exported on attach
+            lora_id = next(self._ids)
+            folder = self._folder / f"adapter-{lora_id}"
+            await asyncio.to_thread(self._export, name, folder)
+        else:
+            lora_id, folder = exported
         lora = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(folder))
         with self._lock:
             return self._loras.setdefault(seq.key, lora)
+
+    def _export_attached(self, key: Any, name: str) -> None:
+        """On the loader thread, as soon as the native side attached an adapter: its vLLM
+        folder (no second hop to a thread when its first request asks for it)."""
+        lora_id = next(self._ids)
+        folder = self._folder / f"adapter-{lora_id}"
+        self._export(name, folder)
+        with self._lock:
+            self._exported[key] = (lora_id, folder)
 
     async def _forget_unloaded(self) -> None:
         """Remove from vLLM the adapters the native side no longer holds (unloaded or evicted:
@@ -263,9 +282,12 @@ class VllmEngine:
         resident = self.native.adapters.resident_keys()
         with self._lock:
             gone = [self._loras.pop(k) for k in list(self._loras) if k not in resident]
+            unused = [self._exported.pop(k)[1] for k in list(self._exported) if k not in resident]
         for lora in gone:
             await self._llm.remove_lora(lora.lora_int_id)
             await asyncio.to_thread(shutil.rmtree, lora.lora_path, True)
+        for folder in unused:
+            await asyncio.to_thread(shutil.rmtree, folder, True)
 
     def _export(self, name: str, folder: Path) -> None:
         with self.native._model_lock:

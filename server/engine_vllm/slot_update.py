@@ -59,8 +59,9 @@ def _write(stacked: StackedSlice, slot: int, form: LayerForm) -> bool:
         return False
     for target, index, value in writes + terms:
         target[index] = value  # copies, casting to the stack's dtype
-    stacked.table[slot] = slot
-    stacked.present.add(slot)
+    if slot not in stacked.present:  # else its table entry is the slot's row already
+        stacked.table[slot] = slot
+        stacked.present.add(slot)
     stacked.cache.clear()  # gathered rows of the old adapter
     return True
 

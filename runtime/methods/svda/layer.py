@@ -184,18 +184,11 @@ class SvdaWeights(AdapterWeights):
         rows = _norm_bound_rows(shared, plan, s.dtype, memo)
         b2, d = b.double().square(), s.double().square() - plan.sigma.double().square()
 
-        def per_layer(values, index, reduce="sum"):
-            out = torch.zeros(plan.n_layers, dtype=torch.float64, device=values.device)
-            if reduce == "sum":
-                return out.index_add_(0, index, values)
-            return out.scatter_reduce_(0, index, values, "amax", include_self=False)
-
-        base = per_layer(b2 * rows.r, plan.layer_of_b)
-        on_d = per_layer(d.abs(), plan.layer_of_k, "amax") * per_layer(
-            b2 * rows.rho, plan.layer_of_b
-        )
-        on_b = per_layer(d.abs(), plan.layer_of_k) * per_layer(b2, plan.layer_of_b, "amax")
-        both = (per_layer(b2 * b2, plan.layer_of_b) * per_layer(d * d, plan.layer_of_k)).sqrt()
+        d_abs, per_b, per_k = d.abs(), plan.b_lengths, plan.k_lengths
+        base = _per_layer(b2 * rows.r, per_b)
+        on_d = _per_layer(d_abs, per_k, "max") * _per_layer(b2 * rows.rho, per_b)
+        on_b = _per_layer(d_abs, per_k) * _per_layer(b2, per_b, "max")
+        both = (_per_layer(b2 * b2, per_b) * _per_layer(d * d, per_k)).sqrt()
         c = torch.minimum(torch.minimum(on_d, on_b * rows.kappa), both * rows.spectral)
         return (base - c).clamp_min(0).sqrt(), (base + c).sqrt()
 
@@ -212,12 +205,10 @@ class SvdaWeights(AdapterWeights):
         constants between adapters."""
         s, b = tensors["svda_s"], tensors["svda_b"]
         plan = _prune_plan(layers, shared, s, memo if memo is not None else {})
-        b_max = torch.zeros(plan.n_layers, dtype=b.dtype, device=b.device).scatter_reduce(
-            0, plan.layer_of_b, b.abs(), "amax", include_self=False
-        )
-        bound_sq = ((s - plan.sigma).double() * b_max.double()[plan.layer_of_k]) ** 2  # (Σk,)
+        b_max = _per_layer(b.abs().double(), plan.b_lengths, "max")  # (L,)
+        bound_sq = ((s - plan.sigma).double() * b_max[plan.layer_of_k]) ** 2  # (Σk,)
         budget = (tolerance * delta_norms.to(s.device, torch.float64)) ** 2  # (L,)
-        totals = torch.zeros_like(budget).index_add_(0, plan.layer_of_k, bound_sq)
+        totals = _per_layer(bound_sq, plan.k_lengths)
         whole = totals <= budget  # layers where every component may go: no sort needed
         drop = whole[plan.layer_of_k]  # (Σk,) bool
         partial = (~whole).nonzero().flatten()
@@ -315,6 +306,8 @@ class _PrunePlan:
     sigma: torch.Tensor  # (Σk,) σ[:k] of every layer
     layer_of_k: torch.Tensor  # (Σk,) layer of each s entry
     layer_of_b: torch.Tensor  # (Σd1,) layer of each b entry
+    k_lengths: torch.Tensor  # (L,) s entries of each layer
+    b_lengths: torch.Tensor  # (L,) b entries of each layer
     starts: torch.Tensor  # (L,) first s entry of each layer
     padded_index: torch.Tensor  # (Σk,) position of each s entry in a flat (L, k_max) matrix
     k_max: int
@@ -386,6 +379,12 @@ def _norm_bound_rows(shared, plan: _PrunePlan, dtype: torch.dtype, memo: dict) -
     return memo[key]
 
 
+def _per_layer(values: torch.Tensor, lengths: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+    """Sum or max of ``values`` (Σn, ...) over each layer's ``lengths`` consecutive entries
+    (L, ...); a max of non-negative values (an empty layer: 0)."""
+    return torch.segment_reduce(values, reduce, lengths=lengths, axis=0, initial=0)
+
+
 def _smallest_within_budget(
     bound_sq: torch.Tensor, plan: _PrunePlan, layers: torch.Tensor, budget: torch.Tensor
 ) -> torch.Tensor:
@@ -414,6 +413,8 @@ def _prune_plan(layers, shared, like: torch.Tensor, memo: dict) -> _PrunePlan:
         sigma=_sigma_concat(shared, k_sizes, like.dtype, memo).to(like.device),
         layer_of_k=layer_of_k.to(like.device),
         layer_of_b=layer_of_b.to(like.device),
+        k_lengths=torch.tensor(k_sizes, device=like.device),
+        b_lengths=torch.tensor(d_sizes, device=like.device),
         starts=starts.to(like.device),
         padded_index=(layer_of_k * max(k_sizes) + column).to(like.device),
         k_max=max(k_sizes),

@@ -133,6 +133,45 @@ def test_unload_removes_the_adapter_from_vllm_and_a_later_request_brings_it_back
 
 
 @pytest.mark.slow
+def test_an_adapter_is_exported_as_it_is_attached_and_used_once(vllm_engine, monkeypatch):
+    """The loader thread writes the vLLM folder right after the native attach (a preload, or a
+    cold request); the first request takes it, no second export. An adapter unloaded before
+    any request used its folder leaves no folder behind."""
+    vllm_engine.unload_adapter("lora")
+    vllm_engine.load_adapter("lora")  # attached: exported on the loader thread
+    (key,) = [k for k in vllm_engine._exported if k.id == "lora"]
+    lora_id, folder = vllm_engine._exported[key]
+    assert (folder / "svda_forms.safetensors").is_file()
+    exports = []
+    monkeypatch.setattr(vllm_engine, "_export", lambda *a: exports.append(a))
+    _run(vllm_engine, [("lora", PROMPTS[0])])
+    assert exports == [] and key not in vllm_engine._exported
+    assert vllm_engine._loras[key].lora_int_id == lora_id
+    vllm_engine.unload_adapter("dora")
+    vllm_engine.load_adapter("dora")
+    (key,) = [k for k in vllm_engine._exported if k.id == "dora"]
+    folder = vllm_engine._exported[key][1]
+    vllm_engine.unload_adapter("dora")
+    assert key not in vllm_engine._exported and not folder.exists()
+
+
+def test_a_failing_export_on_attach_fails_the_load_and_attaches_nothing(vllm_engine):
+    manager, hook = vllm_engine.native.adapters, vllm_engine.native.adapters.on_attached
+
+    def broken(key, name):
+        raise OSError("disk full")
+
+    manager.on_attached = broken
+    try:
+        vllm_engine.unload_adapter("vera")
+        with pytest.raises(OSError, match="disk full"):
+            vllm_engine.load_adapter("vera")
+        assert all(r.adapter_id != "vera" for r in vllm_engine.resident_adapters())
+    finally:
+        manager.on_attached = hook
+
+
+@pytest.mark.slow
 def test_adapters_swapped_through_two_slots_equal_native(vllm_folder, tmp_path):
     """Two LoRA slots, six adapters of two methods requested in turn: each new adapter takes a
     slot another held (written in place when its layout fits, else restacked); every row
