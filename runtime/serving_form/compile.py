@@ -10,7 +10,7 @@ an :class:`~svda.runtime.AdapterModel`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -63,11 +63,12 @@ def stack_forms(forms: Sequence[LayerForm]) -> LayerForm:
             "adapters of one method and layer only"
         )
     fields: dict[str, Any] = {}
+    memo: dict = {}  # a per-slot tensor two fields share in every form stays one tensor
     for name in ("input_scale", "input_rotation", "output_rotation", "output_scale", "bias"):
         parts = [getattr(f, name) for f in forms]
-        fields[name] = None if parts[0] is None else _stack_primitive(parts)
+        fields[name] = None if parts[0] is None else _stack_primitive(parts, memo)
     fields["terms"] = tuple(
-        _stack_primitive([f.terms[i] for f in forms]) for i in range(len(first.terms))
+        _stack_primitive([f.terms[i] for f in forms], memo) for i in range(len(first.terms))
     )
     n = sum(f.n_slots for f in forms)
     return LayerForm(first.d_in, first.d_out, n, **fields)
@@ -89,7 +90,7 @@ def can_stack(a: LayerForm, b: LayerForm) -> bool:
     return True
 
 
-def _stack_primitive(parts: Sequence[Any]) -> Any:
+def _stack_primitive(parts: Sequence[Any], memo: dict) -> Any:
     first = parts[0]
     if isinstance(first, LowRank):
         r = max(p.A.shape[1] for p in parts)
@@ -107,8 +108,18 @@ def _stack_primitive(parts: Sequence[Any]) -> Any:
                 )
             values[f.name] = items[0]
         else:
-            values[f.name] = torch.cat(items)
+            values[f.name] = identity_memo(memo, items, lambda x=items: torch.cat(x))
     return type(first)(**values)
+
+
+def identity_memo(memo: dict, sources: Sequence[Any], make: Callable[[], Any]) -> Any:
+    """``make()``, once per tuple of source objects (by identity) within one ``memo``: a tensor
+    that several fields share stays one tensor through a transformation of the form."""
+    key = tuple(map(id, sources))
+    hit = memo.get(key)
+    if hit is None or any(a is not b for a, b in zip(hit[0], sources, strict=True)):
+        hit = memo[key] = (tuple(sources), make())
+    return hit[1]
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -24,20 +24,28 @@ from ..methods.urnn.unitary import (
     to_complex,
     to_real,
 )
-from .compile import SHARED_FIELDS
+from .compile import SHARED_FIELDS, identity_memo
 from .primitives import LayerForm, LowRank, OutputRotation, SharedBasisLowRank
 
 
-def _map_per_slot(p: Any, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> Any:
+def _map_per_slot(
+    p: Any, fn: Callable[[str, torch.Tensor], torch.Tensor], memo: dict | None = None
+) -> Any:
     """``p`` with ``fn(name, tensor)`` applied to its per-slot tensors (a low-rank term's are all
-    per slot; other primitives keep their shared fields, :data:`SHARED_FIELDS`, as they are)."""
+    per slot; other primitives keep their shared fields, :data:`SHARED_FIELDS`, as they are).
+    ``memo`` (one per form): a tensor two fields share is mapped once and stays shared."""
     values = {}
     for f in dataclasses.fields(p):
         value = getattr(p, f.name)
         per_slot = isinstance(value, torch.Tensor) and (
             isinstance(p, LowRank) or f.name not in SHARED_FIELDS
         )
-        values[f.name] = fn(f.name, value) if per_slot else value
+        if not per_slot:
+            values[f.name] = value
+        elif memo is None:
+            values[f.name] = fn(f.name, value)
+        else:
+            values[f.name] = identity_memo(memo, (value,), lambda n=f.name, v=value: fn(n, v))
     return type(p)(**values)
 
 
@@ -50,8 +58,9 @@ def with_zero_row(form: LayerForm) -> LayerForm:
             zero = p.v0[None] if name == "v" else value.new_zeros(1, *value.shape[1:])
             return torch.cat([value, zero])
 
-        return _map_per_slot(p, append_zero)
+        return _map_per_slot(p, append_zero, memo)
 
+    memo: dict = {}
     return form.map_primitives(pad, n_slots=form.n_slots + 1)
 
 
@@ -64,7 +73,8 @@ def gather_slots(form: LayerForm, slots: torch.Tensor, in_range: bool = False) -
     def gather(_: str, value: torch.Tensor) -> torch.Tensor:
         return value.index_select(0, slots) if in_range else value[slots]
 
-    return form.map_primitives(lambda p: _map_per_slot(p, gather), n_slots=len(slots))
+    memo: dict = {}
+    return form.map_primitives(lambda p: _map_per_slot(p, gather, memo), n_slots=len(slots))
 
 
 def _rows(table: torch.Tensor, ndim: int, lead: int = 1) -> torch.Tensor:

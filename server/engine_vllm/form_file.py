@@ -108,12 +108,14 @@ def load_forms(path: Path, resolve: Callable[[str], torch.Tensor]) -> dict[str, 
         buffer = flat.get(f"flat.{kind}")
         if buffer is None or buffer.numel() < end:
             raise ValueError(f"a serving-form tensor lies outside the file's {kind} data")
-    forms = {}
+    forms, views = {}, {}
     for layer, entry in layout.items():
         sides = {
-            side: _decode(p, flat, resolve) for side, p in entry["sides"].items() if side in SIDES
+            side: _decode(p, flat, resolve, views)
+            for side, p in entry["sides"].items()
+            if side in SIDES
         }
-        terms = tuple(_decode(p, flat, resolve) for p in entry["terms"])
+        terms = tuple(_decode(p, flat, resolve, views) for p in entry["terms"])
         forms[layer] = LayerForm(
             int(entry["d_in"]), int(entry["d_out"]), int(entry["n_slots"]), terms=terms, **sides
         )
@@ -184,23 +186,28 @@ def _encode(p: Any, packer: _Packer, ref_of: Callable) -> dict:
     return out
 
 
-def _decode(p: dict, flat: dict[str, torch.Tensor], resolve: Callable) -> Any:
+def _decode(p: dict, flat: dict[str, torch.Tensor], resolve: Callable, views: dict) -> Any:
     cls = PRIMITIVES.get(p.get("type"))
     if cls is None:
         raise ValueError(f"unknown serving-form primitive {p.get('type')!r}")
-    values = {name: _view(flat, place) for name, place in p["tensors"].items()}
+    values = {name: _view(flat, place, views) for name, place in p["tensors"].items()}
     values.update({name: resolve(ref) for name, ref in p["refs"].items()})
     values.update(p["values"])
     return cls(**values)
 
 
-def _view(flat: dict[str, torch.Tensor], place: Any) -> torch.Tensor:
-    """``flat.<dtype>[offset : offset + numel]`` shaped (inside it: :func:`_parsed_layout`)."""
+def _view(flat: dict[str, torch.Tensor], place: Any, views: dict) -> torch.Tensor:
+    """``flat.<dtype>[offset : offset + numel]`` shaped (inside it: :func:`_parsed_layout`);
+    one view per place (a tensor the writer stored once for two fields is one tensor again)."""
     kind, offset, shape = place
+    key = (kind, offset, *shape)
+    if key in views:
+        return views[key]
     buffer = flat[f"flat.{kind}"]
-    return buffer.as_strided(
+    views[key] = buffer.as_strided(
         shape, _contiguous_strides(tuple(shape)), buffer.storage_offset() + offset
     )
+    return views[key]
 
 
 @functools.lru_cache(maxsize=1024)

@@ -33,6 +33,7 @@ from svda.runtime.serving_form import (
     stack_forms,
     with_zero_row,
 )
+from svda.runtime.serving_form.compile import identity_memo
 from svda.runtime.serving_form.primitives import LowRank, SharedBasisLowRank
 
 DENSE_LOW_RANK_MAX = 1024  # slots x rank up to which low-rank terms are kept concatenated
@@ -89,8 +90,11 @@ def cast_form(form: LayerForm, dtype: torch.dtype, device: torch.device | str = 
     """``form`` on ``device`` with its float tensors in ``dtype`` (permutations stay ``long``);
     shared bases through :func:`shared_tensor` (once per basis, not once per composition)."""
 
+    memo: dict = {}  # a tensor two fields share stays one
+
     def one(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, dtype if t.is_floating_point() else t.dtype).contiguous()
+        cast = lambda: t.to(device, dtype if t.is_floating_point() else t.dtype).contiguous()  # noqa: E731
+        return identity_memo(memo, (t,), cast)
 
     def primitive(p):
         shared = SHARED_BASIS if isinstance(p, SharedBasisLowRank) else ()

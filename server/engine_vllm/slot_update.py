@@ -57,8 +57,12 @@ def _write(stacked: StackedSlice, slot: int, form: LayerForm) -> bool:
     terms = _term_writes(stacked, form, slot)
     if writes is None or terms is None:
         return False
-    for target, index, value in writes + terms:
-        target[index] = value  # copies, casting to the stack's dtype
+    plan: dict[int, tuple] = {}  # stacked tensor -> its write (target, index, row, field)
+    for write in writes + terms:
+        if plan.setdefault(id(write[0]), write)[3] is not write[3]:
+            return False  # the stack shares this tensor between two fields; the form does not
+    for target, index, row, _ in plan.values():  # a shared tensor is written once
+        target[index] = row  # copies, casting to the stack's dtype
     if slot not in stacked.present:  # else its table entry is the slot's row already
         stacked.table[slot] = slot
         stacked.present.add(slot)
@@ -81,7 +85,7 @@ def _side_writes(stacked: StackedSlice, form: LayerForm, row: int) -> list | Non
                 if not torch.equal(value.to(target), target):
                     return None
             else:
-                writes.append((target, row, value[0]))
+                writes.append((target, row, value[0], value))
     return writes
 
 
@@ -104,12 +108,12 @@ def _term_writes(stacked: StackedSlice, form: LayerForm, row: int) -> list | Non
 def _shared_basis_writes(old: SharedBasisLowRank, basis: BasisCut, new: SharedBasisLowRank, row):
     if not (_same(new.A, basis.A) and _same(new.B, basis.B)):
         return None  # another basis (e.g. another seed): not the stacked one
-    inner = new.inner[0]
+    inner, outer = new.inner[0], (old.outer, row, new.outer[0], new.outer)
     if basis.kept is None:  # no cut
-        return [(old.inner, row, inner), (old.outer, row, new.outer[0])]
+        return [(old.inner, row, inner, new.inner), outer]
     if bool(inner.index_select(0, basis.dropped).any()):
         return None  # a component the stacked cut dropped
-    return [(old.inner, row, inner.index_select(0, basis.kept)), (old.outer, row, new.outer[0])]
+    return [(old.inner, row, inner.index_select(0, basis.kept), new.inner), outer]
 
 
 def _dense_writes(dense: tuple, new: LowRank, row: int) -> list | None:
@@ -120,7 +124,7 @@ def _dense_writes(dense: tuple, new: LowRank, row: int) -> list | None:
     span = slice(row * r, (row + 1) * r)
     a = F.pad(new.A[0], (0, 0, 0, r - r_new))  # (r, d_in), zero rows past r_new
     b = F.pad(new.B[0], (0, r - r_new))  # (d_out, r)
-    return [(a_cat, span, a), (b_cat, (slice(None), span), b)]
+    return [(a_cat, span, a, new.A), (b_cat, (slice(None), span), b, new.B)]
 
 
 def _low_rank_writes(old: LowRank, new: LowRank, row: int) -> list | None:
@@ -128,8 +132,8 @@ def _low_rank_writes(old: LowRank, new: LowRank, row: int) -> list | None:
     if r_new > r:
         return None
     return [
-        (old.A, row, F.pad(new.A[0], (0, 0, 0, r - r_new))),
-        (old.B, row, F.pad(new.B[0], (0, r - r_new))),
+        (old.A, row, F.pad(new.A[0], (0, 0, 0, r - r_new)), new.A),
+        (old.B, row, F.pad(new.B[0], (0, r - r_new)), new.B),
     ]
 
 
