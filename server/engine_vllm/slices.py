@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +33,13 @@ from svda.runtime.serving_form import (
     stack_forms,
     with_zero_row,
 )
-from svda.runtime.serving_form.compile import identity_memo
+from svda.runtime.serving_form.compile import SHARED_FIELDS, identity_memo
 from svda.runtime.serving_form.primitives import LowRank, SharedBasisLowRank
 
 DENSE_LOW_RANK_MAX = 1024  # slots x rank up to which low-rank terms are kept concatenated
 GATHER_MAX_TOKENS = 64  # up to this many tokens, each token's factors are gathered per layout
 SHARED_BASIS = ("A", "B")  # a SharedBasisLowRank's shared fields
+SIDES = ("input_scale", "input_rotation", "output_rotation", "output_scale", "bias")
 _MEMO: dict = {}  # (id, dtype, device, cut, dim) -> (shared tensor, cut and cast copy)
 _MEMO_MAX = 4096
 _MEMO_LOCK = threading.Lock()
@@ -70,6 +71,7 @@ class StackedSlice:
     dense: tuple[tuple[torch.Tensor, torch.Tensor, int], ...] = ()  # (A_cat, B_cat, r) per term
     cache: dict = field(default_factory=dict, compare=False)  # per batch layout: gathered rows
     present: set[int] = field(default_factory=set, compare=False)  # slots with a row here
+    gather: FormGather | None = field(default=None, compare=False)  # rows -> per-row form
     kinds: tuple[str, ...] = ()  # the stacked forms' primitives, in order
     places: tuple[tuple[str, int], ...] = ()  # per term: ("dense", j) or ("form", k)
     bases: tuple[BasisCut, ...] = ()  # per shared basis
@@ -78,6 +80,46 @@ class StackedSlice:
     def zero_row(self) -> int:
         """The row that adds exact zeros (last): slot -1 and slots without a form read it."""
         return self.form.n_slots - 1
+
+
+class FormGather:
+    """:func:`gather_slots` of one stacked form, planned once: its per-slot tensors (each
+    once, though two fields share it) and how to rebuild the form around their gathered rows,
+    so that a new batch layout costs the gathers and a few constructors, no introspection."""
+
+    def __init__(self, form: LayerForm) -> None:
+        self.form, self.tensors = form, []
+        places: dict[int, int] = {}
+
+        def plan(p: Any) -> tuple:
+            fixed, per_slot = {}, []
+            for f in fields(p):
+                value = getattr(p, f.name)
+                if isinstance(value, torch.Tensor) and (
+                    isinstance(p, LowRank) or f.name not in SHARED_FIELDS
+                ):
+                    if id(value) not in places:
+                        places[id(value)] = len(self.tensors)
+                        self.tensors.append(value)
+                    per_slot.append((f.name, places[id(value)]))
+                else:
+                    fixed[f.name] = value
+            return type(p), fixed, per_slot
+
+        self.sides = [(n, plan(getattr(form, n))) for n in SIDES if getattr(form, n) is not None]
+        self.terms = [plan(t) for t in form.terms]
+
+    def __call__(self, rows: torch.Tensor) -> LayerForm:
+        """The form whose row ``i`` is row ``rows[i]`` (no ``-1``) of the stacked form."""
+        gathered = [t.index_select(0, rows) for t in self.tensors]
+
+        def build(spec: tuple) -> Any:
+            cls, fixed, per_slot = spec
+            return cls(**fixed, **{name: gathered[i] for name, i in per_slot})
+
+        sides = {name: build(spec) for name, spec in self.sides}
+        terms = tuple(build(spec) for spec in self.terms)
+        return LayerForm(self.form.d_in, self.form.d_out, len(rows), terms=terms, **sides)
 
 
 def compute_dtype(forms: list[LayerForm], model_dtype: torch.dtype) -> torch.dtype:
@@ -228,8 +270,8 @@ def _stack_layout(forms, model_dtype, device, dense_limit, keep) -> StackedSlice
         table[i] = i
     return StackedSlice(
         dtype, needs_w0, form=form, table=table.to(device), dense=dense,
-        present={i for i, _ in present}, kinds=tuple(stacked.kinds()), places=places,
-        bases=bases,
+        present={i for i, _ in present}, gather=FormGather(form), kinds=tuple(stacked.kinds()),
+        places=places, bases=bases,
     )  # fmt: skip
 
 
@@ -309,7 +351,7 @@ def layout_cache(stacked: StackedSlice, slots: torch.Tensor, layout: object) -> 
 def _gather_layout(stacked: StackedSlice, rows: torch.Tensor) -> dict:
     """What one batch layout needs: the per-row form, and for the dense low-rank terms either
     each token's factors (few tokens: decode) or one-hot slot masks (many: prefill)."""
-    form = gather_slots(stacked.form, rows, in_range=True) if stacked.form.primitives() else None
+    form = stacked.gather(rows) if stacked.form.primitives() else None
     only_scale = form is not None and form.output_scale is not None and len(form.primitives()) == 1
     out = {"form": form, "scale": form.output_scale.delta if only_scale else None}
     if len(rows) <= GATHER_MAX_TOKENS:

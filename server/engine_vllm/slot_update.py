@@ -21,9 +21,7 @@ from svda.runtime.serving_form import LayerForm
 from svda.runtime.serving_form.compile import SHARED_FIELDS
 from svda.runtime.serving_form.primitives import LowRank, SharedBasisLowRank
 
-from .slices import BasisCut, StackedSlice
-
-SIDES = ("input_scale", "input_rotation", "output_rotation", "output_scale", "bias")
+from .slices import SIDES, BasisCut, StackedSlice
 
 
 def update_slot(stacked: StackedSlice | None, slot: int, form: LayerForm | None) -> bool:

@@ -375,3 +375,26 @@ def test_bf16_shared_bases_through_the_packed_gemm(moved, svd_cache):
             want = slice_delta(stacked, x, out0, SLOTS, None, None, F.linear)
             got = slice_delta(stacked, x, out0, SLOTS, None, None, packed_linear)
             torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("method", linear_methods())
+def test_the_planned_gather_equals_gather_slots(method, svd_cache):
+    """A stack's :class:`FormGather` (planned once) gives what ``gather_slots`` gives, field for
+    field, and keeps a tensor two fields share shared."""
+    from dataclasses import fields
+
+    from svda.runtime.serving_form import gather_slots
+
+    model = _model([method, method], svd_cache)
+    forms = {n: compile_adapter(model, n) for n in ("a0", "a1")}
+    rows = torch.tensor([1, 0, 2, 2, 1])  # row 2: the zero row
+    for name in forms["a0"]:
+        stacked = stack_slice([forms["a0"][name], forms["a1"][name]], torch.float32, dense_limit=0)
+        got, want = stacked.gather(rows), gather_slots(stacked.form, rows)
+        assert got.kinds() == want.kinds() and got.n_slots == want.n_slots == len(rows)
+        for p, q in zip(got.primitives(), want.primitives(), strict=True):
+            for f in fields(q):
+                a, b = getattr(p, f.name), getattr(q, f.name)
+                assert torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b, f.name
+        if method == "svda":
+            assert got.output_scale.delta is got.terms[0].outer
