@@ -17,7 +17,7 @@ import json
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -99,27 +99,83 @@ def _first_base(forms: dict[str, LayerForm], ref_of: Callable) -> torch.Tensor |
 
 def load_forms(path: Path, resolve: Callable[[str], torch.Tensor]) -> dict[str, LayerForm]:
     """The forms of a file written by :func:`save_forms` (CPU tensors, views of the flat ones)."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        layout, extents = _parsed_layout((f.metadata() or {}).get(META_KEY, "null"))
-        if not isinstance(layout, dict):
-            raise ValueError(f"{path} holds no svda serving forms")
-        flat = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
-    for kind, end in extents.items():
-        buffer = flat.get(f"flat.{kind}")
-        if buffer is None or buffer.numel() < end:
-            raise ValueError(f"a serving-form tensor lies outside the file's {kind} data")
-    forms, views = {}, {}
-    for layer, entry in layout.items():
-        sides = {
-            side: _decode(p, flat, resolve, views)
-            for side, p in entry["sides"].items()
-            if side in SIDES
-        }
-        terms = tuple(_decode(p, flat, resolve, views) for p in entry["terms"])
-        forms[layer] = LayerForm(
-            int(entry["d_in"]), int(entry["d_out"]), int(entry["n_slots"]), terms=terms, **sides
-        )
-    return forms
+    forms = FormsFile(path, resolve)
+    return {layer: forms.form(layer) for layer in forms.layout}
+
+
+class FormsFile:
+    """A forms file read whole, each layer's form decoded when first asked for (:meth:`form`).
+    ``layout`` is one object per distinct layout text in this process, so adapters of one
+    slot bank share it; :meth:`place_of` tells where a decoded tensor lies in ``flat``."""
+
+    def __init__(self, path: Path, resolve: Callable[[str], torch.Tensor]) -> None:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            self.layout, extents = _parsed_layout((f.metadata() or {}).get(META_KEY, "null"))
+            if not isinstance(self.layout, dict):
+                raise ValueError(f"{path} holds no svda serving forms")
+            self.flat = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no iter)
+        for kind, end in extents.items():
+            buffer = self.flat.get(f"flat.{kind}")
+            if buffer is None or buffer.numel() < end:
+                raise ValueError(f"a serving-form tensor lies outside the file's {kind} data")
+        self.resolve = resolve
+        self._views: dict[tuple, torch.Tensor] = {}  # (key, offset, *shape) -> one view
+        self._places: dict[int, tuple] = {}  # id(view) -> (flat key, offset, shape)
+        self._forms: dict[str, LayerForm] = {}
+
+    def form(self, layer: str) -> LayerForm:
+        if layer not in self._forms:
+            entry = self.layout[layer]
+            sides = {s: self._decode(p) for s, p in entry["sides"].items() if s in SIDES}
+            terms = tuple(self._decode(p) for p in entry["terms"])
+            self._forms[layer] = LayerForm(
+                int(entry["d_in"]), int(entry["d_out"]), int(entry["n_slots"]), terms=terms,
+                **sides,
+            )  # fmt: skip
+        return self._forms[layer]
+
+    def lazy(self) -> dict[str, LazyForm]:
+        """Layer name -> its form, not decoded yet."""
+        return {layer: LazyForm(self, layer) for layer in self.layout}
+
+    def place_of(self, tensor: torch.Tensor) -> tuple[str, int, tuple[int, ...]] | None:
+        """``(flat key, offset, shape)`` of a tensor of a form decoded from this file."""
+        place = self._places.get(id(tensor))
+        return place[:3] if place is not None and self._views.get(place[3]) is tensor else None
+
+    def _decode(self, p: dict) -> Any:
+        cls = PRIMITIVES.get(p.get("type"))
+        if cls is None:
+            raise ValueError(f"unknown serving-form primitive {p.get('type')!r}")
+        values = {name: self._view(place) for name, place in p["tensors"].items()}
+        values.update({name: self.resolve(ref) for name, ref in p["refs"].items()})
+        values.update(p["values"])
+        return cls(**values)
+
+    def _view(self, place: Any) -> torch.Tensor:
+        """``flat.<dtype>[offset : offset + numel]`` shaped (inside it: :func:`_parsed_layout`);
+        one view per place (a tensor the writer stored once for two fields is one again)."""
+        kind, offset, shape = place
+        key = (f"flat.{kind}", offset, *shape)
+        if key not in self._views:
+            buffer = self.flat[key[0]]
+            strides = _contiguous_strides(tuple(shape))
+            view = buffer.as_strided(shape, strides, buffer.storage_offset() + offset)
+            self._views[key] = view
+            self._places[id(view)] = (key[0], offset, tuple(shape), key)
+        return self._views[key]
+
+
+@dataclass(frozen=True, eq=False)
+class LazyForm:
+    """Layer ``layer``'s form in ``file``, decoded by :meth:`form` (a slot update that has a
+    write plan for the file's layout copies from ``file.flat`` without it)."""
+
+    file: FormsFile
+    layer: str
+
+    def form(self) -> LayerForm:
+        return self.file.form(self.layer)
 
 
 class _Packer:
@@ -184,30 +240,6 @@ def _encode(p: Any, packer: _Packer, ref_of: Callable) -> dict:
         else:
             raise TypeError(f"{type(p).__name__}.{f.name}: cannot store a {type(value).__name__}")
     return out
-
-
-def _decode(p: dict, flat: dict[str, torch.Tensor], resolve: Callable, views: dict) -> Any:
-    cls = PRIMITIVES.get(p.get("type"))
-    if cls is None:
-        raise ValueError(f"unknown serving-form primitive {p.get('type')!r}")
-    values = {name: _view(flat, place, views) for name, place in p["tensors"].items()}
-    values.update({name: resolve(ref) for name, ref in p["refs"].items()})
-    values.update(p["values"])
-    return cls(**values)
-
-
-def _view(flat: dict[str, torch.Tensor], place: Any, views: dict) -> torch.Tensor:
-    """``flat.<dtype>[offset : offset + numel]`` shaped (inside it: :func:`_parsed_layout`);
-    one view per place (a tensor the writer stored once for two fields is one tensor again)."""
-    kind, offset, shape = place
-    key = (kind, offset, *shape)
-    if key in views:
-        return views[key]
-    buffer = flat[f"flat.{kind}"]
-    views[key] = buffer.as_strided(
-        shape, _contiguous_strides(tuple(shape)), buffer.storage_offset() + offset
-    )
-    return views[key]
 
 
 @functools.lru_cache(maxsize=1024)

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from svda.runtime.serving_form import LayerForm, compile_adapter
 from svda.runtime.serving_form.primitives import SharedBasisLowRank
 
-from .form_file import load_forms, save_forms
+from .form_file import FormsFile, save_forms
 
 FORMS_FILE = "svda_forms.safetensors"
 SHARED_DIR = "svda_shared"
@@ -56,11 +56,17 @@ def write_vllm_adapter(model: Any, name: str, folder: Path, hf_config: Any) -> P
 
 def read_forms(folder: str | Path) -> dict[str, LayerForm] | None:
     """The forms of a folder written by :func:`write_vllm_adapter`; None for other folders."""
+    file = read_forms_file(folder)
+    return None if file is None else {layer: file.form(layer) for layer in file.layout}
+
+
+def read_forms_file(folder: str | Path) -> FormsFile | None:
+    """The forms file of such a folder, its layers decoded on demand; None for other folders."""
     path = Path(folder) / FORMS_FILE
     if not path.is_file():
         return None
     shared = Path(folder).parent / SHARED_DIR
-    return load_forms(path, lambda name: _shared_tensor(shared, name))
+    return FormsFile(path, lambda name: _shared_tensor(shared, name))
 
 
 def _shared_name(key: str, field: str, tensor: torch.Tensor) -> str:

@@ -32,6 +32,7 @@ from vllm.lora.layers import (
 from svda.runtime.serving_form import LayerForm
 
 from .cpu_gemm import packed_linear
+from .form_file import LazyForm
 from .slices import BatchLayout, StackedSlice, kept_cuts, stack_slice, stacked_delta
 from .slot_update import update_slot
 
@@ -48,13 +49,15 @@ class SvdaSlotsMixin:
         subs = PACKED.get(leaf, (leaf,))
         self.svda_names = tuple(f"{head}.{s}" if head else s for s in subs)
         n = len(self.lora_a_stacked[0])  # max_loras
-        self.svda_forms: list[list[LayerForm | None]] = [[None] * n for _ in self.svda_names]
+        self.svda_forms: list[list[LayerForm | LazyForm | None]] = [
+            [None] * n for _ in self.svda_names
+        ]
         self.svda_peft_slots: set[int] = set()  # slots holding a plain PEFT adapter
         self._svda_stacked: list[StackedSlice | None] | None = None
         self._svda_keep: list[dict] = [{} for _ in self.svda_names]  # per slice: former cuts
         self._svda_any_form = False
 
-    def svda_set(self, index: int, forms: dict[str, LayerForm] | None) -> None:
+    def svda_set(self, index: int, forms: dict[str, LayerForm | LazyForm] | None) -> None:
         """Put an adapter's forms (HF layer name -> form; None: a plain PEFT adapter, served by
         vLLM's own LoRA path) in slot ``index``."""
         if not hasattr(self, "svda_forms"):

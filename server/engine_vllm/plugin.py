@@ -9,7 +9,7 @@ the pinned vLLM (checked by ``test_vllm_canary.py``):
   first, so every linear layer vLLM wraps for LoRA is an svda layer;
 * ``WorkerLoRAManager._load_adapter``: the loaded ``LoRAModel`` remembers its folder;
 * ``LoRAModelManager.activate_adapter``: when an adapter gets slot ``i``, the svda forms of its
-  folder (:func:`.forms.read_forms`) go into slot ``i`` of every svda layer (none: a plain PEFT
+  folder (:func:`.forms.read_forms_file`) go into slot ``i`` of every svda layer (none: a plain PEFT
   adapter, which then runs on vLLM's own LoRA path in that slot);
 * ``LoRAModelManager._set_adapter_mapping``: once per batch layout, the punica wrapper learns
   whether any token has an adapter (``svda_active``; when none has, the svda layers return
@@ -106,12 +106,13 @@ def _mark_layout(manager, mapping) -> None:
 
 
 def _fill_slot(manager, lora_id: int) -> None:
-    from .forms import read_forms
+    from .forms import read_forms_file
     from .layers import SvdaSlotsMixin
 
     index = manager.lora_index_to_id.index(lora_id)
     path = getattr(manager._registered_adapters[lora_id], "svda_path", None)
-    forms = read_forms(path) if path else None
+    file = read_forms_file(path) if path else None
+    forms = None if file is None else file.lazy()  # decoded only where a write needs it
     for module in manager.modules.values():
         if isinstance(module, SvdaSlotsMixin):
             module.svda_set(index, forms)

@@ -36,6 +36,8 @@ from svda.runtime.serving_form import (
 from svda.runtime.serving_form.compile import SHARED_FIELDS, identity_memo
 from svda.runtime.serving_form.primitives import LowRank, SharedBasisLowRank
 
+from .form_file import LazyForm
+
 DENSE_LOW_RANK_MAX = 1024  # slots x rank up to which low-rank terms are kept concatenated
 GATHER_MAX_TOKENS = 64  # up to this many tokens, each token's factors are gathered per layout
 SHARED_BASIS = ("A", "B")  # a SharedBasisLowRank's shared fields
@@ -71,6 +73,7 @@ class StackedSlice:
     dense: tuple[tuple[torch.Tensor, torch.Tensor, int], ...] = ()  # (A_cat, B_cat, r) per term
     cache: dict = field(default_factory=dict, compare=False)  # per batch layout: gathered rows
     present: set[int] = field(default_factory=set, compare=False)  # slots with a row here
+    plans: dict = field(default_factory=dict, compare=False)  # slot writes per file layout
     gather: FormGather | None = field(default=None, compare=False)  # rows -> per-row form
     kinds: tuple[str, ...] = ()  # the stacked forms' primitives, in order
     places: tuple[tuple[str, int], ...] = ()  # per term: ("dense", j) or ("form", k)
@@ -211,7 +214,7 @@ def _basis_key(t: torch.Tensor) -> tuple:
 
 
 def stack_slice(
-    forms: list[LayerForm | None],
+    forms: list[LayerForm | LazyForm | None],
     model_dtype: torch.dtype,
     device: torch.device | str = "cpu",
     dense_limit: int = DENSE_LOW_RANK_MAX,
@@ -220,6 +223,7 @@ def stack_slice(
     """What a layer on ``device`` applies for ``forms`` (one per LoRA slot); None when no slot
     has a form. Low-rank terms of at most ``dense_limit`` slots × rank run dense. ``keep``:
     components to keep in the shared bases' cuts (:func:`kept_cuts` of the former stack)."""
+    forms = [f.form() if isinstance(f, LazyForm) else f for f in forms]
     present = [(i, f) for i, f in enumerate(forms) if f is not None]
     if not present:
         return None

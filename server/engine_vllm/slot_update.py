@@ -8,10 +8,16 @@ term of at most the stacked rank, and (shared bases cut to the used components) 
 outside that cut. A slot that changes layout group leaves its old group by pointing at that
 group's zero row. Otherwise it answers False and the layer restacks that slice. Shared tensors
 are never written. Tested equal to a fresh stack (``tests/server/test_vllm_slices.py``).
+
+A form read from a forms file (:class:`.form_file.LazyForm`) of output/input scales, bias deltas
+and shared-basis terms is copied straight from the file's flat tensor: each stack makes a write
+plan once per file layout (adapters of one slot bank share it), so the next adapters of that
+layout are not decoded at all.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 
 import torch
@@ -19,12 +25,19 @@ import torch.nn.functional as F
 
 from svda.runtime.serving_form import LayerForm
 from svda.runtime.serving_form.compile import SHARED_FIELDS
-from svda.runtime.serving_form.primitives import LowRank, SharedBasisLowRank
+from svda.runtime.serving_form.primitives import (
+    BiasDelta,
+    InputScale,
+    LowRank,
+    OutputScale,
+    SharedBasisLowRank,
+)
 
+from .form_file import LazyForm
 from .slices import SIDES, BasisCut, StackedSlice
 
 
-def update_slot(stacked: StackedSlice | None, slot: int, form: LayerForm | None) -> bool:
+def update_slot(stacked: StackedSlice | None, slot: int, form: LayerForm | LazyForm | None) -> bool:
     """Write ``form`` (one slot; None: the slot holds no svda form now) as slot ``slot`` of
     ``stacked`` in place; False when it does not fit (restack instead): nothing stacked, or a
     layout none of the stacked groups has."""
@@ -45,8 +58,13 @@ def update_slot(stacked: StackedSlice | None, slot: int, form: LayerForm | None)
     return True
 
 
-def _write(stacked: StackedSlice, slot: int, form: LayerForm) -> bool:
+def _write(stacked: StackedSlice, slot: int, form: LayerForm | LazyForm) -> bool:
     """``form`` into row ``slot`` of one layout's stack, if it has that layout."""
+    if isinstance(form, LazyForm):
+        planned = _planned_write(stacked, slot, form)
+        if planned is not None:
+            return planned
+        form = form.form()
     if stacked.form is None or tuple(form.kinds()) != stacked.kinds:
         return False
     if (form.d_in, form.d_out) != (stacked.form.d_in, stacked.form.d_out):
@@ -61,11 +79,15 @@ def _write(stacked: StackedSlice, slot: int, form: LayerForm) -> bool:
             return False  # the stack shares this tensor between two fields; the form does not
     for target, index, row, _ in plan.values():  # a shared tensor is written once
         target[index] = row  # copies, casting to the stack's dtype
+    _now_holds(stacked, slot)
+    return True
+
+
+def _now_holds(stacked: StackedSlice, slot: int) -> None:
     if slot not in stacked.present:  # else its table entry is the slot's row already
         stacked.table[slot] = slot
         stacked.present.add(slot)
     stacked.cache.clear()  # gathered rows of the old adapter
-    return True
 
 
 def _side_writes(stacked: StackedSlice, form: LayerForm, row: int) -> list | None:
@@ -138,3 +160,79 @@ def _low_rank_writes(old: LowRank, new: LowRank, row: int) -> list | None:
 def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
     """One shared tensor (the same object in the worker: read once per process) or equal."""
     return x is y or (x.shape == y.shape and x.dtype == y.dtype and bool(torch.equal(x, y)))
+
+
+# ----- write plans: a form read from a file, copied from the file's flat tensor ------------------
+PLANNED = (InputScale, OutputScale, BiasDelta, SharedBasisLowRank)  # no shared field in the file
+NO_PLAN, NO_FIT = "no plan", "no fit"
+
+
+def _planned_write(stacked: StackedSlice, slot: int, lazy: LazyForm) -> bool | None:
+    """Copy the layer's rows straight from ``lazy.file.flat`` with the plan this stack made for
+    the file's layout (adapters of one slot bank share it: only the first is decoded); None
+    when no plan applies (write the decoded form), False when the form does not fit."""
+    key = (id(lazy.file.layout), lazy.layer)
+    known = stacked.plans.get(key)
+    if known is None or known[0] is not lazy.file.layout:
+        known = stacked.plans[key] = (lazy.file.layout, _make_plan(stacked, lazy))
+    plan = known[1]
+    if plan == NO_PLAN:
+        return None
+    if plan == NO_FIT:
+        return False
+    checks, writes = plan
+    flat = lazy.file.flat
+    for name, dropped in checks:
+        if bool(flat[name].index_select(0, dropped).any()):
+            return False  # a component the stacked cut dropped
+    for target, name, source in writes:
+        buffer = flat[name]
+        target[slot] = (
+            buffer[source] if isinstance(source, slice) else buffer.index_select(0, source)
+        )
+    _now_holds(stacked, slot)
+    return True
+
+
+def _make_plan(stacked: StackedSlice, lazy: LazyForm):
+    """``(checks, writes)`` for forms of this layout: ``checks`` (flat name, indices that must
+    be zero), ``writes`` (stacked tensor, flat name, slice or indices of its row); or NO_FIT /
+    NO_PLAN. The layer is decoded once to check its structure (the values are checked per
+    adapter: a cut component must be zero)."""
+    form = lazy.form()
+    if stacked.form is None or tuple(form.kinds()) != stacked.kinds:
+        return NO_FIT
+    if (form.d_in, form.d_out) != (stacked.form.d_in, stacked.form.d_out):
+        return NO_FIT
+    if not all(isinstance(p, PLANNED) for p in form.primitives()):
+        return NO_PLAN
+    pairs, cuts = [], {}  # (stacked tensor, the form's field); inner vectors of cut bases
+    for name in SIDES:
+        new, old = getattr(form, name), getattr(stacked.form, name)
+        if new is not None:
+            pairs += [(getattr(old, f.name), getattr(new, f.name)) for f in fields(new)]
+    bases = iter(stacked.bases)
+    for term, (_, k) in zip(form.terms, stacked.places, strict=True):
+        cut, old = next(bases), stacked.form.terms[k]
+        if not (_same(term.A, cut.A) and _same(term.B, cut.B)):
+            return NO_FIT  # another basis (e.g. another seed): not the stacked one
+        pairs += [(old.inner, term.inner), (old.outer, term.outer)]
+        cuts[id(term.inner)] = cut
+    writes, checks, seen = [], [], {}
+    for target, field in pairs:
+        if id(target) in seen:  # a tensor the stack shares between two fields: written once
+            if seen[id(target)] is not field:
+                return NO_FIT
+            continue
+        seen[id(target)] = field
+        place = lazy.file.place_of(field)
+        if place is None or place[2][0] != 1:
+            return NO_PLAN
+        name, offset, shape = place
+        source = slice(offset, offset + math.prod(shape))
+        cut = cuts.get(id(field))
+        if cut is not None and cut.kept is not None:  # inner vector of a cut shared basis
+            checks.append((name, cut.dropped + offset))
+            source = cut.kept + offset
+        writes.append((target, name, source))
+    return checks, writes

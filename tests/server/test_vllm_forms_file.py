@@ -117,3 +117,78 @@ def test_a_place_outside_the_flat_tensor_is_refused(tmp_path):
               {META_KEY: json.dumps(layout)})  # fmt: skip
     with pytest.raises(ValueError, match="bad place"):
         load_forms(tmp_path / "g.safetensors", lambda n: None)
+
+
+def _delta(stacked, x, slots, w0):
+    """What the vLLM layer adds for tokens ``x`` at ``slots`` (float32 stacks)."""
+    from svda.server.engine_vllm.slices import stacked_delta
+
+    out0 = x @ w0.T
+    delta = stacked_delta(stacked, x, out0, slots, lambda dtype: w0.to(dtype))
+    return torch.zeros_like(out0) if delta is None else delta
+
+
+@pytest.mark.parametrize("method", linear_methods())
+def test_a_form_read_from_a_file_is_written_in_place_as_decoded(method, tmp_path, svd_cache):
+    """Slot updates from forms files (not decoded: write plans from the file's flat tensor for
+    scales, bias deltas and shared-basis terms; decoded for the rest) equal a fresh stack, and
+    a plan made for one adapter serves the next ones of the layout without decoding them."""
+    from svda.server.engine_vllm.form_file import FormsFile
+    from svda.server.engine_vllm.forms import read_forms_file
+    from svda.server.engine_vllm.slices import stack_slice
+    from svda.server.engine_vllm.slot_update import update_slot
+
+    model = packed_model(lambda: METHOD_CONFIGS[method](TARGETS), 4, svd_cache)
+    config = tiny_llama().config
+    files = [
+        read_forms_file(write_vllm_adapter(model, f"p{i}", tmp_path / f"p{i}", config))
+        for i in range(4)
+    ]
+    lazy = [f.lazy() for f in files]
+    decoded = []
+    original = FormsFile.form
+    slots = torch.tensor([0, 1, -1, 0, 1, 1])
+    try:
+
+        def counting(self, layer):  # decodes, not calls (a decoded layer is kept)
+            if layer not in self._forms:
+                decoded.append(layer)
+            return original(self, layer)
+
+        FormsFile.form = counting
+        for layer in lazy[0]:
+            stacked = stack_slice([lazy[0][layer], lazy[1][layer]], torch.float32)
+            w0 = model.layers[layer].weight_out_in()
+            x = torch.randn(len(slots), w0.shape[1])
+            for i in (2, 3):  # p2 makes the plan (decoded once), p3 reuses it
+                decoded.clear()
+                assert update_slot(stacked, 0, lazy[i][layer])
+                planned = method in ("svda", "vera", "ia3", "bitfit")
+                assert decoded == ([] if planned and i == 3 else [layer])
+                fresh = stack_slice([files[i].form(layer), files[1].form(layer)], torch.float32)
+                torch.testing.assert_close(
+                    _delta(stacked, x, slots, w0), _delta(fresh, x, slots, w0)
+                )
+    finally:
+        FormsFile.form = original
+
+
+def test_a_planned_write_refuses_a_component_outside_the_cut(tmp_path, svd_cache):
+    from svda.server.engine_vllm.forms import read_forms_file
+    from svda.server.engine_vllm.slices import stack_slice
+    from svda.server.engine_vllm.slot_update import update_slot
+
+    model = packed_model(lambda: SvdaConfig(targets=TARGETS), 3, svd_cache)
+    with torch.no_grad():
+        for name in ("p0", "p1"):
+            model.prune_adapter(name, 10.0)  # every component dropped: the stacks cut them all
+    config = tiny_llama().config
+    files = [
+        read_forms_file(write_vllm_adapter(model, f"p{i}", tmp_path / f"p{i}", config))
+        for i in range(3)
+    ]
+    for layer in files[0].layout:
+        stacked = stack_slice([files[0].lazy()[layer], files[1].lazy()[layer]], torch.float32)
+        assert stacked.bases[0].kept is not None
+        assert update_slot(stacked, 0, files[1].lazy()[layer])  # fits: makes the plan
+        assert not update_slot(stacked, 0, files[2].lazy()[layer])  # δ where the cut has none
