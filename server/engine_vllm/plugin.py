@@ -90,19 +90,23 @@ def _mark_layout(manager, mapping) -> None:
     """Tell the layers about a new batch layout: whether any token has an adapter
     (``svda_active``) and a :class:`.slices.BatchLayout` (``svda_layout``: the layers' gathered
     rows are stale) made host-side from ``index_mapping`` (one lora id per token, 0 for the
-    base) and the tokens' slots with the base as the tables' last entry."""
+    base) and the tokens' slots with the base as the tables' last entry (and the slot every
+    token has, when they all have one)."""
     import torch
 
     from .slices import BatchLayout
 
-    ids = {i for i in mapping.index_mapping if i > 0}
+    distinct = set(mapping.index_mapping)
+    ids = {i for i in distinct if i > 0}
     used = frozenset(manager.lora_index_to_id.index(i) for i in ids)
+    uniform = next(iter(used)) if len(distinct) == 1 and used else None  # one slot, no base
     wrappers = manager.punica_wrapper_mapping.values()
     for wrapper in wrappers:  # multimodal models: several wrappers, always active
         wrapper.svda_active = bool(ids) if len(wrappers) == 1 else True
         tokens = wrapper.token_lora_indices
         slots = torch.where(tokens < 0, manager.lora_slots, tokens)
-        wrapper.svda_layout = BatchLayout(used, slots) if len(wrappers) == 1 else object()
+        layout = BatchLayout(used, slots, uniform) if len(wrappers) == 1 else object()
+        wrapper.svda_layout = layout
 
 
 def _fill_slot(manager, lora_id: int) -> None:

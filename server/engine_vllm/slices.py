@@ -114,15 +114,20 @@ class FormGather:
 
     def __call__(self, rows: torch.Tensor) -> LayerForm:
         """The form whose row ``i`` is row ``rows[i]`` (no ``-1``) of the stacked form."""
-        gathered = [t.index_select(0, rows) for t in self.tensors]
+        return self._build([t.index_select(0, rows) for t in self.tensors], len(rows))
 
+    def one(self, row: int) -> LayerForm:
+        """Row ``row`` alone (views, no copy): one slot for every token of a batch."""
+        return self._build([t.narrow(0, row, 1) for t in self.tensors], 1)
+
+    def _build(self, gathered: list[torch.Tensor], n_rows: int) -> LayerForm:
         def build(spec: tuple) -> Any:
             cls, fixed, per_slot = spec
             return cls(**fixed, **{name: gathered[i] for name, i in per_slot})
 
         sides = {name: build(spec) for name, spec in self.sides}
         terms = tuple(build(spec) for spec in self.terms)
-        return LayerForm(self.form.d_in, self.form.d_out, len(rows), terms=terms, **sides)
+        return LayerForm(self.form.d_in, self.form.d_out, n_rows, terms=terms, **sides)
 
 
 def compute_dtype(forms: list[LayerForm], model_dtype: torch.dtype) -> torch.dtype:
@@ -332,6 +337,7 @@ class BatchLayout:
 
     used: frozenset[int]
     slots: torch.Tensor
+    uniform: int | None = None  # the slot of every token, when they all have one slot
 
 
 def layout_cache(stacked: StackedSlice, slots: torch.Tensor, layout: object) -> dict:
@@ -343,11 +349,17 @@ def layout_cache(stacked: StackedSlice, slots: torch.Tensor, layout: object) -> 
         cache.clear()
         if isinstance(layout, BatchLayout):
             idle = stacked.present.isdisjoint(layout.used)
-            rows = None if idle else stacked.table.index_select(0, slots)
+            if not idle and layout.uniform is not None:  # its row: the slot's (it is present)
+                cache.update(idle=False, **_gather_one(stacked, layout.uniform))
+            elif not idle:
+                rows = stacked.table.index_select(0, slots)
+                cache.update(idle=False, **_gather_layout(stacked, rows))
         else:
             rows = stacked.table[slots]  # -1 -> the zero row
             idle = bool((rows == stacked.zero_row).all())
-        cache.update({"idle": True} if idle else {"idle": False, **_gather_layout(stacked, rows)})
+            if not idle:
+                cache.update(idle=False, **_gather_layout(stacked, rows))
+        cache.setdefault("idle", idle)
         cache["layout"] = (layout, len(slots))
     return cache
 
@@ -369,9 +381,26 @@ def _gather_layout(stacked: StackedSlice, rows: torch.Tensor) -> dict:
     return out | {"masks": {r: onehot.repeat_interleave(r, 1) for *_, r in stacked.dense}}
 
 
+def _gather_one(stacked: StackedSlice, row: int) -> dict:
+    """:func:`_gather_layout` for a batch whose every token has row ``row``: that row's form
+    (views) and its dense low-rank factors, applied to the whole batch by plain products."""
+    form = stacked.gather.one(row) if stacked.form.primitives() else None
+    only_scale = form is not None and form.output_scale is not None and len(form.primitives()) == 1
+    factors = [
+        (a_cat[row * r : (row + 1) * r], b_cat[:, row * r : (row + 1) * r])
+        for a_cat, b_cat, r in stacked.dense
+    ]  # A (r, d_in), B (d_out, r)
+    return {"form": form, "scale": form.output_scale.delta if only_scale else None, "one": factors}
+
+
 def _low_rank_terms(stacked: StackedSlice, cache: dict, x: torch.Tensor):
     """Each dense low-rank term's ``B_k A_k x`` per token: batched products of the gathered
-    factors in float32 (CPU bf16 batched products are slow), or two dense products masked."""
+    factors in float32 (CPU bf16 batched products are slow), or two dense products masked, or
+    (every token one slot) that slot's two products."""
+    if "one" in cache:
+        for a, b in cache["one"]:
+            yield F.linear(F.linear(x, a), b)
+        return
     if "per_token" in cache:
         x32 = x.float()[:, None]  # (N, 1, d_in)
         for a, b in cache["per_token"]:

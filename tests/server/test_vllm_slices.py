@@ -398,3 +398,27 @@ def test_the_planned_gather_equals_gather_slots(method, svd_cache):
                 assert torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b, f.name
         if method == "svda":
             assert got.output_scale.delta is got.terms[0].outer
+
+
+@pytest.mark.parametrize("method", linear_methods())
+def test_a_batch_of_one_slot_uses_that_row_alone(method, svd_cache):
+    """Every token at one slot (a layout with ``uniform``): the slot's row as views and plain
+    products for dense low-rank terms give what the per-token gather gives."""
+    model = _model([method, method], svd_cache)
+    forms = {n: compile_adapter(model, n) for n in ("a0", "a1")}
+    generator = torch.Generator().manual_seed(9)
+    for layer in model.layers_of("a0"):
+        name, w0 = layer.layer_name, layer.weight_out_in()
+        for dense_limit in (1024, 0):
+            stacked = stack_slice(
+                [forms["a0"][name], None, forms["a1"][name]], torch.float32, dense_limit=dense_limit
+            )
+            x = torch.randn(5, layer.shape[1], generator=generator)
+            out0 = F.linear(x, w0)
+            slots = torch.full((5,), 2)
+            general = BatchLayout(frozenset({2}), slots)
+            one = BatchLayout(frozenset({2}), slots, uniform=2)
+            want = stacked_delta(stacked, x, out0, slots, lambda d, w=w0: w.to(d), general)
+            got = stacked_delta(stacked, x, out0, slots, lambda d, w=w0: w.to(d), one)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            assert "one" in stacked.cache
