@@ -56,6 +56,7 @@ class SvdaSlotsMixin:
         self._svda_stacked: list[StackedSlice | None] | None = None
         self._svda_keep: list[dict] = [{} for _ in self.svda_names]  # per slice: former cuts
         self._svda_any_form = False
+        self._svda_held = 0
 
     def svda_set(self, index: int, forms: dict[str, LayerForm | LazyForm] | None) -> None:
         """Put an adapter's forms (HF layer name -> form; None: a plain PEFT adapter, served by
@@ -65,6 +66,8 @@ class SvdaSlotsMixin:
         stacked = self._svda_stacked
         for s, name in enumerate(self.svda_names):
             form = None if forms is None else forms.get(name)
+            held = self.svda_forms[s][index] is not None
+            self._svda_held += (form is not None) - held  # forms held in all slots and slices
             self.svda_forms[s][index] = form
             if stacked is None or stacked[s] is STALE or (stacked[s] is None and form is None):
                 continue  # stacked at the next forward anyway, or nothing to stack
@@ -72,7 +75,7 @@ class SvdaSlotsMixin:
                 self._svda_keep[s] = kept_cuts(stacked[s])  # cuts only grow: later swaps fit
                 stacked[s] = STALE  # restacked at the next forward
         (self.svda_peft_slots.add if forms is None else self.svda_peft_slots.discard)(index)
-        self._svda_any_form = any(f is not None for slot in self.svda_forms for f in slot)
+        self._svda_any_form = self._svda_held > 0
 
     def reset_lora(self, index: int) -> None:
         """vLLM zeroes a slot's PEFT weights on every activation of an adapter without weights
