@@ -148,7 +148,7 @@ def form_delta(
     for t in form.terms:
         if isinstance(t, LowRank):
             parts.append(_low_rank(t, term_x))
-        else:
+        elif t.A.shape[0]:  # a shared basis cut to no component adds exact zeros
             parts.append(_shared_basis(t, term_x, linear))
     if form.bias is not None:
         parts.append(_rows(form.bias.delta, x.dim()).expand_as(out0))

@@ -183,7 +183,9 @@ def _planned_write(stacked: StackedSlice, slot: int, lazy: LazyForm) -> bool | N
     checks, writes = plan
     flat = lazy.file.flat
     for name, dropped in checks:
-        if bool(flat[name].index_select(0, dropped).any()):
+        buffer = flat[name]
+        values = buffer[dropped] if isinstance(dropped, slice) else buffer.index_select(0, dropped)
+        if bool(values.any()):
             return False  # a component the stacked cut dropped
     for target, name, source in writes:
         buffer = flat[name]
@@ -232,6 +234,9 @@ def _make_plan(stacked: StackedSlice, lazy: LazyForm):
         source = slice(offset, offset + math.prod(shape))
         cut = cuts.get(id(field))
         if cut is not None and cut.kept is not None:  # inner vector of a cut shared basis
+            if not len(cut.kept):  # cut to nothing: the whole vector must be zero
+                checks.append((name, source))
+                continue
             checks.append((name, cut.dropped + offset))
             source = cut.kept + offset
         writes.append((target, name, source))
