@@ -153,14 +153,27 @@ class PackedAdapters:
             return None
         return {layer_name: form for (layer_name, _), form in zip(bank.layers, forms, strict=True)}
 
+    def packed_form_rows(self, name: str) -> torch.Tensor | None:
+        """The flat tensor :meth:`packed_serving_forms` of frozen adapter ``name`` would view
+        (None where its method has none): a writer that knows the layout needs only this."""
+        bank = self._banked.get(name)
+        if bank is None:
+            return None
+        tensors = {kind: table[bank.slots[name]] for kind, table in bank.storage.items()}
+        return bank.weights_cls.packed_form_rows(
+            tensors, bank.layers, bank.shared_modules, memo=bank.memo
+        )
+
     def packed_forms_key(self, name: str) -> Any:
         """A key equal for frozen adapters whose :meth:`packed_serving_forms` have the same
-        structure (their slot bank's layout; None without a bank): a writer may reuse the
-        forms' encoded layout across them."""
+        structure and shared tensors (their slot bank's layout and frozen tensors' identity;
+        None without a bank): a writer may reuse the forms' encoded layout across them."""
         bank = self._banked.get(name)
         if bank is None or not bank.weights_cls.has_packed_serving_forms():
             return None
-        return ("packed-forms", bank.layout)
+        if not bank.frozen_sha256:  # frozen tensors of unknown identity: no key
+            return None
+        return ("packed-forms", bank.layout, bank.frozen_sha256)
 
     def can_prune(self, name: str) -> bool:
         """Whether frozen adapter ``name``'s method prunes (:meth:`prune_adapter` may change it)."""

@@ -224,6 +224,18 @@ class AdapterWeights(nn.Module):
         return None
 
     @classmethod
+    def packed_form_rows(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        layers: Sequence[tuple[str, Sequence[tuple[str, tuple[int, ...]]]]],
+        shared: Sequence[nn.Module | None],
+        memo: dict[str, Any] | None = None,
+    ) -> torch.Tensor | None:
+        """The one new flat tensor whose views are every per-slot tensor of
+        :meth:`packed_serving_forms` (at places fixed by the layer table), or None."""
+        return None
+
+    @classmethod
     def has_packed_serving_forms(cls) -> bool:
         """Whether the method overrides :meth:`packed_serving_forms`."""
         return cls.packed_serving_forms.__func__ is not AdapterWeights.packed_serving_forms.__func__

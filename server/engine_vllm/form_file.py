@@ -56,15 +56,8 @@ def save_forms(
     """Write ``forms`` to ``path``; a field for which ``ref_of(primitive, field name)`` gives a
     name is stored as that reference, not as a tensor. ``layout_key``: equal for forms of one
     structure whose tensors are views of one new flat tensor at the same places (a slot bank's
-    packed forms): the layout is encoded once per key, later files store that tensor whole."""
-    known = _LAYOUTS.get(layout_key) if layout_key is not None else None
-    if known is not None:
-        text, numel, dtype = known
-        base = _first_base(forms, ref_of)
-        if base is not None and (base.numel(), base.dtype) == (numel, dtype):
-            kind = str(dtype).removeprefix("torch.")
-            save_file({f"flat.{kind}": base.reshape(-1)}, str(path), metadata={META_KEY: text})
-            return
+    packed forms): the encoded layout is kept, and :func:`save_packed_rows` writes the next
+    files of that key from their flat tensor alone."""
     packer = _Packer()
     layout = {}
     for layer, form in forms.items():
@@ -86,15 +79,16 @@ def save_forms(
                 _LAYOUTS.pop(next(iter(_LAYOUTS)))
 
 
-def _first_base(forms: dict[str, LayerForm], ref_of: Callable) -> torch.Tensor | None:
-    """The tensor the first per-slot tensor of ``forms`` is a view of (None: not a view)."""
-    for form in forms.values():
-        for p in form.primitives():
-            for f in fields(p):
-                value = getattr(p, f.name)
-                if isinstance(value, torch.Tensor) and ref_of(p, f.name) is None:
-                    return value._base
-    return None
+def save_packed_rows(path: Path, layout_key: Any, rows: torch.Tensor) -> bool:
+    """Write a forms file from the flat tensor alone when forms of ``layout_key`` were saved
+    before as views of such a tensor (the same places): True; False when the layout is not
+    known here (save the forms instead)."""
+    known = _LAYOUTS.get(layout_key)
+    if known is None or (rows.numel(), rows.dtype) != known[1:]:
+        return False
+    kind = str(rows.dtype).removeprefix("torch.")
+    save_file({f"flat.{kind}": rows.reshape(-1)}, str(path), metadata={META_KEY: known[0]})
+    return True
 
 
 def load_forms(path: Path, resolve: Callable[[str], torch.Tensor]) -> dict[str, LayerForm]:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from svda.runtime.serving_form import LayerForm, compile_adapter
 from svda.runtime.serving_form.primitives import SharedBasisLowRank
 
-from .form_file import FormsFile, save_forms
+from .form_file import FormsFile, save_forms, save_packed_rows
 
 FORMS_FILE = "svda_forms.safetensors"
 SHARED_DIR = "svda_shared"
@@ -44,12 +44,14 @@ _REFS: dict[tuple, str] = {}  # (folder, key, field, shape, dtype) -> a written 
 def write_vllm_adapter(model: Any, name: str, folder: Path, hf_config: Any) -> Path:
     """Write adapter ``name`` of ``model`` (an ``AdapterModel``) as a vLLM adapter folder; its
     shared bases go to ``folder.parent / svda_shared`` (once per basis)."""
-    forms = compile_adapter(model, name)
     folder.mkdir(parents=True, exist_ok=True)
     shared = folder.parent / SHARED_DIR
     key = getattr(model, "packed_forms_key", lambda _: None)(name)
     key = None if key is None else (key, shared)  # shared bases' names depend on the folder
-    save_forms(forms, folder / FORMS_FILE, lambda p, f: _shared_ref(shared, p, f), key)
+    rows = None if key is None else model.packed_form_rows(name)
+    if rows is None or not save_packed_rows(folder / FORMS_FILE, key, rows):
+        forms = compile_adapter(model, name)
+        save_forms(forms, folder / FORMS_FILE, lambda p, f: _shared_ref(shared, p, f), key)
     _write_zero_lora(folder, hf_config)
     return folder
 

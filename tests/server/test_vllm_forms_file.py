@@ -51,10 +51,22 @@ def file_tensors(folder) -> dict[str, tuple]:
         return {k: tuple(f.get_tensor(k).shape) for k in f.keys()}  # noqa: SIM118
 
 
-def test_svda_adapters_of_one_bank_write_one_flat_tensor_each(tmp_path, svd_cache):
+def test_svda_adapters_of_one_bank_write_one_flat_tensor_each(tmp_path, svd_cache, monkeypatch):
+    """The first adapter's forms are compiled and their layout kept; the next ones of the bank
+    write their flat tensor alone (no forms compiled)."""
+    from svda.server.engine_vllm import forms as forms_module
+
     model = packed_model(lambda: SvdaConfig(targets=TARGETS, top_k=5), 3, svd_cache)
     config = tiny_llama().config
+    compiled_names = []
+    compile_forms = forms_module.compile_adapter
+    monkeypatch.setattr(
+        forms_module,
+        "compile_adapter",
+        lambda model, name: compiled_names.append(name) or compile_forms(model, name),
+    )
     folders = [write_vllm_adapter(model, f"p{i}", tmp_path / f"p{i}", config) for i in range(3)]
+    assert compiled_names == ["p0"]
     layers = model.layers_of("p0")
     rows = sum(la.shared_of("p0").sigma.numel() + la.weight_out_in().shape[0] for la in layers)
     compiled = [compile_adapter(model, f"p{i}") for i in range(3)]

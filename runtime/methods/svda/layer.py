@@ -118,20 +118,36 @@ class SvdaWeights(AdapterWeights):
         return LayerForm(d_in, d_out, output_scale=OutputScale(b), terms=(term,))
 
     @classmethod
-    def packed_serving_forms(cls, tensors, layers, shared, memo=None) -> list[LayerForm]:
-        """:meth:`slot_serving_form` of every layer in two flat operations: δ = s − σ scattered
-        into zeros of Σm (zero beyond each layer's k), b copied after it; each layer's form
-        holds views of that one tensor, and its ``Vᵀ, U`` (made once per bank and dtype)."""
+    def packed_form_rows(cls, tensors, layers, shared, memo=None) -> torch.Tensor | None:
+        """The one flat tensor :meth:`packed_serving_forms` views: δ = s − σ scattered into
+        zeros of Σm (zero beyond each layer's k), then b; None when s and b differ in dtype."""
         s, b = tensors["svda_s"].detach(), tensors["svda_b"].detach()
+        if b.dtype != s.dtype:
+            return None
         memo = memo if memo is not None else {}
         plan = _prune_plan(layers, shared, s, memo)
         places = _form_places(shared, plan, s.dtype, memo)
-        # one new flat tensor (δ then b) that every form's per-slot tensors view: the forms
-        # outlive the slot, which may be reused, and a writer can store the flat tensor whole
-        rows = s.new_zeros(places.total_m + b.numel()) if b.dtype == s.dtype else None
-        delta = s.new_zeros(places.total_m) if rows is None else rows[: places.total_m]
-        delta.index_copy_(0, places.k_to_m, s - plan.sigma)
-        b = b.clone() if rows is None else rows[places.total_m :].copy_(b)
+        rows = s.new_zeros(places.total_m + b.numel())
+        rows[: places.total_m].index_copy_(0, places.k_to_m, s - plan.sigma)
+        rows[places.total_m :].copy_(b)
+        return rows
+
+    @classmethod
+    def packed_serving_forms(cls, tensors, layers, shared, memo=None) -> list[LayerForm]:
+        """:meth:`slot_serving_form` of every layer in two flat operations: each layer's form
+        holds views of :meth:`packed_form_rows` (a new tensor: the forms outlive the slot, which
+        may be reused, and a writer can store it whole) and its ``Vᵀ, U`` (made once per bank
+        and dtype)."""
+        s = tensors["svda_s"].detach()
+        memo = memo if memo is not None else {}
+        places = _form_places(shared, _prune_plan(layers, shared, s, memo), s.dtype, memo)
+        rows = cls.packed_form_rows(tensors, layers, shared, memo)
+        if rows is None:  # s and b in two dtypes: two tensors
+            plan = _prune_plan(layers, shared, s, memo)
+            delta = s.new_zeros(places.total_m).index_copy_(0, places.k_to_m, s - plan.sigma)
+            b = tensors["svda_b"].detach().clone()
+        else:
+            delta, b = rows[: places.total_m], rows[places.total_m :]
         forms = []
         for (m, m_at), (d1, b_at), (v_t, u, key) in zip(
             places.m_spans, places.b_spans, places.bases, strict=True
