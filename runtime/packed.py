@@ -130,11 +130,7 @@ class PackedAdapters:
             raise AdapterConfigError(
                 f"need one ‖ΔW‖ per layer ({len(bank.layers)}), got {tuple(norms.shape)}"
             )
-        slot = bank.slots[name]
-        tensors = {kind: table[slot] for kind, table in bank.storage.items()}
-        counts = bank.weights_cls.prune_packed(
-            tensors, bank.layers, bank.shared_modules, norms, tolerance, memo=bank.memo
-        )
+        counts = self._on_slot(name, "prune_packed", norms, tolerance)
         bank.version += 1  # layers drop what they prepared from the old values
         return counts
 
@@ -143,26 +139,24 @@ class PackedAdapters:
         where its method can (None: compile layer by layer)."""
         if name not in self._banked:
             return None
-        bank = self._banked[name]
-        slot = bank.slots[name]
-        tensors = {kind: table[slot] for kind, table in bank.storage.items()}
-        forms = bank.weights_cls.packed_serving_forms(
-            tensors, bank.layers, bank.shared_modules, memo=bank.memo
-        )
+        forms = self._on_slot(name, "packed_serving_forms")
         if forms is None:
             return None
-        return {layer_name: form for (layer_name, _), form in zip(bank.layers, forms, strict=True)}
+        layers = self._banked[name].layers
+        return {layer_name: form for (layer_name, _), form in zip(layers, forms, strict=True)}
 
     def packed_form_rows(self, name: str) -> torch.Tensor | None:
         """The flat tensor :meth:`packed_serving_forms` of frozen adapter ``name`` would view
         (None where its method has none): a writer that knows the layout needs only this."""
-        bank = self._banked.get(name)
-        if bank is None:
-            return None
+        return self._on_slot(name, "packed_form_rows") if name in self._banked else None
+
+    def _on_slot(self, name: str, method: str, *args: Any) -> Any:
+        """``weights_cls.<method>(tensors, layers, shared modules, *args, memo=...)`` on frozen
+        adapter ``name``'s slot of its bank (views of the bank's flat tables)."""
+        bank = self._banked[name]
         tensors = {kind: table[bank.slots[name]] for kind, table in bank.storage.items()}
-        return bank.weights_cls.packed_form_rows(
-            tensors, bank.layers, bank.shared_modules, memo=bank.memo
-        )
+        call = getattr(bank.weights_cls, method)
+        return call(tensors, bank.layers, bank.shared_modules, *args, memo=bank.memo)
 
     def packed_forms_key(self, name: str) -> Any:
         """A key equal for frozen adapters whose :meth:`packed_serving_forms` have the same
@@ -185,11 +179,7 @@ class PackedAdapters:
         :data:`NORM_BOUND_TIGHTNESS` of its upper bound (no pass over the frozen tensors),
         else the exact norm."""
         bank = self._banked[name]
-        slot = bank.slots[name]
-        tensors = {kind: table[slot] for kind, table in bank.storage.items()}
-        bounds = bank.weights_cls.packed_norm_bounds(
-            tensors, bank.layers, bank.shared_modules, memo=bank.memo
-        )
+        bounds = self._on_slot(name, "packed_norm_bounds")
         if bounds is None:
             norms, loose = (
                 torch.zeros(len(bank.layers), dtype=torch.float64),

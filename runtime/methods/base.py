@@ -91,6 +91,10 @@ class TargetInfo:
     bias: torch.Tensor | None = None  # b0 (d1,): a view of the base bias (None: none, or a block)
 
 
+# a slot bank's layer table: (layer name, [(tensor kind, shape), ...]) in payload order
+LayerTable = Sequence[tuple[str, Sequence[tuple[str, tuple[int, ...]]]]]
+
+
 class AdapterWeights(nn.Module):
     """One adapter's trainable tensors on one target layer (subclass per method)."""
 
@@ -214,7 +218,7 @@ class AdapterWeights(nn.Module):
     def packed_serving_forms(
         cls,
         tensors: dict[str, torch.Tensor],
-        layers: Sequence[tuple[str, Sequence[tuple[str, tuple[int, ...]]]]],
+        layers: LayerTable,
         shared: Sequence[nn.Module | None],
         memo: dict[str, Any] | None = None,
     ) -> list[Any] | None:
@@ -227,7 +231,7 @@ class AdapterWeights(nn.Module):
     def packed_form_rows(
         cls,
         tensors: dict[str, torch.Tensor],
-        layers: Sequence[tuple[str, Sequence[tuple[str, tuple[int, ...]]]]],
+        layers: LayerTable,
         shared: Sequence[nn.Module | None],
         memo: dict[str, Any] | None = None,
     ) -> torch.Tensor | None:
@@ -246,7 +250,7 @@ class AdapterWeights(nn.Module):
     def packed_norm_bounds(
         cls,
         tensors: dict[str, torch.Tensor],
-        layers: Sequence[tuple[str, Sequence[tuple[str, tuple[int, ...]]]]],
+        layers: LayerTable,
         shared: Sequence[nn.Module | None],
         memo: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -259,7 +263,7 @@ class AdapterWeights(nn.Module):
     def prune_packed(
         cls,
         tensors: dict[str, torch.Tensor],
-        layers: Sequence[tuple[str, Sequence[tuple[str, tuple[int, ...]]]]],
+        layers: LayerTable,
         shared: Sequence[nn.Module | None],
         delta_norms: torch.Tensor,
         tolerance: float,
