@@ -236,7 +236,8 @@ class AdapterWeights(nn.Module):
         memo: dict[str, Any] | None = None,
     ) -> torch.Tensor | None:
         """The one new flat tensor whose views are every per-slot tensor of
-        :meth:`packed_serving_forms` (at places fixed by the layer table), or None."""
+        :meth:`packed_serving_forms` (at places fixed by the layer table), or None where the
+        method has no such shortcut."""
         return None
 
     @classmethod

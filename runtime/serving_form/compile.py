@@ -112,6 +112,13 @@ def _stack_primitive(parts: Sequence[Any], memo: dict) -> Any:
     return type(first)(**values)
 
 
+def is_per_slot(p: Any, name: str, value: Any) -> bool:
+    """Whether field ``name`` (holding ``value``) of primitive ``p`` has a slot dimension: every
+    tensor of a low-rank term does; other primitives' shared fields (:data:`SHARED_FIELDS`)
+    and non-tensor fields do not."""
+    return isinstance(value, torch.Tensor) and (isinstance(p, LowRank) or name not in SHARED_FIELDS)
+
+
 def identity_memo(memo: dict, sources: Sequence[Any], make: Callable[[], Any]) -> Any:
     """``make()``, once per tuple of source objects (by identity) within one ``memo``: a tensor
     that several fields share stays one tensor through a transformation of the form."""

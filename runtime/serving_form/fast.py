@@ -24,7 +24,7 @@ from ..methods.urnn.unitary import (
     to_complex,
     to_real,
 )
-from .compile import SHARED_FIELDS, identity_memo
+from .compile import identity_memo, is_per_slot
 from .primitives import LayerForm, LowRank, OutputRotation, SharedBasisLowRank
 
 
@@ -37,10 +37,7 @@ def _map_per_slot(
     values = {}
     for f in dataclasses.fields(p):
         value = getattr(p, f.name)
-        per_slot = isinstance(value, torch.Tensor) and (
-            isinstance(p, LowRank) or f.name not in SHARED_FIELDS
-        )
-        if not per_slot:
+        if not is_per_slot(p, f.name, value):
             values[f.name] = value
         elif memo is None:
             values[f.name] = fn(f.name, value)
@@ -52,6 +49,7 @@ def _map_per_slot(
 def with_zero_row(form: LayerForm) -> LayerForm:
     """The form with one more slot, all zeros, last (so that ``slots = -1`` selects it); the
     rotation's slot gets ``v = v0`` (its identity). Shared tensors are kept as they are."""
+    memo: dict = {}  # a tensor two fields share is padded once
 
     def pad(p: Any) -> Any:
         def append_zero(name: str, value: torch.Tensor) -> torch.Tensor:
@@ -60,7 +58,6 @@ def with_zero_row(form: LayerForm) -> LayerForm:
 
         return _map_per_slot(p, append_zero, memo)
 
-    memo: dict = {}
     return form.map_primitives(pad, n_slots=form.n_slots + 1)
 
 

@@ -114,7 +114,7 @@ class FormsFile:
                 raise ValueError(f"a serving-form tensor lies outside the file's {kind} data")
         self.resolve = resolve
         self._views: dict[tuple, torch.Tensor] = {}  # (key, offset, *shape) -> one view
-        self._places: dict[int, tuple] = {}  # id(view) -> (flat key, offset, shape)
+        self._places: dict[int, tuple] = {}  # id(view) -> its key in _views
         self._forms: dict[str, LayerForm] = {}
 
     def form(self, layer: str) -> LayerForm:
@@ -134,8 +134,10 @@ class FormsFile:
 
     def place_of(self, tensor: torch.Tensor) -> tuple[str, int, tuple[int, ...]] | None:
         """``(flat key, offset, shape)`` of a tensor of a form decoded from this file."""
-        place = self._places.get(id(tensor))
-        return place[:3] if place is not None and self._views.get(place[3]) is tensor else None
+        key = self._places.get(id(tensor))
+        if key is None or self._views.get(key) is not tensor:
+            return None
+        return key[0], key[1], key[2:]
 
     def _decode(self, p: dict) -> Any:
         cls = PRIMITIVES.get(p.get("type"))
@@ -156,7 +158,7 @@ class FormsFile:
             strides = _contiguous_strides(tuple(shape))
             view = buffer.as_strided(shape, strides, buffer.storage_offset() + offset)
             self._views[key] = view
-            self._places[id(view)] = (key[0], offset, tuple(shape), key)
+            self._places[id(view)] = key
         return self._views[key]
 
 
@@ -180,14 +182,13 @@ class _Packer:
         self.parts: dict[str, list[torch.Tensor]] = {}
         self.sizes: dict[str, int] = {}
         self.seen: dict[int, tuple[torch.Tensor, list]] = {}  # id -> (tensor, its place)
+        self.views_only = True  # every tensor added so far was a view of a 1-D tensor
 
     @property
     def whole_base(self) -> torch.Tensor | None:
         """The one tensor packed, when every tensor added was it or a view of it."""
         only = [t for parts in self.parts.values() for t in parts]
         return only[0] if len(only) == 1 and self.views_only else None
-
-    views_only = True
 
     def add(self, tensor: torch.Tensor) -> list:
         base = tensor._base  # a 1-D base only: never a whole table (a slot bank's is 2-D)

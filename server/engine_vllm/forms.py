@@ -37,7 +37,6 @@ SHARED_DIR = "svda_shared"
 DUMMY_RANK = 1
 _SHARED_CACHE: dict[str, torch.Tensor] = {}  # file name -> tensor, per process
 _SHARED_LOCK = threading.Lock()
-_WRITTEN: set[Path] = set()  # shared basis files this process knows exist
 _REFS: dict[tuple, str] = {}  # (folder, key, field, shape, dtype) -> a written basis's name
 
 
@@ -86,23 +85,20 @@ def _shared_ref(shared: Path, primitive: Any, field: str) -> str | None:
     name = _REFS.get(ident)
     if name is None:
         name = _shared_name(primitive.key, field, tensor)
-        _write_shared_once(shared / f"{name}.safetensors", tensor)
+        _write_shared(shared / f"{name}.safetensors", tensor)
         with _SHARED_LOCK:
             _REFS[ident] = name
     return name
 
 
-def _write_shared_once(path: Path, tensor: torch.Tensor) -> None:
-    """Write a shared basis unless this process wrote or saw it already (atomic rename)."""
-    if path in _WRITTEN:
-        return
+def _write_shared(path: Path, tensor: torch.Tensor) -> None:
+    """Write a shared basis unless its file exists (atomic rename); :data:`_REFS` remembers
+    the bases this process has written or seen, so this runs once per basis."""
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
         save_file({"t": tensor.detach().cpu().contiguous()}, str(tmp))
         tmp.replace(path)
-    with _SHARED_LOCK:
-        _WRITTEN.add(path)
 
 
 def _shared_tensor(shared: Path, name: str) -> torch.Tensor:

@@ -55,8 +55,7 @@ class SvdaSlotsMixin:
         self.svda_peft_slots: set[int] = set()  # slots holding a plain PEFT adapter
         self._svda_stacked: list[StackedSlice | None] | None = None
         self._svda_keep: list[dict] = [{} for _ in self.svda_names]  # per slice: former cuts
-        self._svda_any_form = False
-        self._svda_held = 0
+        self._svda_held = 0  # forms held, over all slots and slices
 
     def svda_set(self, index: int, forms: dict[str, LayerForm | LazyForm] | None) -> None:
         """Put an adapter's forms (HF layer name -> form; None: a plain PEFT adapter, served by
@@ -67,7 +66,7 @@ class SvdaSlotsMixin:
         for s, name in enumerate(self.svda_names):
             form = None if forms is None else forms.get(name)
             held = self.svda_forms[s][index] is not None
-            self._svda_held += (form is not None) - held  # forms held in all slots and slices
+            self._svda_held += (form is not None) - held
             self.svda_forms[s][index] = form
             if stacked is None or stacked[s] is STALE or (stacked[s] is None and form is None):
                 continue  # stacked at the next forward anyway, or nothing to stack
@@ -75,7 +74,6 @@ class SvdaSlotsMixin:
                 self._svda_keep[s] = kept_cuts(stacked[s])  # cuts only grow: later swaps fit
                 stacked[s] = STALE  # restacked at the next forward
         (self.svda_peft_slots.add if forms is None else self.svda_peft_slots.discard)(index)
-        self._svda_any_form = self._svda_held > 0
 
     def reset_lora(self, index: int) -> None:
         """vLLM zeroes a slot's PEFT weights on every activation of an adapter without weights
@@ -92,7 +90,7 @@ class SvdaSlotsMixin:
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         if getattr(self, "svda_peft_slots", None):
             output = super()._apply_lora_to_output(x, output)  # vLLM's path for PEFT slots
-        if not getattr(self, "_svda_any_form", False):
+        if not getattr(self, "_svda_held", 0):
             return output
         wrapper = self.punica_wrapper
         if not getattr(wrapper, "svda_active", True):

@@ -96,17 +96,20 @@ def _mark_layout(manager, mapping) -> None:
 
     from .slices import BatchLayout
 
+    wrappers = manager.punica_wrapper_mapping.values()
+    if len(wrappers) != 1:  # multimodal models: several wrappers, always active, generic path
+        for wrapper in wrappers:
+            wrapper.svda_active, wrapper.svda_layout = True, object()
+        return
+    (wrapper,) = wrappers
     distinct = set(mapping.index_mapping)
     ids = {i for i in distinct if i > 0}
     used = frozenset(manager.lora_index_to_id.index(i) for i in ids)
     uniform = next(iter(used)) if len(distinct) == 1 and used else None  # one slot, no base
-    wrappers = manager.punica_wrapper_mapping.values()
-    for wrapper in wrappers:  # multimodal models: several wrappers, always active
-        wrapper.svda_active = bool(ids) if len(wrappers) == 1 else True
-        tokens = wrapper.token_lora_indices
-        slots = torch.where(tokens < 0, manager.lora_slots, tokens)
-        layout = BatchLayout(used, slots, uniform) if len(wrappers) == 1 else object()
-        wrapper.svda_layout = layout
+    tokens = wrapper.token_lora_indices
+    slots = torch.where(tokens < 0, manager.lora_slots, tokens)
+    wrapper.svda_active = bool(ids)
+    wrapper.svda_layout = BatchLayout(used, slots, uniform)
 
 
 def _fill_slot(manager, lora_id: int) -> None:

@@ -33,7 +33,7 @@ from svda.runtime.serving_form import (
     stack_forms,
     with_zero_row,
 )
-from svda.runtime.serving_form.compile import SHARED_FIELDS, identity_memo
+from svda.runtime.serving_form.compile import identity_memo, is_per_slot
 from svda.runtime.serving_form.primitives import LowRank, SharedBasisLowRank
 
 from .form_file import LazyForm
@@ -98,9 +98,7 @@ class FormGather:
             fixed, per_slot = {}, []
             for f in fields(p):
                 value = getattr(p, f.name)
-                if isinstance(value, torch.Tensor) and (
-                    isinstance(p, LowRank) or f.name not in SHARED_FIELDS
-                ):
+                if is_per_slot(p, f.name, value):
                     if id(value) not in places:
                         places[id(value)] = len(self.tensors)
                         self.tensors.append(value)
@@ -347,29 +345,28 @@ def layout_cache(stacked: StackedSlice, slots: torch.Tensor, layout: object) -> 
     cache = stacked.cache
     if layout is None or cache.get("layout") != (layout, len(slots)):
         cache.clear()
-        if isinstance(layout, BatchLayout):
-            idle = stacked.present.isdisjoint(layout.used)
-            if not idle and layout.uniform is not None:  # its row: the slot's (it is present)
-                cache.update(idle=False, **_gather_one(stacked, layout.uniform))
-            elif not idle:
-                rows = stacked.table.index_select(0, slots)
-                cache.update(idle=False, **_gather_layout(stacked, rows))
-        else:
-            rows = stacked.table[slots]  # -1 -> the zero row
-            idle = bool((rows == stacked.zero_row).all())
-            if not idle:
-                cache.update(idle=False, **_gather_layout(stacked, rows))
-        cache.setdefault("idle", idle)
+        cache.update(_gather(stacked, slots, layout))
         cache["layout"] = (layout, len(slots))
     return cache
+
+
+def _gather(stacked: StackedSlice, slots: torch.Tensor, layout: object) -> dict:
+    if isinstance(layout, BatchLayout):
+        if stacked.present.isdisjoint(layout.used):
+            return {"idle": True}
+        if layout.uniform is not None:  # its row is the slot's (the slot is present)
+            return _gather_one(stacked, layout.uniform)
+        return _gather_layout(stacked, stacked.table.index_select(0, slots))
+    rows = stacked.table[slots]  # -1 -> the zero row
+    if bool((rows == stacked.zero_row).all()):
+        return {"idle": True}
+    return _gather_layout(stacked, rows)
 
 
 def _gather_layout(stacked: StackedSlice, rows: torch.Tensor) -> dict:
     """What one batch layout needs: the per-row form, and for the dense low-rank terms either
     each token's factors (few tokens: decode) or one-hot slot masks (many: prefill)."""
-    form = stacked.gather(rows) if stacked.form.primitives() else None
-    only_scale = form is not None and form.output_scale is not None and len(form.primitives()) == 1
-    out = {"form": form, "scale": form.output_scale.delta if only_scale else None}
+    out = _form_entries(stacked.gather(rows) if stacked.form.primitives() else None)
     if len(rows) <= GATHER_MAX_TOKENS:
         per_token = []
         for a_cat, b_cat, r in stacked.dense:
@@ -384,13 +381,19 @@ def _gather_layout(stacked: StackedSlice, rows: torch.Tensor) -> dict:
 def _gather_one(stacked: StackedSlice, row: int) -> dict:
     """:func:`_gather_layout` for a batch whose every token has row ``row``: that row's form
     (views) and its dense low-rank factors, applied to the whole batch by plain products."""
-    form = stacked.gather.one(row) if stacked.form.primitives() else None
-    only_scale = form is not None and form.output_scale is not None and len(form.primitives()) == 1
+    out = _form_entries(stacked.gather.one(row) if stacked.form.primitives() else None)
     factors = [
         (a_cat[row * r : (row + 1) * r], b_cat[:, row * r : (row + 1) * r])
         for a_cat, b_cat, r in stacked.dense
     ]  # A (r, d_in), B (d_out, r)
-    return {"form": form, "scale": form.output_scale.delta if only_scale else None, "one": factors}
+    return out | {"one": factors}
+
+
+def _form_entries(form: LayerForm | None) -> dict:
+    """The gathered form, and its output scale when that is its only primitive (DoRA, IA³ on
+    ``k, v``: one product with the base output, no dispatch)."""
+    only_scale = form is not None and form.output_scale is not None and len(form.primitives()) == 1
+    return {"idle": False, "form": form, "scale": form.output_scale.delta if only_scale else None}
 
 
 def _low_rank_terms(stacked: StackedSlice, cache: dict, x: torch.Tensor):

@@ -65,22 +65,36 @@ def _write(stacked: StackedSlice, slot: int, form: LayerForm | LazyForm) -> bool
         if planned is not None:
             return planned
         form = form.form()
-    if stacked.form is None or tuple(form.kinds()) != stacked.kinds:
-        return False
-    if (form.d_in, form.d_out) != (stacked.form.d_in, stacked.form.d_out):
+    if not _same_layout(stacked, form):
         return False
     writes = _side_writes(stacked, form, slot)
     terms = _term_writes(stacked, form, slot)
     if writes is None or terms is None:
         return False
-    plan: dict[int, tuple] = {}  # stacked tensor -> its write (target, index, row, field)
-    for write in writes + terms:
-        if plan.setdefault(id(write[0]), write)[3] is not write[3]:
-            return False  # the stack shares this tensor between two fields; the form does not
-    for target, index, row, _ in plan.values():  # a shared tensor is written once
+    once = _once_per_target(writes + terms)
+    if once is None:
+        return False
+    for target, index, row, _ in once:
         target[index] = row  # copies, casting to the stack's dtype
     _now_holds(stacked, slot)
     return True
+
+
+def _same_layout(stacked: StackedSlice, form: LayerForm) -> bool:
+    """The form has the stack's primitives and shapes (shared tensors are checked apart)."""
+    if stacked.form is None or tuple(form.kinds()) != stacked.kinds:
+        return False
+    return (form.d_in, form.d_out) == (stacked.form.d_in, stacked.form.d_out)
+
+
+def _once_per_target(writes: list[tuple]) -> list[tuple] | None:
+    """``writes`` (stacked tensor first, the form's field last) with one write per stacked
+    tensor; None when the stack shares a tensor between two fields and the form does not."""
+    once: dict[int, tuple] = {}
+    for write in writes:
+        if once.setdefault(id(write[0]), write)[-1] is not write[-1]:
+            return None
+    return list(once.values())
 
 
 def _now_holds(stacked: StackedSlice, slot: int) -> None:
@@ -202,9 +216,7 @@ def _make_plan(stacked: StackedSlice, lazy: LazyForm):
     NO_PLAN. The layer is decoded once to check its structure (the values are checked per
     adapter: a cut component must be zero)."""
     form = lazy.form()
-    if stacked.form is None or tuple(form.kinds()) != stacked.kinds:
-        return NO_FIT
-    if (form.d_in, form.d_out) != (stacked.form.d_in, stacked.form.d_out):
+    if not _same_layout(stacked, form):
         return NO_FIT
     if not all(isinstance(p, PLANNED) for p in form.primitives()):
         return NO_PLAN
@@ -220,13 +232,11 @@ def _make_plan(stacked: StackedSlice, lazy: LazyForm):
             return NO_FIT  # another basis (e.g. another seed): not the stacked one
         pairs += [(old.inner, term.inner), (old.outer, term.outer)]
         cuts[id(term.inner)] = cut
-    writes, checks, seen = [], [], {}
-    for target, field in pairs:
-        if id(target) in seen:  # a tensor the stack shares between two fields: written once
-            if seen[id(target)] is not field:
-                return NO_FIT
-            continue
-        seen[id(target)] = field
+    once = _once_per_target(pairs)  # a tensor the stack shares between two fields: once
+    if once is None:
+        return NO_FIT
+    writes, checks = [], []
+    for target, field in once:
         place = lazy.file.place_of(field)
         if place is None or place[2][0] != 1:
             return NO_PLAN

@@ -118,12 +118,10 @@ class SvdaWeights(AdapterWeights):
         return LayerForm(d_in, d_out, output_scale=OutputScale(b), terms=(term,))
 
     @classmethod
-    def packed_form_rows(cls, tensors, layers, shared, memo=None) -> torch.Tensor | None:
+    def packed_form_rows(cls, tensors, layers, shared, memo=None) -> torch.Tensor:
         """The one flat tensor :meth:`packed_serving_forms` views: δ = s − σ scattered into
-        zeros of Σm (zero beyond each layer's k), then b; None when s and b differ in dtype."""
+        zeros of Σm (zero beyond each layer's k), then b (a slot bank keeps both in its dtype)."""
         s, b = tensors["svda_s"].detach(), tensors["svda_b"].detach()
-        if b.dtype != s.dtype:
-            return None
         memo = memo if memo is not None else {}
         plan = _prune_plan(layers, shared, s, memo)
         places = _form_places(shared, plan, s.dtype, memo)
@@ -138,16 +136,11 @@ class SvdaWeights(AdapterWeights):
         holds views of :meth:`packed_form_rows` (a new tensor: the forms outlive the slot, which
         may be reused, and a writer can store it whole) and its ``Vᵀ, U`` (made once per bank
         and dtype)."""
-        s = tensors["svda_s"].detach()
         memo = memo if memo is not None else {}
-        places = _form_places(shared, _prune_plan(layers, shared, s, memo), s.dtype, memo)
         rows = cls.packed_form_rows(tensors, layers, shared, memo)
-        if rows is None:  # s and b in two dtypes: two tensors
-            plan = _prune_plan(layers, shared, s, memo)
-            delta = s.new_zeros(places.total_m).index_copy_(0, places.k_to_m, s - plan.sigma)
-            b = tensors["svda_b"].detach().clone()
-        else:
-            delta, b = rows[: places.total_m], rows[places.total_m :]
+        plan = _prune_plan(layers, shared, tensors["svda_s"], memo)
+        places = _form_places(shared, plan, rows.dtype, memo)
+        delta, b = rows[: places.total_m], rows[places.total_m :]
         forms = []
         for (m, m_at), (d1, b_at), (v_t, u, key) in zip(
             places.m_spans, places.b_spans, places.bases, strict=True
