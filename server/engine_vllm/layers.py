@@ -33,6 +33,7 @@ from svda.runtime.serving_form import LayerForm
 
 from .cpu_gemm import packed_linear
 from .form_file import LazyForm
+from .fused import plan_layer
 from .slices import BatchLayout, StackedSlice, kept_cuts, stack_slice, stacked_delta
 from .slot_update import update_slot
 
@@ -74,6 +75,7 @@ class SvdaSlotsMixin:
                 self._svda_keep[s] = kept_cuts(stacked[s])  # cuts only grow: later swaps fit
                 stacked[s] = STALE  # restacked at the next forward
         (self.svda_peft_slots.add if forms is None else self.svda_peft_slots.discard)(index)
+        self._svda_plan_held = None  # rows gathered for a layout are stale
 
     def reset_lora(self, index: int) -> None:
         """vLLM zeroes a slot's PEFT weights on every activation of an adapter without weights
@@ -108,6 +110,11 @@ class SvdaSlotsMixin:
                 keep = self._svda_keep[s]
                 self._svda_stacked[s] = stack_slice(forms, out2.dtype, out2.device, keep=keep)
         bias = getattr(self.base_layer, "bias", None)
+        if isinstance(layout, BatchLayout):
+            plan = self._svda_plan(layout, x2.shape[0], out2, bias)
+            if plan is not None:  # a decode batch of simple forms: the whole layer at once
+                plan.apply(x2, out2, packed_linear)
+                return out2.reshape(output.shape)
         start = 0
         for stacked, size in zip(
             self._svda_stacked, self._slice_sizes(out2.shape[-1]), strict=True
@@ -120,6 +127,21 @@ class SvdaSlotsMixin:
                     part += delta
             start += size
         return out2.reshape(output.shape)  # out2 is a view of output unless reshape copied
+
+    def _svda_plan(self, layout: BatchLayout, n_tokens: int, out2: torch.Tensor, bias):
+        """The layer's :class:`.fused.LayerPlan` for this batch layout (made once per layout
+        and slot composition), or None: the per-slice path."""
+        key = (layout, n_tokens)
+        held = self.__dict__.get("_svda_plan_held")
+        if held is not None and held[0] == key:
+            return held[1]
+        sizes = self._slice_sizes(out2.shape[-1])
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        slices = list(zip(self._svda_stacked, starts, sizes, strict=True))
+        memo = self.__dict__.setdefault("_svda_bases", {})
+        plan = plan_layer(slices, layout, n_tokens, out2.dtype, bias, memo)
+        self._svda_plan_held = (key, plan)
+        return plan
 
     def _slice_delta(self, stacked, x, out0, slots, start: int, size: int, layout):
         """One output slice's delta (each layout group in its compute dtype), in out0's dtype."""

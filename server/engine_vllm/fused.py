@@ -1,0 +1,190 @@
+"""A whole vLLM layer's svda delta for a decode batch in a few products (every output slice at once).
+
+A packed layer such as ``qkv_proj`` holds one stacked slice per output (q, k, v); the generic
+path (:func:`.slices.stacked_delta`) runs each slice on its own, a dozen small torch calls per
+slice. Decode batches are small (a few tokens per step, :data:`.slices.GATHER_MAX_TOKENS` at
+most), so these calls, not their arithmetic, are the cost. When every slice of the layer holds
+only the simple primitives — an output scale, low-rank terms kept dense, at most one shared-basis
+term, a bias delta — a :class:`LayerPlan`, made once per batch layout, lays the tokens' rows of
+all slices side by side over the layer's whole output ``y (N, D)`` (zeros where a slice has
+nothing)::
+
+    y += s ⊙ y                      output scales (SvdA's b, DoRA's magnitude, IA³ on k, v)
+    y += c                          bias deltas − s ⊙ b0 (so the scale acts on W0x only)
+    y += (x A_tok) B_tok            every dense low-rank term: A_tok (N, d_in, R), B_tok (N, R, D)
+                                    in float32, one batched product pair per layer
+    y += o ⊙ (B_sh (i ⊙ (A_sh x)))  the shared bases (SvdA's Vᵀ, U; VeRA's A, B) of all slices:
+                                    A_sh (K, d_in) stacked, B_sh (D, K) block-placed
+
+Anything else (rotations, input scales, several layouts in one slice, a compute dtype other than
+the model's, prefill batches) returns None and takes the per-slice path. Pure torch; tested equal
+to the per-slice path (``tests/server/test_vllm_fused.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from svda.runtime.serving_form.primitives import SharedBasisLowRank
+
+from .slices import GATHER_MAX_TOKENS, BatchLayout, StackedSlice
+
+Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SharedBases:
+    """The shared-basis terms of a layer's slices as one pair of products: ``A (K, d_in)`` the
+    slices' ``A`` stacked, ``B (D, K)`` each slice's ``B`` at its output rows and its components'
+    columns; ``parts`` the per-slice tensors they were made from (a later layout with the same
+    parts reuses them, so prepacked GEMM handlers stay valid)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    parts: tuple
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One batch layout's gathered rows for a whole layer (see the module docstring); every
+    field None when no token of the layout has a row in it."""
+
+    scale: torch.Tensor | None = None  # (N, D), model dtype
+    const: torch.Tensor | None = None  # (N, D), model dtype
+    a_tok: torch.Tensor | None = None  # (N, d_in, R), float32
+    b_tok: torch.Tensor | None = None  # (N, R, D), float32
+    shared: SharedBases | None = None
+    inner: torch.Tensor | None = None  # (N, K), model dtype
+    outer: torch.Tensor | None = None  # (N, D), model dtype
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor, linear: Linear | None = None) -> None:
+        """Add the layer's delta to ``y = W0 x + b0 (N, D)`` in place; ``x (N, d_in)``."""
+        if self.scale is not None:
+            y.addcmul_(y, self.scale)  # before the terms: the scale acts on the base output only
+        if self.const is not None:
+            y.add_(self.const)
+        if self.a_tok is not None:
+            y.add_(torch.bmm(torch.bmm(x.float().unsqueeze(1), self.a_tok), self.b_tok).squeeze(1))
+        if self.shared is not None:
+            linear = linear or F.linear
+            h = linear(x, self.shared.A).mul_(self.inner)
+            y.addcmul_(linear(h, self.shared.B), self.outer)
+
+
+def plan_layer(
+    slices: list[tuple[StackedSlice | None, int, int]],
+    layout: BatchLayout,
+    n_tokens: int,
+    model_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+    memo: dict | None = None,
+) -> LayerPlan | None:
+    """The :class:`LayerPlan` of a layer whose output slices are ``(stacked, start, size)`` for
+    the first ``n_tokens`` tokens of ``layout``; None when some slice needs the per-slice path.
+    ``bias``: the base layer's bias ``b0 (D,)``; ``memo``: the layer's dict for its shared bases."""
+    if n_tokens > GATHER_MAX_TOKENS:
+        return None
+    active = []
+    for stacked, start, size in slices:
+        if stacked is None or (not stacked.groups and stacked.present.isdisjoint(layout.used)):
+            continue  # no form in this slice, or no token of the batch has a row in it
+        if not _fits(stacked, model_dtype):
+            return None
+        active.append((stacked, start, size))
+    if not active:
+        return LayerPlan()
+    width = slices[-1][1] + slices[-1][2]
+    slots = layout.slots[:n_tokens]
+    gathered = [(s, start, size, s.table.index_select(0, slots)) for s, start, size in active]
+    scale = _side(gathered, "output_scale", n_tokens, width)
+    const = _side(gathered, "bias", n_tokens, width)
+    if scale is not None and bias is not None:
+        const = -scale * bias if const is None else const.sub_(scale * bias)
+    a_tok, b_tok = _per_token_low_rank(gathered, n_tokens, width)
+    shared, inner, outer = _shared(gathered, n_tokens, width, {} if memo is None else memo)
+    return LayerPlan(scale, const, a_tok, b_tok, shared, inner, outer)
+
+
+def _fits(stacked: StackedSlice, model_dtype: torch.dtype) -> bool:
+    """Whether a slice's stack holds only what :class:`LayerPlan` applies."""
+    form = stacked.form
+    if stacked.groups or stacked.needs_w0 or stacked.dtype != model_dtype or form is None:
+        return False
+    if form.input_scale is not None or form.input_rotation is not None:
+        return False
+    if form.output_rotation is not None:
+        return False
+    return all(isinstance(t, SharedBasisLowRank) for t in form.terms) and len(form.terms) <= 1
+
+
+def _side(gathered: list, name: str, n: int, width: int) -> torch.Tensor | None:
+    """The slices' per-row ``output_scale`` or ``bias`` deltas over the whole output (zeros
+    where a slice has none); None when no slice has one."""
+    out = None
+    for stacked, start, size, rows in gathered:
+        primitive = getattr(stacked.form, name)
+        if primitive is None:
+            continue
+        if out is None:
+            out = primitive.delta.new_zeros(n, width)
+        out[:, start : start + size] = primitive.delta.index_select(0, rows)
+    return out
+
+
+def _per_token_low_rank(gathered: list, n: int, width: int):
+    """Every dense low-rank term of every slice as one factor pair per token: ``A (n, d_in, R)``
+    and ``B (n, R, width)`` (a term's ``B`` at its slice's columns), float32."""
+    terms = [(s, start, size, rows, t) for s, start, size, rows in gathered for t in s.dense]
+    if not terms:
+        return None, None
+    total = sum(r for *_, (_, _, r) in terms)
+    d_in = terms[0][4][0].shape[1]
+    a_tok = torch.empty(n, d_in, total, dtype=torch.float32, device=terms[0][4][0].device)
+    b_tok = a_tok.new_zeros(n, total, width)
+    offset = 0
+    for _, start, size, rows, (a_cat, b_cat, r) in terms:
+        a = a_cat.view(-1, r, d_in).index_select(0, rows)  # (n, r, d_in)
+        b = b_cat.view(size, -1, r).permute(1, 2, 0).index_select(0, rows)  # (n, r, size)
+        a_tok[:, :, offset : offset + r] = a.transpose(1, 2)
+        b_tok[:, offset : offset + r, start : start + size] = b
+        offset += r
+    return a_tok, b_tok
+
+
+def _shared(gathered: list, n: int, width: int, memo: dict):
+    """The slices' shared-basis terms (one per slice at most) as :class:`SharedBases` and the
+    tokens' ``inner (n, K)`` and ``outer (n, width)``; Nones when there is none."""
+    terms = [
+        (start, size, rows, t)
+        for s, start, size, rows in gathered
+        for t in s.form.terms
+        if t.A.shape[0]  # a basis cut to no component adds exact zeros
+    ]
+    if not terms:
+        return None, None, None
+    bases = _stacked_bases([(start, t.A, t.B) for start, _, _, t in terms], width, memo)
+    inner = torch.cat([t.inner.index_select(0, rows) for _, _, rows, t in terms], dim=1)
+    outer = terms[0][3].outer.new_zeros(n, width)
+    for start, size, rows, t in terms:
+        outer[:, start : start + size] = t.outer.index_select(0, rows)
+    return bases, inner, outer
+
+
+def _stacked_bases(parts: list[tuple[int, torch.Tensor, torch.Tensor]], width: int, memo: dict):
+    """:class:`SharedBases` of ``(start, A, B)`` per slice, the last one made kept in ``memo``."""
+    held = memo.get("bases")
+    if held is not None and len(held.parts) == len(parts):
+        if all(p[0] == q[0] and p[1] is q[1] and p[2] is q[2] for p, q in zip(held.parts, parts)):
+            return held
+    a = torch.cat([A for _, A, _ in parts]).contiguous()
+    b = a.new_zeros(width, a.shape[0])
+    offset = 0
+    for start, A, B in parts:
+        b[start : start + B.shape[0], offset : offset + A.shape[0]] = B
+        offset += A.shape[0]
+    memo["bases"] = SharedBases(a, b, tuple(parts))
+    return memo["bases"]
