@@ -177,9 +177,15 @@ def _shared(gathered: list, n: int, width: int, memo: dict):
 def _stacked_bases(parts: list[tuple[int, torch.Tensor, torch.Tensor]], width: int, memo: dict):
     """:class:`SharedBases` of ``(start, A, B)`` per slice, the last one made kept in ``memo``."""
     held = memo.get("bases")
-    if held is not None and len(held.parts) == len(parts):
-        if all(p[0] == q[0] and p[1] is q[1] and p[2] is q[2] for p, q in zip(held.parts, parts)):
-            return held
+    if (
+        held is not None
+        and len(held.parts) == len(parts)
+        and all(
+            p[0] == q[0] and p[1] is q[1] and p[2] is q[2]
+            for p, q in zip(held.parts, parts, strict=True)
+        )
+    ):
+        return held
     a = torch.cat([A for _, A, _ in parts]).contiguous()
     b = a.new_zeros(width, a.shape[0])
     offset = 0

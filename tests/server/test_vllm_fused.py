@@ -119,7 +119,7 @@ def test_bfloat16_plan_within_rounding_of_the_slices(method, svd_cache):
 def test_shared_bases_are_made_once_per_slot_composition(svd_cache):
     """A second layout over the same stacks reuses the stacked bases (a prepacked GEMM keyed
     by the weight object stays valid); the rows are gathered anew."""
-    slices, weight = _packed_layer(["svda", None, "svda", "svda"], svd_cache)
+    slices, _ = _packed_layer(["svda", None, "svda", "svda"], svd_cache)
     memo: dict = {}
     first = plan_layer(slices, _layout(SLOTS, 4), len(SLOTS), torch.float32, None, memo)
     other = torch.tensor([0, 0, 3, -1])
