@@ -11,7 +11,7 @@ nothing)::
 
     y += s ⊙ y                      output scales (SvdA's b, DoRA's magnitude, IA³ on k, v)
     y += c                          bias deltas − s ⊙ b0 (so the scale acts on W0x only)
-    y += (x A_tok) B_tok            every dense low-rank term: A_tok (N, d_in, R), B_tok (N, R, D)
+    y += (x A_tokᵀ) Bt_tok          every dense low-rank term: A_tok (N, R, d_in), Bt_tok (N, R, D)
                                     in float32, one batched product pair per layer
     y += o ⊙ (B_sh (i ⊙ (A_sh x)))  the shared bases (SvdA's Vᵀ, U; VeRA's A, B) of all slices:
                                     A_sh (K, d_in) stacked, B_sh (D, K) block-placed
@@ -55,7 +55,7 @@ class LayerPlan:
 
     scale: torch.Tensor | None = None  # (N, D), model dtype
     const: torch.Tensor | None = None  # (N, D), model dtype
-    a_tok: torch.Tensor | None = None  # (N, d_in, R), float32
+    a_tok: torch.Tensor | None = None  # (N, R, d_in), float32
     b_tok: torch.Tensor | None = None  # (N, R, D), float32
     shared: SharedBases | None = None
     inner: torch.Tensor | None = None  # (N, K), model dtype
@@ -68,7 +68,8 @@ class LayerPlan:
         if self.const is not None:
             y.add_(self.const)
         if self.a_tok is not None:
-            y.add_(torch.bmm(torch.bmm(x.float().unsqueeze(1), self.a_tok), self.b_tok).squeeze(1))
+            h = torch.bmm(x.float().unsqueeze(1), self.a_tok.transpose(1, 2))  # (N, 1, R)
+            y.add_(torch.bmm(h, self.b_tok).squeeze(1))
         if self.shared is not None:
             linear = linear or F.linear
             h = linear(x, self.shared.A).mul_(self.inner)
@@ -136,22 +137,21 @@ def _side(gathered: list, name: str, n: int, width: int) -> torch.Tensor | None:
 
 
 def _per_token_low_rank(gathered: list, n: int, width: int):
-    """Every dense low-rank term of every slice as one factor pair per token: ``A (n, d_in, R)``
-    and ``B (n, R, width)`` (a term's ``B`` at its slice's columns), float32."""
-    terms = [(s, start, size, rows, t) for s, start, size, rows in gathered for t in s.dense]
+    """Every dense low-rank term of every slice as one factor pair per token: ``A (n, R, d_in)``
+    and ``Bᵀ (n, R, width)`` (a term's rows at its slice's columns), float32: whole rows of
+    :class:`.slices.DenseTerm` gathered, no transposing copy."""
+    terms = [(start, size, rows, t) for s, start, size, rows in gathered for t in s.dense]
     if not terms:
         return None, None
-    total = sum(r for *_, (_, _, r) in terms)
-    d_in = terms[0][4][0].shape[1]
-    a_tok = torch.empty(n, d_in, total, dtype=torch.float32, device=terms[0][4][0].device)
+    total = sum(t.r for *_, t in terms)
+    first = terms[0][3].A
+    a_tok = torch.empty(n, total, first.shape[2], dtype=torch.float32, device=first.device)
     b_tok = a_tok.new_zeros(n, total, width)
     offset = 0
-    for _, start, size, rows, (a_cat, b_cat, r) in terms:
-        a = a_cat.view(-1, r, d_in).index_select(0, rows)  # (n, r, d_in)
-        b = b_cat.view(size, -1, r).permute(1, 2, 0).index_select(0, rows)  # (n, r, size)
-        a_tok[:, :, offset : offset + r] = a.transpose(1, 2)
-        b_tok[:, offset : offset + r, start : start + size] = b
-        offset += r
+    for start, size, rows, term in terms:
+        a_tok[:, offset : offset + term.r] = term.A.index_select(0, rows)
+        b_tok[:, offset : offset + term.r, start : start + size] = term.Bt.index_select(0, rows)
+        offset += term.r
     return a_tok, b_tok
 
 

@@ -38,6 +38,8 @@ from .slices import BatchLayout, StackedSlice, kept_cuts, stack_slice, stacked_d
 from .slot_update import update_slot
 
 STALE = object()  # a slice to restack at the next forward
+MISSING = object()  # no plan made yet for a layout
+MAX_PLANS = 8  # layer plans kept per layer (batch layouts seen since the last slot change)
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
@@ -57,6 +59,8 @@ class SvdaSlotsMixin:
         self._svda_stacked: list[StackedSlice | None] | None = None
         self._svda_keep: list[dict] = [{} for _ in self.svda_names]  # per slice: former cuts
         self._svda_held = 0  # forms held, over all slots and slices
+        self._svda_plans: dict = {}  # (layout content, tokens) -> LayerPlan or None
+        self._svda_bases: dict = {}  # the shared bases the plans stack (fused.plan_layer)
 
     def svda_set(self, index: int, forms: dict[str, LayerForm | LazyForm] | None) -> None:
         """Put an adapter's forms (HF layer name -> form; None: a plain PEFT adapter, served by
@@ -75,7 +79,7 @@ class SvdaSlotsMixin:
                 self._svda_keep[s] = kept_cuts(stacked[s])  # cuts only grow: later swaps fit
                 stacked[s] = STALE  # restacked at the next forward
         (self.svda_peft_slots.add if forms is None else self.svda_peft_slots.discard)(index)
-        self._svda_plan_held = None  # rows gathered for a layout are stale
+        self._svda_plans.clear()  # rows gathered for a layout are stale
 
     def reset_lora(self, index: int) -> None:
         """vLLM zeroes a slot's PEFT weights on every activation of an adapter without weights
@@ -90,31 +94,56 @@ class SvdaSlotsMixin:
         super().set_lora(index, *args, **kwargs)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "svda_peft_slots", None):
+        if self.svda_peft_slots:
             output = super()._apply_lora_to_output(x, output)  # vLLM's path for PEFT slots
-        if not getattr(self, "_svda_held", 0):
+        if not self._svda_held:
             return output
         wrapper = self.punica_wrapper
         if not getattr(wrapper, "svda_active", True):
             return output  # no token of this batch has an adapter
         x2, out2 = x.reshape(-1, x.shape[-1]), output.reshape(-1, output.shape[-1])
         layout = getattr(wrapper, "svda_layout", None)
+        plan = None
         if isinstance(layout, BatchLayout):
-            slots = layout.slots[: x2.shape[0]]  # the base as the tables' last entry
+            plan = self._svda_plans.get((layout.key, x2.shape[0]), MISSING)
+            if plan is MISSING:
+                plan = self._svda_make_plan(layout, x2.shape[0], out2)
+        if plan is not None:  # a small batch of simple forms: the whole layer at once
+            plan.apply(x2, out2, packed_linear)
         else:
-            slots = wrapper.token_lora_indices[: x2.shape[0]]
+            self._svda_per_slice(x2, out2, layout, wrapper)
+        return out2.reshape(output.shape)  # out2 is a view of output unless reshape copied
+
+    def _svda_restack(self, dtype: torch.dtype, device: torch.device) -> None:
         if self._svda_stacked is None:
             self._svda_stacked = [STALE] * len(self.svda_forms)
         for s, forms in enumerate(self.svda_forms):
             if self._svda_stacked[s] is STALE:  # a slot changed and did not fit in place
                 keep = self._svda_keep[s]
-                self._svda_stacked[s] = stack_slice(forms, out2.dtype, out2.device, keep=keep)
+                self._svda_stacked[s] = stack_slice(forms, dtype, device, keep=keep)
+
+    def _svda_make_plan(self, layout: BatchLayout, n_tokens: int, out2: torch.Tensor):
+        """The layer's :class:`.fused.LayerPlan` for a batch layout, or None (the per-slice
+        path), kept per layout content until a slot changes (:meth:`svda_set`)."""
+        self._svda_restack(out2.dtype, out2.device)
+        sizes = self._slice_sizes(out2.shape[-1])
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        slices = list(zip(self._svda_stacked, starts, sizes, strict=True))
         bias = getattr(self.base_layer, "bias", None)
+        plan = plan_layer(slices, layout, n_tokens, out2.dtype, bias, self._svda_bases)
+        if len(self._svda_plans) >= MAX_PLANS:
+            self._svda_plans.pop(next(iter(self._svda_plans)))
+        self._svda_plans[(layout.key, n_tokens)] = plan
+        return plan
+
+    def _svda_per_slice(self, x2: torch.Tensor, out2: torch.Tensor, layout, wrapper) -> None:
+        """Add each output slice's delta to ``out2`` in place (any forms, any batch)."""
+        self._svda_restack(out2.dtype, out2.device)
         if isinstance(layout, BatchLayout):
-            plan = self._svda_plan(layout, x2.shape[0], out2, bias)
-            if plan is not None:  # a decode batch of simple forms: the whole layer at once
-                plan.apply(x2, out2, packed_linear)
-                return out2.reshape(output.shape)
+            slots = layout.slots[: x2.shape[0]]  # the base as the tables' last entry
+        else:
+            slots = wrapper.token_lora_indices[: x2.shape[0]]
+        bias = getattr(self.base_layer, "bias", None)
         start = 0
         for stacked, size in zip(
             self._svda_stacked, self._slice_sizes(out2.shape[-1]), strict=True
@@ -126,22 +155,6 @@ class SvdaSlotsMixin:
                 if delta is not None:  # None: no token of the batch has a slot here
                     part += delta
             start += size
-        return out2.reshape(output.shape)  # out2 is a view of output unless reshape copied
-
-    def _svda_plan(self, layout: BatchLayout, n_tokens: int, out2: torch.Tensor, bias):
-        """The layer's :class:`.fused.LayerPlan` for this batch layout (made once per layout
-        and slot composition), or None: the per-slice path."""
-        key = (layout, n_tokens)
-        held = self.__dict__.get("_svda_plan_held")
-        if held is not None and held[0] == key:
-            return held[1]
-        sizes = self._slice_sizes(out2.shape[-1])
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        slices = list(zip(self._svda_stacked, starts, sizes, strict=True))
-        memo = self.__dict__.setdefault("_svda_bases", {})
-        plan = plan_layer(slices, layout, n_tokens, out2.dtype, bias, memo)
-        self._svda_plan_held = (key, plan)
-        return plan
 
     def _slice_delta(self, stacked, x, out0, slots, start: int, size: int, layout):
         """One output slice's delta (each layout group in its compute dtype), in out0's dtype."""

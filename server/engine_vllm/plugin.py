@@ -91,7 +91,8 @@ def _mark_layout(manager, mapping) -> None:
     (``svda_active``) and a :class:`.slices.BatchLayout` (``svda_layout``: the layers' gathered
     rows are stale) made host-side from ``index_mapping`` (one lora id per token, 0 for the
     base) and the tokens' slots with the base as the tables' last entry (and the slot every
-    token has, when they all have one)."""
+    token has, when they all have one); its content (the lora ids per token and the slots'
+    ids) lets a layer reuse what it made for an earlier mapping with the same tokens' slots."""
     import torch
 
     from .slices import BatchLayout
@@ -108,8 +109,9 @@ def _mark_layout(manager, mapping) -> None:
     uniform = next(iter(used)) if len(distinct) == 1 and used else None  # one slot, no base
     tokens = wrapper.token_lora_indices
     slots = torch.where(tokens < 0, manager.lora_slots, tokens)
+    content = (tuple(mapping.index_mapping), tuple(manager.lora_index_to_id))  # host-side
     wrapper.svda_active = bool(ids)
-    wrapper.svda_layout = BatchLayout(used, slots, uniform)
+    wrapper.svda_layout = BatchLayout(used, slots, uniform, content)
 
 
 def _fill_slot(manager, lora_id: int) -> None:

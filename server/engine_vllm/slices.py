@@ -58,6 +58,20 @@ class BasisCut(NamedTuple):
     dropped: torch.Tensor | None = None
 
 
+class DenseTerm(NamedTuple):
+    """A stacked low-rank term kept apart from the form: ``A (n, r, d_in)`` and ``Bt (n, r,
+    d_out)`` (each row's ``Bᵀ``), both contiguous: ``index_select(0, rows)`` gathers whole rows
+    (decode), and ``A.view(n·r, d_in)``, ``Bt.view(n·r, d_out)`` are the concatenations of the
+    masked dense products (prefill)."""
+
+    A: torch.Tensor
+    Bt: torch.Tensor
+
+    @property
+    def r(self) -> int:
+        return self.A.shape[1]
+
+
 @dataclass(frozen=True)
 class StackedSlice:
     """``form`` (stacked, zero slot last) with ``table`` (slot -> row, ``table[-1]`` the zero
@@ -70,7 +84,7 @@ class StackedSlice:
     form: LayerForm | None = None
     table: torch.Tensor | None = None
     groups: tuple[StackedSlice, ...] = ()
-    dense: tuple[tuple[torch.Tensor, torch.Tensor, int], ...] = ()  # (A_cat, B_cat, r) per term
+    dense: tuple[DenseTerm, ...] = ()  # low-rank terms run apart from the form
     cache: dict = field(default_factory=dict, compare=False)  # per batch layout: gathered rows
     present: set[int] = field(default_factory=set, compare=False)  # slots with a row here
     plans: dict = field(default_factory=dict, compare=False)  # slot writes per file layout
@@ -284,16 +298,15 @@ def _stack_layout(forms, model_dtype, device, dense_limit, keep) -> StackedSlice
 
 def split_dense_low_rank(form: LayerForm, limit: int = DENSE_LOW_RANK_MAX):
     """``form`` without its low-rank terms of at most ``limit`` slots × rank, those terms as
-    concatenations ``A_cat (n·r, d_in)``, ``B_cat (d_out, n·r)`` (a batch runs them as two
-    dense products with a one-hot slot mask in between, or per token from gathered factors; the
-    zero slot has zero rows, so base rows get exact zeros), and where each term went."""
+    :class:`DenseTerm` (a batch runs them per token from gathered rows, or as two dense
+    products with a one-hot slot mask in between; the zero slot has zero rows, so base rows get
+    exact zeros), and where each term went."""
     dense, kept, places = [], [], []
     for term in form.terms:
-        n, r, d_in = term.A.shape if isinstance(term, LowRank) else (0, 0, 0)
+        n, r = term.A.shape[:2] if isinstance(term, LowRank) else (0, 0)
         if isinstance(term, LowRank) and n * r <= limit:
-            b_cat = term.B.permute(1, 0, 2).reshape(term.B.shape[1], n * r).contiguous()
             places.append(("dense", len(dense)))
-            dense.append((term.A.reshape(n * r, d_in).contiguous(), b_cat, r))
+            dense.append(DenseTerm(term.A.contiguous(), term.B.transpose(1, 2).contiguous()))
         else:
             places.append(("form", len(kept)))
             kept.append(term)
@@ -331,11 +344,19 @@ def slice_delta(
 class BatchLayout:
     """One batch composition in the vLLM worker (the plugin makes one per LoRA mapping; equal
     only to itself): ``used``, the slots some token is at; ``slots``, each token's slot with the
-    base as ``n_slots`` (a table's last entry: the zero row), so no token is ``-1``."""
+    base as ``n_slots`` (a table's last entry: the zero row), so no token is ``-1``; ``content``:
+    a hashable value equal for two layouts with the same tokens' slots (None: this layout
+    alone), so that what was made for one is reused for the next such mapping."""
 
     used: frozenset[int]
     slots: torch.Tensor
     uniform: int | None = None  # the slot of every token, when they all have one slot
+    content: object = None
+
+    @property
+    def key(self) -> object:
+        """What layouts with the same tokens' slots share (the layout itself without content)."""
+        return self if self.content is None else self.content
 
 
 def layout_cache(stacked: StackedSlice, slots: torch.Tensor, layout: object) -> dict:
@@ -369,23 +390,20 @@ def _gather_layout(stacked: StackedSlice, rows: torch.Tensor) -> dict:
     out = _form_entries(stacked.gather(rows) if stacked.form.primitives() else None)
     if len(rows) <= GATHER_MAX_TOKENS:
         per_token = []
-        for a_cat, b_cat, r in stacked.dense:
-            a = a_cat.view(-1, r, a_cat.shape[1])[rows].transpose(1, 2)  # (N, d_in, r)
-            b = b_cat.view(b_cat.shape[0], -1, r).permute(1, 2, 0)[rows]  # (N, r, d_out)
-            per_token.append((a.float().contiguous(), b.float().contiguous()))
+        for term in stacked.dense:  # (N, r, d_in) and (N, r, d_out)
+            per_token.append(
+                (term.A.index_select(0, rows).float(), term.Bt.index_select(0, rows).float())
+            )
         return out | {"per_token": per_token}
     onehot = F.one_hot(rows, stacked.form.n_slots).to(stacked.dtype)  # (N, n + 1)
-    return out | {"masks": {r: onehot.repeat_interleave(r, 1) for *_, r in stacked.dense}}
+    return out | {"masks": {t.r: onehot.repeat_interleave(t.r, 1) for t in stacked.dense}}
 
 
 def _gather_one(stacked: StackedSlice, row: int) -> dict:
     """:func:`_gather_layout` for a batch whose every token has row ``row``: that row's form
     (views) and its dense low-rank factors, applied to the whole batch by plain products."""
     out = _form_entries(stacked.gather.one(row) if stacked.form.primitives() else None)
-    factors = [
-        (a_cat[row * r : (row + 1) * r], b_cat[:, row * r : (row + 1) * r])
-        for a_cat, b_cat, r in stacked.dense
-    ]  # A (r, d_in), B (d_out, r)
+    factors = [(term.A[row], term.Bt[row]) for term in stacked.dense]  # (r, d_in), (r, d_out)
     return out | {"one": factors}
 
 
@@ -401,16 +419,17 @@ def _low_rank_terms(stacked: StackedSlice, cache: dict, x: torch.Tensor):
     factors in float32 (CPU bf16 batched products are slow), or two dense products masked, or
     (every token one slot) that slot's two products."""
     if "one" in cache:
-        for a, b in cache["one"]:
-            yield F.linear(F.linear(x, a), b)
+        for a, bt in cache["one"]:
+            yield F.linear(x, a) @ bt
         return
     if "per_token" in cache:
         x32 = x.float()[:, None]  # (N, 1, d_in)
-        for a, b in cache["per_token"]:
-            yield torch.bmm(torch.bmm(x32, a), b)[:, 0].to(x.dtype)
+        for a, bt in cache["per_token"]:
+            yield torch.bmm(torch.bmm(x32, a.transpose(1, 2)), bt)[:, 0].to(x.dtype)
         return
-    for a_cat, b_cat, r in stacked.dense:
-        yield F.linear(F.linear(x, a_cat) * cache["masks"][r], b_cat)
+    for term in stacked.dense:  # every token against every slot's rows, masked to its own
+        a_cat, bt_cat = term.A.view(-1, term.A.shape[2]), term.Bt.view(-1, term.Bt.shape[2])
+        yield (F.linear(x, a_cat) * cache["masks"][term.r]) @ bt_cat
 
 
 def stacked_delta(

@@ -34,7 +34,7 @@ from svda.runtime.serving_form.primitives import (
 )
 
 from .form_file import LazyForm
-from .slices import SIDES, BasisCut, StackedSlice
+from .slices import SIDES, BasisCut, DenseTerm, StackedSlice
 
 
 def update_slot(stacked: StackedSlice | None, slot: int, form: LayerForm | LazyForm | None) -> bool:
@@ -150,15 +150,13 @@ def _shared_basis_writes(old: SharedBasisLowRank, basis: BasisCut, new: SharedBa
     return [(old.inner, row, inner.index_select(0, basis.kept), new.inner), outer]
 
 
-def _dense_writes(dense: tuple, new: LowRank, row: int) -> list | None:
-    a_cat, b_cat, r = dense
-    r_new = new.A.shape[1]
+def _dense_writes(dense: DenseTerm, new: LowRank, row: int) -> list | None:
+    r, r_new = dense.r, new.A.shape[1]
     if r_new > r:
         return None
-    span = slice(row * r, (row + 1) * r)
     a = F.pad(new.A[0], (0, 0, 0, r - r_new))  # (r, d_in), zero rows past r_new
-    b = F.pad(new.B[0], (0, r - r_new))  # (d_out, r)
-    return [(a_cat, span, a, new.A), (b_cat, (slice(None), span), b, new.B)]
+    bt = F.pad(new.B[0], (0, r - r_new)).t()  # (r, d_out)
+    return [(dense.A, row, a, new.A), (dense.Bt, row, bt, new.B)]
 
 
 def _low_rank_writes(old: LowRank, new: LowRank, row: int) -> list | None:

@@ -214,7 +214,7 @@ def test_bfloat16_model_computes_in_bf16_except_rotations(method, svd_cache):
     assert stacked.dtype == (torch.float32 if rotates else torch.bfloat16)
     floats = [t for p in stacked.form.primitives() for t in vars(p).values()
               if isinstance(t, torch.Tensor) and t.is_floating_point()]  # fmt: skip
-    floats += [t for a, b, _ in stacked.dense for t in (a, b)]
+    floats += [t for term in stacked.dense for t in term]
     assert floats and all(t.dtype == stacked.dtype for t in floats)
 
 
