@@ -16,8 +16,10 @@ nothing)::
     y += o ⊙ (B_sh (i ⊙ (A_sh x)))  the shared bases (SvdA's Vᵀ, U; VeRA's A, B) of all slices:
                                     A_sh (K, d_in) stacked, B_sh (D, K) block-placed
 
-Anything else (rotations, input scales, several layouts in one slice, a compute dtype other than
-the model's, prefill batches) returns None and takes the per-slice path. Pure torch; tested equal
+Anything else (rotations, input scales, tokens of several layouts in one slice, a compute dtype
+other than the model's, prefill batches) returns None and takes the per-slice path. A slice
+stacked in several layout groups of which the batch uses one (slots refilled with another
+method one by one leave the old group empty) is planned from that group. Pure torch; tested equal
 to the per-slice path (``tests/server/test_vllm_fused.py``).
 """
 
@@ -91,11 +93,13 @@ def plan_layer(
         return None
     active = []
     for stacked, start, size in slices:
-        if stacked is None or (not stacked.groups and stacked.present.isdisjoint(layout.used)):
+        parts = () if stacked is None else stacked.groups or (stacked,)
+        used = [p for p in parts if not p.present.isdisjoint(layout.used)]
+        if not used:
             continue  # no form in this slice, or no token of the batch has a row in it
-        if not _fits(stacked, model_dtype):
-            return None
-        active.append((stacked, start, size))
+        if len(used) > 1 or not _fits(used[0], model_dtype):
+            return None  # tokens of several layouts in one slice, or forms the plan lacks
+        active.append((used[0], start, size))
     if not active:
         return LayerPlan()
     width = slices[-1][1] + slices[-1][2]

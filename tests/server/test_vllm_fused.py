@@ -180,3 +180,20 @@ def test_an_output_scale_beside_a_bias_delta_scales_the_base_product_only():
     plan.apply(x, got)
     torch.testing.assert_close(got, _per_slice(slices, x, y, layout, weight, bias))
     assert torch.equal(got[1], y[1])
+
+
+def test_a_slice_of_several_groups_is_planned_from_the_group_the_batch_uses(svd_cache):
+    """Slots refilled with another method one by one leave a stack of two layout groups; a
+    batch whose tokens all sit in one of them is planned (from that group)."""
+    slices, weight = _packed_layer(["lora", None, "dora", "dora"], svd_cache)
+    assert all(s is None or len(s.groups) == 2 for s, *_ in slices)
+    slots = torch.tensor([2, -1, 3, 3, -1])
+    layout = _layout(slots, 4)
+    x, y = _inputs(weight, torch.float32)
+    x, y = x[: len(slots)], y[: len(slots)]
+    plan = plan_layer(slices, layout, len(slots), torch.float32)
+    assert plan is not None and plan.scale is not None  # DoRA's magnitude
+    got = y.clone()
+    plan.apply(x, got)
+    torch.testing.assert_close(got, _per_slice(slices, x, y, layout, weight))
+    assert torch.equal(got[slots < 0], y[slots < 0])
