@@ -37,6 +37,14 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _OPS.onednn_mm(handler, x.contiguous(), None)
 
 
+def forget(weight: torch.Tensor) -> None:
+    """Drop ``weight``'s prepacked handler (a weight no longer used: its packed copy is freed)."""
+    with _LOCK:
+        entry = _HANDLERS.get(id(weight))
+        if entry is not None and entry[0] is weight:
+            del _HANDLERS[id(weight)]
+
+
 def _handler(weight: torch.Tensor) -> object | None:
     key = id(weight)
     with _LOCK:

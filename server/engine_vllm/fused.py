@@ -53,15 +53,17 @@ class SharedBases:
 @dataclass(frozen=True)
 class LayerPlan:
     """One batch layout's gathered rows for a whole layer (see the module docstring); every
-    field None when no token of the layout has a row in it."""
+    field None when no token of the layout has a row in it. ``uniform``: every token has one
+    slot, whose row alone was gathered (``M = 1``, broadcast over the tokens); else ``M = N``."""
 
-    scale: torch.Tensor | None = None  # (N, D), model dtype
-    const: torch.Tensor | None = None  # (N, D), model dtype
-    a_tok: torch.Tensor | None = None  # (N, R, d_in), float32
-    b_tok: torch.Tensor | None = None  # (N, R, D), float32
+    scale: torch.Tensor | None = None  # (M, D), model dtype
+    const: torch.Tensor | None = None  # (M, D), model dtype
+    a_tok: torch.Tensor | None = None  # (M, R, d_in), float32
+    b_tok: torch.Tensor | None = None  # (M, R, D), float32
     shared: SharedBases | None = None
-    inner: torch.Tensor | None = None  # (N, K), model dtype
-    outer: torch.Tensor | None = None  # (N, D), model dtype
+    inner: torch.Tensor | None = None  # (M, K), model dtype
+    outer: torch.Tensor | None = None  # (M, D), model dtype
+    uniform: bool = False
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, linear: Linear | None = None) -> None:
         """Add the layer's delta to ``y = W0 x + b0 (N, D)`` in place; ``x (N, d_in)``."""
@@ -69,7 +71,9 @@ class LayerPlan:
             y.addcmul_(y, self.scale)  # before the terms: the scale acts on the base output only
         if self.const is not None:
             y.add_(self.const)
-        if self.a_tok is not None:
+        if self.a_tok is not None and self.uniform:  # one slot's factors: two plain products
+            y.add_((x.float() @ self.a_tok[0].t()) @ self.b_tok[0])
+        elif self.a_tok is not None:
             h = torch.bmm(x.float().unsqueeze(1), self.a_tok.transpose(1, 2))  # (N, 1, R)
             y.add_(torch.bmm(h, self.b_tok).squeeze(1))
         if self.shared is not None:
@@ -88,8 +92,10 @@ def plan_layer(
 ) -> LayerPlan | None:
     """The :class:`LayerPlan` of a layer whose output slices are ``(stacked, start, size)`` for
     the first ``n_tokens`` tokens of ``layout``; None when some slice needs the per-slice path.
-    ``bias``: the base layer's bias ``b0 (D,)``; ``memo``: the layer's dict for its shared bases."""
-    if n_tokens > GATHER_MAX_TOKENS:
+    ``bias``: the base layer's bias ``b0 (D,)``; ``memo``: the layer's dict for its shared bases.
+    A layout whose every token has one slot gathers that slot's row once, for any batch size."""
+    uniform = layout.uniform is not None
+    if n_tokens > GATHER_MAX_TOKENS and not uniform:
         return None
     active = []
     for stacked, start, size in slices:
@@ -103,15 +109,16 @@ def plan_layer(
     if not active:
         return LayerPlan()
     width = slices[-1][1] + slices[-1][2]
-    slots = layout.slots[:n_tokens]
+    rows_n = 1 if uniform else n_tokens
+    slots = layout.slots[:rows_n]
     gathered = [(s, start, size, s.table.index_select(0, slots)) for s, start, size in active]
-    scale = _side(gathered, "output_scale", n_tokens, width)
-    const = _side(gathered, "bias", n_tokens, width)
+    scale = _side(gathered, "output_scale", rows_n, width)
+    const = _side(gathered, "bias", rows_n, width)
     if scale is not None and bias is not None:
         const = -scale * bias if const is None else const.sub_(scale * bias)
-    a_tok, b_tok = _per_token_low_rank(gathered, n_tokens, width)
-    shared, inner, outer = _shared(gathered, n_tokens, width, {} if memo is None else memo)
-    return LayerPlan(scale, const, a_tok, b_tok, shared, inner, outer)
+    a_tok, b_tok = _per_token_low_rank(gathered, rows_n, width)
+    shared, inner, outer = _shared(gathered, rows_n, width, {} if memo is None else memo)
+    return LayerPlan(scale, const, a_tok, b_tok, shared, inner, outer, uniform)
 
 
 def _fits(stacked: StackedSlice, model_dtype: torch.dtype) -> bool:

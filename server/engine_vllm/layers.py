@@ -31,7 +31,7 @@ from vllm.lora.layers import (
 
 from svda.runtime.serving_form import LayerForm
 
-from .cpu_gemm import packed_linear
+from .cpu_gemm import forget, packed_linear
 from .form_file import LazyForm
 from .fused import plan_layer
 from .slices import BatchLayout, StackedSlice, kept_cuts, stack_slice, stacked_delta
@@ -39,7 +39,7 @@ from .slot_update import update_slot
 
 STALE = object()  # a slice to restack at the next forward
 MISSING = object()  # no plan made yet for a layout
-MAX_PLANS = 8  # layer plans kept per layer (batch layouts seen since the last slot change)
+MAX_PLANS = 2  # layer plans kept per layer (a plan holds its tokens' factors: N rows each)
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
@@ -130,7 +130,11 @@ class SvdaSlotsMixin:
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         slices = list(zip(self._svda_stacked, starts, sizes, strict=True))
         bias = getattr(self.base_layer, "bias", None)
+        former = self._svda_bases.get("bases")
         plan = plan_layer(slices, layout, n_tokens, out2.dtype, bias, self._svda_bases)
+        if former is not None and self._svda_bases["bases"] is not former:
+            forget(former.A)  # their prepacked copies are no longer used
+            forget(former.B)
         if len(self._svda_plans) >= MAX_PLANS:
             self._svda_plans.pop(next(iter(self._svda_plans)))
         self._svda_plans[(layout.key, n_tokens)] = plan

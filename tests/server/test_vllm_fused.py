@@ -52,7 +52,8 @@ def _packed_layer(methods: list[str | None], svd_cache, dtype=torch.float32, lay
 
 def _layout(slots: torch.Tensor, n_slots: int) -> BatchLayout:
     used = frozenset(int(k) for k in slots if k >= 0)
-    return BatchLayout(used, torch.where(slots < 0, n_slots, slots))
+    uniform = int(slots[0]) if len(set(slots.tolist())) == 1 and used else None  # as the plugin
+    return BatchLayout(used, torch.where(slots < 0, n_slots, slots), uniform)
 
 
 def _per_slice(slices, x, y, layout, weight, bias=None):
@@ -135,11 +136,31 @@ def test_several_layouts_in_a_slice_take_the_per_slice_path(pair, svd_cache):
     assert plan_layer(slices, _layout(SLOTS, 4), len(SLOTS), torch.float32) is None
 
 
-def test_prefill_sized_batches_take_the_per_slice_path(svd_cache):
+def test_prefill_sized_batches_of_several_slots_take_the_per_slice_path(svd_cache):
     slices, _ = _packed_layer(["lora", "lora"], svd_cache)
-    slots = torch.zeros(65, dtype=torch.long)
+    slots = torch.arange(65) % 2
     assert plan_layer(slices, _layout(slots, 2), 65, torch.float32) is None
     assert plan_layer(slices, _layout(slots, 2), 64, torch.float32) is not None
+
+
+@pytest.mark.parametrize("method", ["svda", "vera", "lora", "dora", "bitfit", "ia3"])
+def test_a_batch_of_one_slot_gathers_its_row_once_for_any_size(method, svd_cache):
+    """Every token at one slot (a single request's prefill or decode): one row per table,
+    broadcast over the tokens, whatever their number; what the per-slice path adds."""
+    slices, weight = _packed_layer([method, None, method], svd_cache)
+    generator = torch.Generator().manual_seed(5)
+    for n in (1, 100):
+        slots = torch.full((n,), 2)
+        layout = _layout(slots, 3)
+        assert layout.uniform == 2
+        x = torch.randn(n, weight.shape[1], generator=generator)
+        y = F.linear(x, weight)
+        plan = plan_layer(slices, layout, n, torch.float32)
+        assert plan is not None and plan.uniform
+        assert all(t is None or t.shape[0] == 1 for t in (plan.scale, plan.a_tok, plan.inner))
+        got = y.clone()
+        plan.apply(x, got)
+        torch.testing.assert_close(got, _per_slice(slices, x, y, layout, weight))
 
 
 def test_a_layout_without_any_slot_of_the_layer_adds_nothing(svd_cache):

@@ -193,6 +193,10 @@ def test_onednn_gemm_entry_points_and_the_packed_linear():
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
     if ops._supports_onednn:
         assert cpu_gemm._HANDLERS[id(w16)][1] is not None, "no oneDNN handler was made"
+    cpu_gemm.forget(w16)  # a weight no longer used: its packed copy is dropped
+    assert id(w16) not in cpu_gemm._HANDLERS
+    torch.testing.assert_close(cpu_gemm.packed_linear(x.bfloat16(), w16).float(), want,
+                               rtol=2e-2, atol=2e-2)  # fmt: skip
     assert torch.equal(cpu_gemm.packed_linear(x, w), F.linear(x, w))  # float32: F.linear
     empty = torch.zeros(40, 0, dtype=torch.bfloat16)  # a shared basis cut to no component
     assert torch.equal(cpu_gemm.packed_linear(x[:, :0].bfloat16(), empty), torch.zeros(16, 40))
