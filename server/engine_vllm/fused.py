@@ -110,15 +110,47 @@ def plan_layer(
         return LayerPlan()
     width = slices[-1][1] + slices[-1][2]
     rows_n = 1 if uniform else n_tokens
-    slots = layout.slots[:rows_n]
-    gathered = [(s, start, size, s.table.index_select(0, slots)) for s, start, size in active]
-    scale = _side(gathered, "output_scale", rows_n, width)
-    const = _side(gathered, "bias", rows_n, width)
+    gathered = [(s, start, size, _picker(s, layout, rows_n)) for s, start, size in active]
+    placed: dict = {}  # a per-slot table two fields share (SvdA's b) is placed once
+    scale = _side(gathered, "output_scale", rows_n, width, placed)
+    const = _side(gathered, "bias", rows_n, width, placed)
     if scale is not None and bias is not None:
-        const = -scale * bias if const is None else const.sub_(scale * bias)
+        const = -scale * bias if const is None else const - scale * bias
     a_tok, b_tok = _per_token_low_rank(gathered, rows_n, width)
-    shared, inner, outer = _shared(gathered, rows_n, width, {} if memo is None else memo)
+    shared, inner, outer = _shared(gathered, rows_n, width, {} if memo is None else memo, placed)
     return LayerPlan(scale, const, a_tok, b_tok, shared, inner, outer, uniform)
+
+
+def _picker(stacked: StackedSlice, layout: BatchLayout, n: int):
+    """The tokens' rows of a per-slot table of ``stacked``: one slot's row as a view (every
+    token at that slot), else a gather by the first ``n`` tokens' slots."""
+    if layout.uniform is not None:
+        row = int(stacked.table[layout.uniform])
+        return lambda t: t.narrow(0, row, 1)
+    rows = stacked.table.index_select(0, layout.slots[:n])
+    return lambda t: t.index_select(0, rows)
+
+
+def _place(pieces: list[tuple[int, torch.Tensor]], n: int, width: int) -> torch.Tensor:
+    """``(start, rows (n, size))`` pieces side by side over ``width`` columns, zeros between
+    (one concatenation; a piece covering every column is returned as it is)."""
+    parts, at = [], 0
+    for start, rows in sorted(pieces, key=lambda p: p[0]):
+        if start > at:
+            parts.append(rows.new_zeros(n, start - at))
+        parts.append(rows)
+        at = start + rows.shape[1]
+    if at < width:
+        parts.append(parts[-1].new_zeros(n, width - at))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _placed(placed: dict, tables: list[tuple[int, torch.Tensor, object]], n: int, width: int):
+    """:func:`_place` of ``(start, per-slot table, picker)``, once per set of tables."""
+    key = tuple((start, id(t)) for start, t, _ in tables)
+    if key not in placed:
+        placed[key] = (tables, _place([(start, pick(t)) for start, t, pick in tables], n, width))
+    return placed[key][1]
 
 
 def _fits(stacked: StackedSlice, model_dtype: torch.dtype) -> bool:
@@ -133,25 +165,22 @@ def _fits(stacked: StackedSlice, model_dtype: torch.dtype) -> bool:
     return all(isinstance(t, SharedBasisLowRank) for t in form.terms) and len(form.terms) <= 1
 
 
-def _side(gathered: list, name: str, n: int, width: int) -> torch.Tensor | None:
+def _side(gathered: list, name: str, n: int, width: int, placed: dict) -> torch.Tensor | None:
     """The slices' per-row ``output_scale`` or ``bias`` deltas over the whole output (zeros
     where a slice has none); None when no slice has one."""
-    out = None
-    for stacked, start, size, rows in gathered:
-        primitive = getattr(stacked.form, name)
-        if primitive is None:
-            continue
-        if out is None:
-            out = primitive.delta.new_zeros(n, width)
-        out[:, start : start + size] = primitive.delta.index_select(0, rows)
-    return out
+    tables = [
+        (start, getattr(s.form, name).delta, pick)
+        for s, start, _, pick in gathered
+        if getattr(s.form, name) is not None
+    ]
+    return _placed(placed, tables, n, width) if tables else None
 
 
 def _per_token_low_rank(gathered: list, n: int, width: int):
     """Every dense low-rank term of every slice as one factor pair per token: ``A (n, R, d_in)``
     and ``Bᵀ (n, R, width)`` (a term's rows at its slice's columns), float32: whole rows of
     :class:`.slices.DenseTerm` gathered, no transposing copy."""
-    terms = [(start, size, rows, t) for s, start, size, rows in gathered for t in s.dense]
+    terms = [(start, size, pick, t) for s, start, size, pick in gathered for t in s.dense]
     if not terms:
         return None, None
     total = sum(t.r for *_, t in terms)
@@ -159,29 +188,28 @@ def _per_token_low_rank(gathered: list, n: int, width: int):
     a_tok = torch.empty(n, total, first.shape[2], dtype=torch.float32, device=first.device)
     b_tok = a_tok.new_zeros(n, total, width)
     offset = 0
-    for start, size, rows, term in terms:
-        a_tok[:, offset : offset + term.r] = term.A.index_select(0, rows)
-        b_tok[:, offset : offset + term.r, start : start + size] = term.Bt.index_select(0, rows)
+    for start, size, pick, term in terms:
+        a_tok[:, offset : offset + term.r] = pick(term.A)
+        b_tok[:, offset : offset + term.r, start : start + size] = pick(term.Bt)
         offset += term.r
     return a_tok, b_tok
 
 
-def _shared(gathered: list, n: int, width: int, memo: dict):
+def _shared(gathered: list, n: int, width: int, memo: dict, placed: dict):
     """The slices' shared-basis terms (one per slice at most) as :class:`SharedBases` and the
     tokens' ``inner (n, K)`` and ``outer (n, width)``; Nones when there is none."""
     terms = [
-        (start, size, rows, t)
-        for s, start, size, rows in gathered
+        (start, pick, t)
+        for s, start, _, pick in gathered
         for t in s.form.terms
         if t.A.shape[0]  # a basis cut to no component adds exact zeros
     ]
     if not terms:
         return None, None, None
-    bases = _stacked_bases([(start, t.A, t.B) for start, _, _, t in terms], width, memo)
-    inner = torch.cat([t.inner.index_select(0, rows) for _, _, rows, t in terms], dim=1)
-    outer = terms[0][3].outer.new_zeros(n, width)
-    for start, size, rows, t in terms:
-        outer[:, start : start + size] = t.outer.index_select(0, rows)
+    bases = _stacked_bases([(start, t.A, t.B) for start, _, t in terms], width, memo)
+    inner = [pick(t.inner) for _, pick, t in terms]
+    inner = inner[0] if len(inner) == 1 else torch.cat(inner, dim=1)
+    outer = _placed(placed, [(start, t.outer, pick) for start, pick, t in terms], n, width)
     return bases, inner, outer
 
 

@@ -105,9 +105,12 @@ class SvdaSlotsMixin:
         layout = getattr(wrapper, "svda_layout", None)
         plan = None
         if isinstance(layout, BatchLayout):
-            plan = self._svda_plans.get((layout.key, x2.shape[0]), MISSING)
+            # one slot for every token: one plan whatever the tokens (a request's prefill, decode)
+            one = layout.uniform is not None
+            key = ("one", layout.uniform) if one else (layout.key, x2.shape[0])
+            plan = self._svda_plans.get(key, MISSING)
             if plan is MISSING:
-                plan = self._svda_make_plan(layout, x2.shape[0], out2)
+                plan = self._svda_make_plan(key, layout, x2.shape[0], out2)
         if plan is not None:  # a small batch of simple forms: the whole layer at once
             plan.apply(x2, out2, packed_linear)
         else:
@@ -122,7 +125,7 @@ class SvdaSlotsMixin:
                 keep = self._svda_keep[s]
                 self._svda_stacked[s] = stack_slice(forms, dtype, device, keep=keep)
 
-    def _svda_make_plan(self, layout: BatchLayout, n_tokens: int, out2: torch.Tensor):
+    def _svda_make_plan(self, key, layout: BatchLayout, n_tokens: int, out2: torch.Tensor):
         """The layer's :class:`.fused.LayerPlan` for a batch layout, or None (the per-slice
         path), kept per layout content until a slot changes (:meth:`svda_set`)."""
         self._svda_restack(out2.dtype, out2.device)
@@ -137,7 +140,7 @@ class SvdaSlotsMixin:
             forget(former.B)
         if len(self._svda_plans) >= MAX_PLANS:
             self._svda_plans.pop(next(iter(self._svda_plans)))
-        self._svda_plans[(layout.key, n_tokens)] = plan
+        self._svda_plans[key] = plan
         return plan
 
     def _svda_per_slice(self, x2: torch.Tensor, out2: torch.Tensor, layout, wrapper) -> None:
