@@ -124,8 +124,8 @@ def plan_layer(
 def _picker(stacked: StackedSlice, layout: BatchLayout, n: int):
     """The tokens' rows of a per-slot table of ``stacked``: one slot's row as a view (every
     token at that slot), else a gather by the first ``n`` tokens' slots."""
-    if layout.uniform is not None:
-        row = int(stacked.table[layout.uniform])
+    if layout.uniform is not None:  # a slot holds its own row, or reads the zero row
+        row = layout.uniform if layout.uniform in stacked.present else stacked.zero_row
         return lambda t: t.narrow(0, row, 1)
     rows = stacked.table.index_select(0, layout.slots[:n])
     return lambda t: t.index_select(0, rows)
@@ -137,12 +137,24 @@ def _place(pieces: list[tuple[int, torch.Tensor]], n: int, width: int) -> torch.
     parts, at = [], 0
     for start, rows in sorted(pieces, key=lambda p: p[0]):
         if start > at:
-            parts.append(rows.new_zeros(n, start - at))
+            parts.append(_zeros(rows, n, start - at))
         parts.append(rows)
         at = start + rows.shape[1]
     if at < width:
-        parts.append(parts[-1].new_zeros(n, width - at))
+        parts.append(_zeros(parts[-1], n, width - at))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+_ZEROS: dict = {}  # (rows, columns, dtype, device) -> zeros (read only: concatenated, copied)
+
+
+def _zeros(like: torch.Tensor, n: int, width: int) -> torch.Tensor:
+    key = (n, width, like.dtype, str(like.device))
+    if key not in _ZEROS:
+        if len(_ZEROS) >= 256:
+            _ZEROS.clear()
+        _ZEROS[key] = like.new_zeros(n, width)
+    return _ZEROS[key]
 
 
 def _placed(placed: dict, tables: list[tuple[int, torch.Tensor, object]], n: int, width: int):
