@@ -82,6 +82,18 @@ class LayerPlan:
             y.addcmul_(linear(h, self.shared.B), self.outer)
 
 
+def plan_key(layout: object, n_tokens: int) -> tuple | None:
+    """What a layer keeps the plan of this batch under, or None when the batch is not planned
+    (no host-side layout, or several slots over more than :data:`GATHER_MAX_TOKENS` tokens):
+    one plan per slot for a batch whose every token has that slot, whatever the tokens (a
+    request's prefill and decode), else one per layout content and batch size."""
+    if not isinstance(layout, BatchLayout):
+        return None
+    if layout.uniform is not None:
+        return ("one", layout.uniform)
+    return (layout.key, n_tokens) if n_tokens <= GATHER_MAX_TOKENS else None
+
+
 def plan_layer(
     slices: list[tuple[StackedSlice | None, int, int]],
     layout: BatchLayout,
@@ -94,9 +106,9 @@ def plan_layer(
     the first ``n_tokens`` tokens of ``layout``; None when some slice needs the per-slice path.
     ``bias``: the base layer's bias ``b0 (D,)``; ``memo``: the layer's dict for its shared bases.
     A layout whose every token has one slot gathers that slot's row once, for any batch size."""
-    uniform = layout.uniform is not None
-    if n_tokens > GATHER_MAX_TOKENS and not uniform:
+    if plan_key(layout, n_tokens) is None:
         return None
+    uniform = layout.uniform is not None
     active = []
     for stacked, start, size in slices:
         parts = () if stacked is None else stacked.groups or (stacked,)
@@ -170,9 +182,7 @@ def _fits(stacked: StackedSlice, model_dtype: torch.dtype) -> bool:
     form = stacked.form
     if stacked.groups or stacked.needs_w0 or stacked.dtype != model_dtype or form is None:
         return False
-    if form.input_scale is not None or form.input_rotation is not None:
-        return False
-    if form.output_rotation is not None:
+    if any(p is not None for p in (form.input_scale, form.input_rotation, form.output_rotation)):
         return False
     return all(isinstance(t, SharedBasisLowRank) for t in form.terms) and len(form.terms) <= 1
 

@@ -33,15 +33,8 @@ from svda.runtime.serving_form import LayerForm
 
 from .cpu_gemm import forget, packed_linear
 from .form_file import LazyForm
-from .fused import plan_layer
-from .slices import (
-    GATHER_MAX_TOKENS,
-    BatchLayout,
-    StackedSlice,
-    kept_cuts,
-    stack_slice,
-    stacked_delta,
-)
+from .fused import plan_key, plan_layer
+from .slices import BatchLayout, StackedSlice, kept_cuts, stack_slice, stacked_delta
 from .slot_update import update_slot
 
 STALE = object()  # a slice to restack at the next forward
@@ -110,11 +103,8 @@ class SvdaSlotsMixin:
             return output  # no token of this batch has an adapter
         x2, out2 = x.reshape(-1, x.shape[-1]), output.reshape(-1, output.shape[-1])
         layout = getattr(wrapper, "svda_layout", None)
-        plan = None
-        one = isinstance(layout, BatchLayout) and layout.uniform is not None
-        if one or (isinstance(layout, BatchLayout) and x2.shape[0] <= GATHER_MAX_TOKENS):
-            # one slot for every token: one plan whatever the tokens (a request's prefill, decode)
-            key = ("one", layout.uniform) if one else (layout.key, x2.shape[0])
+        plan, key = None, plan_key(layout, x2.shape[0])
+        if key is not None:
             plan = self._svda_plans.get(key, MISSING)
             if plan is MISSING:
                 plan = self._svda_make_plan(key, layout, x2.shape[0], out2)

@@ -218,3 +218,16 @@ def test_a_slice_of_several_groups_is_planned_from_the_group_the_batch_uses(svd_
     plan.apply(x, got)
     torch.testing.assert_close(got, _per_slice(slices, x, y, layout, weight))
     assert torch.equal(got[slots < 0], y[slots < 0])
+
+
+def test_plan_keys_one_plan_per_slot_or_per_layout_content():
+    """A layer keeps one plan per slot for one-slot batches (prefill and decode share it), one
+    per layout content and size otherwise, and none for large batches of several slots."""
+    from svda.server.engine_vllm.fused import plan_key
+
+    one = BatchLayout(frozenset({2}), torch.full((3,), 2), 2, ("ids", 3))
+    assert plan_key(one, 3) == plan_key(one, 500) == ("one", 2)
+    mixed = BatchLayout(frozenset({0, 2}), torch.tensor([0, 2]), None, ("ids", 2))
+    assert plan_key(mixed, 2) == (("ids", 2), 2)
+    assert plan_key(mixed, 65) is None
+    assert plan_key(object(), 2) is None  # no host-side layout: the per-slice path
