@@ -161,7 +161,7 @@ _ZEROS: dict = {}  # (rows, columns, dtype, device) -> zeros (read only: concate
 
 
 def _zeros(like: torch.Tensor, n: int, width: int) -> torch.Tensor:
-    key = (n, width, like.dtype, str(like.device))
+    key = (n, width, like.dtype, like.device)
     if key not in _ZEROS:
         if len(_ZEROS) >= 256:
             _ZEROS.clear()

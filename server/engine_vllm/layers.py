@@ -67,17 +67,18 @@ class SvdaSlotsMixin:
         vLLM's own LoRA path) in slot ``index``."""
         if not hasattr(self, "svda_forms"):
             self._svda_init()
-        stacked = self._svda_stacked
+        stacked, count = self._svda_stacked, self._svda_held
         for s, name in enumerate(self.svda_names):
             form = None if forms is None else forms.get(name)
-            held = self.svda_forms[s][index] is not None
-            self._svda_held += (form is not None) - held
+            count += (form is not None) - (self.svda_forms[s][index] is not None)
             self.svda_forms[s][index] = form
             if stacked is None or stacked[s] is STALE or (stacked[s] is None and form is None):
                 continue  # stacked at the next forward anyway, or nothing to stack
             if not update_slot(stacked[s], index, form):
                 self._svda_keep[s] = kept_cuts(stacked[s])  # cuts only grow: later swaps fit
                 stacked[s] = STALE  # restacked at the next forward
+        if count != self._svda_held:  # an nn.Module attribute: set only when it changes
+            self._svda_held = count
         (self.svda_peft_slots.add if forms is None else self.svda_peft_slots.discard)(index)
         self._svda_plans.clear()  # rows gathered for a layout are stale
 
