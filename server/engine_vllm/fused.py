@@ -11,8 +11,9 @@ nothing)::
 
     y += s ⊙ y                      output scales (SvdA's b, DoRA's magnitude, IA³ on k, v)
     y += c                          bias deltas − s ⊙ b0 (so the scale acts on W0x only)
-    y += (x A_tokᵀ) Bt_tok          every dense low-rank term: A_tok (N, R, d_in), Bt_tok (N, R, D)
-                                    in float32, one batched product pair per layer
+    h = x A_tokᵀ                    every dense low-rank term: A_tok (N, R, d_in) in float32,
+    y[:, slice] += h[:, rows] Bt    one batched product per layer, then one per slice with its
+                                    terms' Bᵀ rows (N, r, size): no zero blocks between slices
     y += o ⊙ (B_sh (i ⊙ (A_sh x)))  the shared bases (SvdA's Vᵀ, U; VeRA's A, B) of all slices:
                                     A_sh (K, d_in) stacked, B_sh (D, K) block-placed
 
@@ -51,6 +52,20 @@ class SharedBases:
 
 
 @dataclass(frozen=True)
+class LowRankBlock:
+    """One slice's dense low-rank terms in a :class:`LayerPlan`: the tokens' ``Bᵀ`` rows
+    ``bt (M, r, size)`` (float32), fed by rows ``rows`` of ``h = x A_tokᵀ``, added to the
+    slice's output columns ``start : start + size``."""
+
+    start: int
+    rows: slice
+    bt: torch.Tensor
+
+    def out(self, y: torch.Tensor) -> torch.Tensor:
+        return y[:, self.start : self.start + self.bt.shape[2]]  # a view: added in place
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """One batch layout's gathered rows for a whole layer (see the module docstring); every
     field None when no token of the layout has a row in it. ``uniform``: every token has one
@@ -59,7 +74,7 @@ class LayerPlan:
     scale: torch.Tensor | None = None  # (M, D), model dtype
     const: torch.Tensor | None = None  # (M, D), model dtype
     a_tok: torch.Tensor | None = None  # (M, R, d_in), float32
-    b_tok: torch.Tensor | None = None  # (M, R, D), float32
+    b_blocks: tuple[LowRankBlock, ...] = ()  # one per slice with dense terms
     shared: SharedBases | None = None
     inner: torch.Tensor | None = None  # (M, K), model dtype
     outer: torch.Tensor | None = None  # (M, D), model dtype
@@ -71,11 +86,14 @@ class LayerPlan:
             y.addcmul_(y, self.scale)  # before the terms: the scale acts on the base output only
         if self.const is not None:
             y.add_(self.const)
-        if self.a_tok is not None and self.uniform:  # one slot's factors: two plain products
-            y.add_((x.float() @ self.a_tok[0].t()) @ self.b_tok[0])
+        if self.a_tok is not None and self.uniform:  # one slot's factors: plain products
+            h = x.float() @ self.a_tok[0].t()  # (N, R)
+            for block in self.b_blocks:
+                block.out(y).add_(h[:, block.rows] @ block.bt[0])
         elif self.a_tok is not None:
             h = torch.bmm(x.float().unsqueeze(1), self.a_tok.transpose(1, 2))  # (N, 1, R)
-            y.add_(torch.bmm(h, self.b_tok).squeeze(1))
+            for block in self.b_blocks:
+                block.out(y).add_(torch.bmm(h[:, :, block.rows], block.bt).squeeze(1))
         if self.shared is not None:
             linear = linear or F.linear
             h = linear(x, self.shared.A).mul_(self.inner)
@@ -128,9 +146,9 @@ def plan_layer(
     const = _side(gathered, "bias", rows_n, width, placed)
     if scale is not None and bias is not None:
         const = -scale * bias if const is None else const - scale * bias
-    a_tok, b_tok = _per_token_low_rank(gathered, rows_n, width)
+    a_tok, b_blocks = _per_token_low_rank(gathered)
     shared, inner, outer = _shared(gathered, rows_n, width, {} if memo is None else memo, placed)
-    return LayerPlan(scale, const, a_tok, b_tok, shared, inner, outer, uniform)
+    return LayerPlan(scale, const, a_tok, b_blocks, shared, inner, outer, uniform)
 
 
 def _picker(stacked: StackedSlice, layout: BatchLayout, n: int):
@@ -198,23 +216,25 @@ def _side(gathered: list, name: str, n: int, width: int, placed: dict) -> torch.
     return _placed(placed, tables, n, width) if tables else None
 
 
-def _per_token_low_rank(gathered: list, n: int, width: int):
-    """Every dense low-rank term of every slice as one factor pair per token: ``A (n, R, d_in)``
-    and ``Bᵀ (n, R, width)`` (a term's rows at its slice's columns), float32: whole rows of
-    :class:`.slices.DenseTerm` gathered, no transposing copy."""
-    terms = [(start, size, pick, t) for s, start, size, pick in gathered for t in s.dense]
-    if not terms:
-        return None, None
-    total = sum(t.r for *_, t in terms)
-    first = terms[0][3].A
-    a_tok = torch.empty(n, total, first.shape[2], dtype=torch.float32, device=first.device)
-    b_tok = a_tok.new_zeros(n, total, width)
-    offset = 0
-    for start, size, pick, term in terms:
-        a_tok[:, offset : offset + term.r] = pick(term.A)
-        b_tok[:, offset : offset + term.r, start : start + size] = pick(term.Bt)
-        offset += term.r
-    return a_tok, b_tok
+def _per_token_low_rank(gathered: list) -> tuple[torch.Tensor | None, tuple[LowRankBlock, ...]]:
+    """Every dense low-rank term of every slice as the tokens' ``A (n, R, d_in)`` (all terms'
+    rows, one after another) and one :class:`LowRankBlock` per slice (its terms' ``Bᵀ`` rows),
+    float32: whole rows of :class:`.slices.DenseTerm` gathered (one slot: views when the model
+    computes in float32), no transposing copy, no zeros between slices."""
+    a_parts, blocks, offset = [], [], 0
+    for s, start, _, pick in gathered:
+        if not s.dense:
+            continue
+        a_parts += [pick(t.A).float() for t in s.dense]
+        bts = [pick(t.Bt).float() for t in s.dense]
+        r = sum(t.r for t in s.dense)
+        bt = bts[0] if len(bts) == 1 else torch.cat(bts, dim=1)
+        blocks.append(LowRankBlock(start, slice(offset, offset + r), bt))
+        offset += r
+    if not a_parts:
+        return None, ()
+    a_tok = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=1)
+    return a_tok, tuple(blocks)
 
 
 def _shared(gathered: list, n: int, width: int, memo: dict, placed: dict):

@@ -231,3 +231,35 @@ def test_plan_keys_one_plan_per_slot_or_per_layout_content():
     assert plan_key(mixed, 2) == (("ids", 2), 2)
     assert plan_key(mixed, 65) is None
     assert plan_key(object(), 2) is None  # no host-side layout: the per-slice path
+
+
+@pytest.mark.parametrize("slots", [[1, -1, 0, 1], [1, 1, 1]], ids=["per-token", "one-slot"])
+def test_several_dense_terms_per_slice_feed_that_slice_only(slots):
+    """Two low-rank terms in one slice, one in another, a slice between without any: each
+    slice's block adds its own terms' products (rows of ``h`` in term order), what the
+    per-slice path adds, and nothing lands in the slice between."""
+    from svda.runtime.serving_form.primitives import LayerForm, LowRank
+
+    generator = torch.Generator().manual_seed(7)
+
+    def low_rank(d_out: int, r: int) -> LowRank:
+        return LowRank(torch.randn(1, r, 5, generator=generator), torch.randn(1, d_out, r))
+
+    def form(d_out: int, ranks: tuple[int, ...]) -> LayerForm:
+        return LayerForm(5, d_out, 1, terms=tuple(low_rank(d_out, r) for r in ranks))
+
+    first = stack_slice([form(6, (2, 3)), form(6, (2, 3))], torch.float32)
+    last = stack_slice([form(4, (2,)), form(4, (2,))], torch.float32)
+    slices = [(first, 0, 6), (None, 6, 3), (last, 9, 4)]
+    weight = torch.randn(13, 5, generator=generator)
+    slots = torch.tensor(slots)
+    layout = _layout(slots, 2)
+    x = torch.randn(len(slots), 5, generator=generator)
+    y = F.linear(x, weight)
+    plan = plan_layer(slices, layout, len(slots), torch.float32)
+    assert [(b.start, b.rows) for b in plan.b_blocks] == [(0, slice(0, 5)), (9, slice(5, 7))]
+    got = y.clone()
+    plan.apply(x, got)
+    torch.testing.assert_close(got, _per_slice(slices, x, y, layout, weight))
+    assert torch.equal(got[:, 6:9], y[:, 6:9])
+    assert torch.equal(got[slots < 0], y[slots < 0])
