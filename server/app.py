@@ -67,7 +67,11 @@ def build_engine(
     if settings.engine == "vllm":
         from .engine_vllm.engine import VllmEngine, VllmOptions
 
-        options = VllmOptions(dtype=settings.dtype, max_loras=settings.vllm_max_loras)
+        options = VllmOptions(
+            dtype=settings.dtype,
+            max_loras=settings.vllm_max_loras,
+            max_compiled=settings.vllm_max_compiled,
+        )
         return VllmEngine(base, store, engine_settings, metrics, options=options)
     return Engine(base, store, engine_settings, metrics)
 

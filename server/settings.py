@@ -98,6 +98,9 @@ class ServerSettings(BaseSettings):
     )
     dtype: str = Field("float32", description="base model dtype: float32, bfloat16 or float16")
     vllm_max_loras: int = Field(8, gt=0, description="vllm engine: adapters in one batch")
+    vllm_max_compiled: int = Field(
+        64, ge=0, description="vllm engine: compiled adapters kept on disk after they leave memory"
+    )
 
     @field_validator(
         "model", "store", "metrics_port", "tls_cert", "tls_key", "tls_client_ca", "tokens_file",

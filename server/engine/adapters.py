@@ -161,8 +161,8 @@ class AdapterManager:
             threads, thread_name_prefix="svda-adapter-load", initializer=_one_torch_thread
         )
         # called on the loader thread, model lock held, right after an adapter is attached:
-        # (key, internal name); an exception fails the load (another engine's export step)
-        self.on_attached: Callable[[Key, str], None] | None = None
+        # (store entry, internal name); an exception fails the load (another engine's compile step)
+        self.on_attached: Callable[[StoreEntry, str], None] | None = None
 
     # ----- lookups ----------------------------------------------------------------------------
     def resolve(self, adapter_id: str, tenant: str | None = None) -> StoreEntry:
@@ -254,7 +254,7 @@ class AdapterManager:
             load_adapter(adapter_file, self.model, name, prune_tolerance=self.prune_tolerance)
             try:
                 if self.on_attached is not None:
-                    self.on_attached(key_of(entry), name)
+                    self.on_attached(entry, name)
             except BaseException:
                 self.model.delete_adapter(name)
                 raise

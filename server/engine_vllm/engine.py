@@ -10,14 +10,18 @@ schedules, pages the KV cache, runs attention and samples.
 The native :class:`~svda.server.engine.Engine` is kept (never started) for what stays svda's:
 prompt checks and encoding, adapter resolution per tenant, the load checks (file, shapes,
 base, probe), adapter memory and residency. A loaded adapter is compiled to its serving form
-and handed to vLLM as a LoRA request (:mod:`.forms`); the svda plugin (:mod:`.plugin`) applies
-it per token. svda's own text stream decides EOS, stop strings and length, as on the native
+(a folder, :mod:`.forms`) and handed to vLLM as a LoRA request; the svda plugin
+(:mod:`.plugin`) applies it per token. Compiled folders outlive their adapter's stay in memory
+(``max_compiled``, keyed by the stored bytes' sha256): a request for an adapter compiled
+before hands it to vLLM at once, while the native side loads and checks it again; its first
+token waits for that. svda's own text stream decides EOS, stop strings and length, as on the native
 engine. Greedy rows equal the native engine's; sampled rows use vLLM's sampler (seeded).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import os
 import shutil
@@ -25,11 +29,13 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from svda.adapters_store import AdapterFile, AdapterStore
+from svda.adapters_store.store_types import StoreEntry
 
 from ..domain import (
     FinishReason,
@@ -40,7 +46,7 @@ from ..domain import (
     ServerInfo,
 )
 from ..engine import Engine, EngineSettings
-from ..engine.adapters import key_of
+from ..engine.adapters import Key, key_of
 from ..engine.detok import TextStream
 from ..engine.sequence import EventCallback, RequestHandle, Sequence
 from ..metrics import Metrics
@@ -59,12 +65,15 @@ class VllmOptions:
     kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU (whole GiB)
     threads_bind: str = "auto"  # VLLM_CPU_OMP_THREADS_BIND ("auto", "0-1", "nobind")
     seed: int = 0
+    max_compiled: int = 64  # compiled folders kept after their adapter left memory (0: none)
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"vllm engine: dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.max_loras < 1 or self.max_cpu_loras < self.max_loras:
             raise ValueError("vllm engine: need 1 <= max_loras <= max_cpu_loras")
+        if self.max_compiled < 0:
+            raise ValueError(f"vllm engine: max_compiled must be >= 0, got {self.max_compiled}")
 
 
 class VllmEngine:
@@ -83,9 +92,11 @@ class VllmEngine:
         self.native = Engine(base, store, settings, metrics)
         self.settings, self.metrics, self.base = settings, metrics, base
         self._folder = Path(tempfile.mkdtemp(prefix="svda-vllm-"))
-        self._loras: dict[Any, Any] = {}  # adapter key -> vllm LoRARequest
-        self._exported: dict[Any, tuple[int, Path]] = {}  # key -> (lora id, folder), unused yet
-        self.native.adapters.on_attached = self._export_attached
+        self._loras: dict[Key, Any] = {}  # adapter key -> its LoRARequest, known to vLLM
+        # (adapter key, sha256 of its stored bytes) -> compiled folder, least recently used first
+        self._compiled: collections.OrderedDict[tuple[Key, str], Path] = collections.OrderedDict()
+        self._running: collections.Counter[Key] = collections.Counter()  # requests per adapter
+        self.native.adapters.on_attached = self._compile_attached
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._tasks: dict[str, asyncio.Task] = {}
@@ -148,9 +159,11 @@ class VllmEngine:
                 f"more than {self.settings.max_waiting} requests are waiting; retry later"
             )
         seq, entry = self._sequence(request, on_event)
+        compiled = None
         if entry is not None:
             seq.future = self.native.adapters.acquire(entry)
-        task_future = asyncio.run_coroutine_threadsafe(self._start_task(seq), self._loop)
+            compiled = (seq.key, entry.sha256)
+        task_future = asyncio.run_coroutine_threadsafe(self._start_task(seq, compiled), self._loop)
         task_future.result()
         return RequestHandle(seq.request_id, seq.cancelled, lambda: self._wake(seq.request_id))
 
@@ -183,11 +196,11 @@ class VllmEngine:
         seq.key = key_of(entry) if entry is not None else None
         return seq, entry
 
-    async def _start_task(self, seq: Sequence) -> None:
+    async def _start_task(self, seq: Sequence, compiled: tuple[Key, str] | None) -> None:
         """Run ``seq`` as a task; a deadline cancels it when it passes (``CANCELLED``, as the
         native engine drops it), also while it waits for its adapter or for vLLM's next step."""
         loop = asyncio.get_running_loop()
-        task = self._tasks[seq.request_id] = loop.create_task(self._run(seq))
+        task = self._tasks[seq.request_id] = loop.create_task(self._run(seq, compiled))
         deadline = seq.request.deadline  # a time.monotonic() value
         if deadline is not None:
             timer = loop.call_later(max(0.0, deadline - time.monotonic()), task.cancel)
@@ -199,12 +212,16 @@ class VllmEngine:
         if task is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(task.cancel)
 
-    async def _run(self, seq: Sequence) -> None:
+    async def _run(self, seq: Sequence, compiled: tuple[Key, str] | None) -> None:
         from .vllm_setup import sampling_params
 
+        if seq.key is not None:
+            with self._lock:
+                self._running[seq.key] += 1
         try:
-            lora = await self._lora_for(seq) if seq.key is not None else None
-            reason = await self._generate(seq, sampling_params(seq.request.params), lora)
+            lora, loading = await self._lora_for(seq, compiled) if compiled else (None, None)
+            params = sampling_params(seq.request.params)
+            reason = await self._generate(seq, params, lora, loading)
             self._finish(seq, reason)
         except asyncio.CancelledError:
             self._finish(seq, FinishReason.CANCELLED)
@@ -213,21 +230,34 @@ class VllmEngine:
         finally:
             self._tasks.pop(seq.request_id, None)
             if seq.key is not None:
+                with self._lock:
+                    self._running[seq.key] -= 1
+                    if not self._running[seq.key]:
+                        del self._running[seq.key]
                 self.native.adapters.release(seq.key)
 
-    async def _generate(self, seq: Sequence, params: Any, lora: Any) -> FinishReason:
+    async def _generate(
+        self, seq: Sequence, params: Any, lora: Any, loading: Future | None
+    ) -> FinishReason:
+        """Stream vLLM's tokens into ``seq``; ``loading``: the native load of an adapter vLLM
+        runs from its compiled folder meanwhile, waited for before the first token (its error,
+        if any, fails the request with no token delivered)."""
         eos = self.native.scheduler.eos_ids
         stream = self._llm.generate(
             {"prompt_token_ids": seq.prompt_ids}, params, seq.request_id, lora_request=lora
         )
         try:
             async for output in stream:
+                if loading is not None:
+                    seq.adapter_name, loading = await asyncio.wrap_future(loading), None
                 for token in output.outputs[0].token_ids:
                     reason = seq.accept(token, eos, merged=False)
                     if reason is not None:
                         return reason
                 if seq.should_drop(time.monotonic()):
                     return FinishReason.CANCELLED
+            if loading is not None:
+                seq.adapter_name = await asyncio.wrap_future(loading)
         finally:
             await stream.aclose()  # vLLM aborts the request if it is still running
         return FinishReason.LENGTH
@@ -240,58 +270,87 @@ class VllmEngine:
             if reason != FinishReason.CANCELLED:
                 self.metrics.time_to_first_token.observe(completion.time_to_first_token_s)
 
-    async def _lora_for(self, seq: Sequence) -> Any:
-        """vLLM's LoRA request for the sequence's adapter: loaded and checked by svda, then
-        compiled to its serving form once per adapter version."""
+    async def _lora_for(
+        self, seq: Sequence, compiled: tuple[Key, str]
+    ) -> tuple[Any, Future | None]:
+        """vLLM's LoRA request for the sequence's adapter, and the native load still to wait
+        for (None: done). An adapter known to vLLM is used as it is; one compiled before (same
+        stored bytes) is handed to vLLM at once, the native side loading and checking it
+        meanwhile; else the native load (which compiles it, :meth:`_compile_attached`) comes
+        first."""
         from vllm.lora.request import LoRARequest
 
-        name = await asyncio.wrap_future(seq.future)
-        seq.adapter_name = name
         with self._lock:
             lora = self._loras.get(seq.key)
-            again = self._exported.pop(seq.key, None) if lora is not None else None
-        if again is not None:  # attached again before vLLM forgot it: the known folder serves
-            await asyncio.to_thread(shutil.rmtree, again[1], True)
+            folder = self._compiled.get(compiled)
+            if folder is not None:
+                self._compiled.move_to_end(compiled)
         if lora is not None:
-            return lora
+            seq.adapter_name = await asyncio.wrap_future(seq.future)  # resident: at once
+            return lora, None
         await self._forget_unloaded()
-        with self._lock:
-            exported = self._exported.pop(seq.key, None)
-        if exported is None:  # attached before this engine exported on attach
-            lora_id = next(self._ids)
-            folder = self._folder / f"adapter-{lora_id}"
-            await asyncio.to_thread(self._export, name, folder)
-        else:
-            lora_id, folder = exported
-        lora = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(folder))
-        with self._lock:
-            return self._loras.setdefault(seq.key, lora)
-
-    def _export_attached(self, key: Any, name: str) -> None:
-        """On the loader thread, as soon as the native side attached an adapter: its vLLM
-        folder (no second hop to a thread when its first request asks for it)."""
+        loading = seq.future
+        if folder is None:
+            seq.adapter_name, loading = await asyncio.wrap_future(seq.future), None
+            with self._lock:
+                folder = self._compiled.get(compiled)
+            if folder is None:  # attached while compiling on attach was off (tests)
+                folder = await asyncio.to_thread(self._compile, seq.adapter_name, compiled)
         lora_id = next(self._ids)
-        folder = self._folder / f"adapter-{lora_id}"
-        self._export(name, folder)
+        lora = LoRARequest(lora_name=f"svda-{lora_id}", lora_int_id=lora_id, lora_path=str(folder))
         with self._lock:
-            self._exported[key] = (lora_id, folder)
+            return self._loras.setdefault(seq.key, lora), loading
 
-    async def _forget_unloaded(self) -> None:
-        """Remove from vLLM the adapters the native side no longer holds (unloaded or evicted:
-        no request runs them) and delete their folders; a later request exports them again."""
-        resident = self.native.adapters.resident_keys()
+    def _compile_attached(self, entry: StoreEntry, name: str) -> None:
+        """On the loader thread, as soon as the native side attached an adapter: its compiled
+        folder (none when the same bytes were compiled before)."""
+        compiled = (key_of(entry), entry.sha256)
         with self._lock:
-            gone = [self._loras.pop(k) for k in list(self._loras) if k not in resident]
-            unused = [self._exported.pop(k)[1] for k in list(self._exported) if k not in resident]
-        for lora in gone:
-            await self._llm.remove_lora(lora.lora_int_id)
-            await asyncio.to_thread(shutil.rmtree, lora.lora_path, True)
-        for folder in unused:
-            await asyncio.to_thread(shutil.rmtree, folder, True)
+            if compiled in self._compiled:
+                self._compiled.move_to_end(compiled)
+                return
+        self._compile(name, compiled)
 
-    def _export(self, name: str, folder: Path) -> None:
+    def _compile(self, name: str, compiled: tuple[Key, str]) -> Path:
+        folder = self._folder / f"adapter-{uuid.uuid4().hex[:16]}"
         with self.native._model_lock:
             write_vllm_adapter(self.native.model, name, folder, self.base.model.config)
+        with self._lock:
+            self._compiled[compiled] = folder
+        self._delete(self._idle_compiled(keep=compiled))
+        return folder
+
+    def _idle_compiled(self, keep: tuple[Key, str] | None = None) -> list[Path]:
+        """Take out of the cache the least recently used compiled folders beyond
+        ``max_compiled`` among those of adapters neither in memory nor in vLLM nor running
+        (the caller deletes them)."""
+        resident = self.native.adapters.resident_keys()
+        with self._lock:
+            busy = resident | set(self._loras) | set(self._running)
+            idle = [c for c in self._compiled if c[0] not in busy and c != keep]
+            drop = idle[: max(0, len(idle) - self.options.max_compiled)]
+            return [self._compiled.pop(c) for c in drop]
+
+    @staticmethod
+    def _delete(folders: list[Path]) -> None:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    async def _forget_unloaded(self) -> None:
+        """Remove from vLLM the adapters the native side no longer holds and no request runs
+        (unloaded or evicted); their compiled folders stay, up to ``max_compiled`` of them: a
+        later request hands them to vLLM again without compiling."""
+        resident = self.native.adapters.resident_keys()
+        with self._lock:
+            gone = [
+                self._loras.pop(k) for k in list(self._loras)
+                if k not in resident and k not in self._running
+            ]  # fmt: skip
+        for lora in gone:
+            await self._llm.remove_lora(lora.lora_int_id)
+        idle = self._idle_compiled()
+        if idle:
+            await asyncio.to_thread(self._delete, idle)
 
     # ----- adapters and info: the native engine's (store, tenants, checks, residency) ----------
     def verify_adapter(self, source: str | os.PathLike) -> AdapterFile:

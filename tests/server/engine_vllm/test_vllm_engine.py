@@ -120,39 +120,83 @@ def test_unknown_adapter_is_refused_before_queuing(vllm_engine):
 
 
 @pytest.mark.slow
-def test_unload_removes_the_adapter_from_vllm_and_a_later_request_brings_it_back(vllm_engine):
+def test_unload_takes_the_adapter_out_of_vllm_and_keeps_its_compiled_folder(
+    vllm_engine, monkeypatch
+):
+    """UnloadAdapter removes the adapter from vLLM; its compiled folder stays (same stored
+    bytes): the next request hands it to vLLM again under a new LoRA id, compiling nothing,
+    while the native side loads it again, and gets the same tokens."""
     rows = [("svda", PROMPTS[0])]
     before = _run(vllm_engine, rows)
-    folders = {lora.lora_path for lora in vllm_engine._loras.values()}
+    (key,) = [k for k in vllm_engine._loras if k.id == "svda"]
+    old = vllm_engine._loras[key]
     assert vllm_engine.unload_adapter("svda")
-    left = {lora.lora_path for lora in vllm_engine._loras.values()}
-    assert len(left) == len(folders) - 1 and all(Path(p).is_dir() for p in left)
-    gone = (folders - left).pop()
-    assert not Path(gone).exists(), "the unloaded adapter's vLLM folder is still there"
-    assert _run(vllm_engine, rows) == before  # exported again under a new LoRA id
+    assert key not in vllm_engine._loras
+    assert Path(old.lora_path).is_dir(), "the compiled folder went with the unload"
+    compiles = []
+    monkeypatch.setattr(vllm_engine, "_compile", lambda *a: compiles.append(a))
+    assert _run(vllm_engine, rows) == before
+    again = vllm_engine._loras[key]
+    assert compiles == [] and again.lora_path == old.lora_path
+    assert again.lora_int_id != old.lora_int_id
+    assert any(r.adapter_id == "svda" for r in vllm_engine.resident_adapters())
 
 
 @pytest.mark.slow
-def test_an_adapter_is_exported_as_it_is_attached_and_used_once(vllm_engine, monkeypatch):
-    """The loader thread writes the vLLM folder right after the native attach (a preload, or a
-    cold request); the first request takes it, no second export. An adapter unloaded before
-    any request used its folder leaves no folder behind."""
-    vllm_engine.unload_adapter("lora")
-    vllm_engine.load_adapter("lora")  # attached: exported on the loader thread
-    (key,) = [k for k in vllm_engine._exported if k.id == "lora"]
-    lora_id, folder = vllm_engine._exported[key]
-    assert (folder / "svda_forms.safetensors").is_file()
-    exports = []
-    monkeypatch.setattr(vllm_engine, "_export", lambda *a: exports.append(a))
+def test_without_a_compiled_cache_unload_deletes_the_folder(vllm_engine, monkeypatch):
+    rows = [("vera", PROMPTS[0])]
+    before = _run(vllm_engine, rows)
+    monkeypatch.setattr(vllm_engine.options, "max_compiled", 0)
+    (folder,) = [Path(v.lora_path) for k, v in vllm_engine._loras.items() if k.id == "vera"]
+    assert vllm_engine.unload_adapter("vera")
+    assert not folder.exists(), "the unloaded adapter's vLLM folder is still there"
+    assert _run(vllm_engine, rows) == before  # compiled again
+    (again,) = [Path(v.lora_path) for k, v in vllm_engine._loras.items() if k.id == "vera"]
+    assert again != folder and again.is_dir()
+
+
+@pytest.mark.slow
+def test_an_adapter_is_compiled_as_it_is_attached_once_per_stored_bytes(vllm_engine, monkeypatch):
+    """The loader thread compiles the vLLM folder right after the native attach (a preload, or
+    a cold request); requests take it, and loading the same bytes again compiles nothing."""
+    vllm_engine.load_adapter("lora")
+    with monkeypatch.context() as m:
+        m.setattr(vllm_engine.options, "max_compiled", 0)
+        assert vllm_engine.unload_adapter("lora")  # its compiled folder goes too
+    assert not [c for c in vllm_engine._compiled if c[0].id == "lora"]
+    vllm_engine.load_adapter("lora")  # attached: compiled on the loader thread
+    ((key, sha), folder), *more = [
+        (c, f) for c, f in vllm_engine._compiled.items() if c[0].id == "lora"
+    ]
+    assert not more and (folder / "svda_forms.safetensors").is_file()
+    assert sha == vllm_engine.native.store.get("lora").sha256
+    compiles = []
+    monkeypatch.setattr(vllm_engine, "_compile", lambda *a: compiles.append(a))
     _run(vllm_engine, [("lora", PROMPTS[0])])
-    assert exports == [] and key not in vllm_engine._exported
-    assert vllm_engine._loras[key].lora_int_id == lora_id
-    vllm_engine.unload_adapter("dora")
-    vllm_engine.load_adapter("dora")
-    (key,) = [k for k in vllm_engine._exported if k.id == "dora"]
-    folder = vllm_engine._exported[key][1]
-    vllm_engine.unload_adapter("dora")
-    assert key not in vllm_engine._exported and not folder.exists()
+    assert vllm_engine._loras[key].lora_path == str(folder)
+    assert vllm_engine.unload_adapter("lora")
+    vllm_engine.load_adapter("lora")
+    assert compiles == []
+
+
+@pytest.mark.slow
+def test_a_compiled_adapter_whose_load_now_fails_delivers_no_token(vllm_engine, monkeypatch):
+    """vLLM starts from the compiled folder while the native side loads the adapter again; when
+    that load fails, the request fails with its error before any token is delivered."""
+    _run(vllm_engine, [("dora", PROMPTS[0])])
+    assert vllm_engine.unload_adapter("dora")
+    assert [c for c in vllm_engine._compiled if c[0].id == "dora"]
+
+    def unreachable(entry):
+        raise OSError("the adapter store is unreachable")
+
+    monkeypatch.setattr(vllm_engine.native.adapters, "_attach", unreachable)
+    collector = Collector()
+    vllm_engine.submit(request("dora", PROMPTS[0], n=4), collector)
+    with pytest.raises(OSError, match="unreachable"):
+        collector.wait(timeout=120)
+    assert collector.chunks == []
+    assert all(r.adapter_id != "dora" for r in vllm_engine.resident_adapters())
 
 
 def test_a_failing_export_on_attach_fails_the_load_and_attaches_nothing(vllm_engine):
@@ -202,3 +246,27 @@ def test_adapters_swapped_through_two_slots_equal_native(vllm_folder, tmp_path):
     with running_engine(load_base_model(vllm_folder), store, max_batch_size=4) as native:
         want = [_run(native, [row])[0] for row in rows]
     assert got == want
+
+
+def test_adapters_a_request_runs_stay_in_vllm_while_not_resident(vllm_engine):
+    """A request on a compiled adapter runs in vLLM while the native side still loads it (not
+    resident yet): removing unloaded adapters from vLLM spares it."""
+    import asyncio
+
+    from svda.server.engine.adapters import Key
+
+    key, lora = Key("", "loading", 1), object()
+    vllm_engine._loras[key] = lora
+    vllm_engine._running[key] += 1
+    try:
+        forget = vllm_engine._forget_unloaded()
+        asyncio.run_coroutine_threadsafe(forget, vllm_engine._loop).result(60)
+        assert vllm_engine._loras.get(key) is lora
+    finally:
+        vllm_engine._loras.pop(key, None)
+        del vllm_engine._running[key]
+
+
+def test_options_refuse_a_negative_compiled_cache():
+    with pytest.raises(ValueError, match="max_compiled must be >= 0"):
+        VllmOptions(max_compiled=-1).validate()

@@ -50,11 +50,12 @@ def test_grpc_on_vllm_bf16_agrees_with_native_bf16(vllm_folder, bf16_store):
     settings = ServerSettings(
         host="127.0.0.1", port=0, metrics_port=None, model=str(vllm_folder),
         store=vllm_store.root, engine="vllm", dtype="bfloat16", vllm_max_loras=2,
-        svda_prune_tolerance=0.0,
+        vllm_max_compiled=3, svda_prune_tolerance=0.0,
     )  # fmt: skip
     server = BackgroundServer(settings, store=vllm_store).start(timeout=600)
     try:
         assert server.server.engine.native.base.model.dtype == torch.bfloat16
+        assert server.server.engine.options.max_compiled == 3
         got = _grpc_tokens(server.port)
     finally:
         server.stop()
