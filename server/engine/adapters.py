@@ -52,6 +52,8 @@ from ..domain import (
 )
 from ..metrics import Metrics
 
+GATE_WAIT_S = 1.0  # longest a gated load waits for its caller (acquire's ``gate``)
+
 
 class Key(NamedTuple):
     """A resident adapter: one version of one id in one namespace ('' = shared)."""
@@ -189,9 +191,11 @@ class AdapterManager:
             return self._resident[key].name
 
     # ----- holding adapters for requests --------------------------------------------------------
-    def acquire(self, entry: StoreEntry) -> Future:
+    def acquire(self, entry: StoreEntry, gate: threading.Event | None = None) -> Future:
         """Hold ``entry`` for a request and start loading it if needed; the future's result is
-        the internal adapter name (or the load's exception). Pair with :meth:`release`."""
+        the internal adapter name (or the load's exception). Pair with :meth:`release`.
+        ``gate``: a load this call begins waits until it is set (:data:`GATE_WAIT_S` at most):
+        the caller has work of its own to do first (the loader would hold the GIL)."""
         key = key_of(entry)
         with self._lock:
             self._refs[key] = self._refs.get(key, 0) + 1
@@ -204,7 +208,7 @@ class AdapterManager:
             future = self._loading.get(key)
             if future is None:
                 future = self._loading[key] = Future()
-                self._pool.submit(self._load, entry, future)
+                self._pool.submit(self._load, entry, future, gate)
         return future
 
     def release(self, key: Key) -> None:
@@ -220,7 +224,9 @@ class AdapterManager:
         self.evict()
 
     # ----- loading ------------------------------------------------------------------------------
-    def _load(self, entry: StoreEntry, future: Future) -> None:
+    def _load(self, entry: StoreEntry, future: Future, gate: threading.Event | None) -> None:
+        if gate is not None:
+            gate.wait(GATE_WAIT_S)
         key, start = key_of(entry), time.perf_counter()
         try:
             resident = self._attach(entry)

@@ -159,11 +159,15 @@ class VllmEngine:
                 f"more than {self.settings.max_waiting} requests are waiting; retry later"
             )
         seq, entry = self._sequence(request, on_event)
-        compiled = None
+        compiled = gate = None
         if entry is not None:
-            seq.future = self.native.adapters.acquire(entry)
             compiled = (seq.key, entry.sha256)
-        task_future = asyncio.run_coroutine_threadsafe(self._start_task(seq, compiled), self._loop)
+            with self._lock:  # compiled, not in vLLM: vLLM gets it before the native load starts
+                early = seq.key not in self._loras and compiled in self._compiled
+            gate = threading.Event() if early else None
+            seq.future = self.native.adapters.acquire(entry, gate)
+        start = self._start_task(seq, compiled, gate)
+        task_future = asyncio.run_coroutine_threadsafe(start, self._loop)
         task_future.result()
         return RequestHandle(seq.request_id, seq.cancelled, lambda: self._wake(seq.request_id))
 
@@ -196,11 +200,13 @@ class VllmEngine:
         seq.key = key_of(entry) if entry is not None else None
         return seq, entry
 
-    async def _start_task(self, seq: Sequence, compiled: tuple[Key, str] | None) -> None:
+    async def _start_task(
+        self, seq: Sequence, compiled: tuple[Key, str] | None, gate: threading.Event | None
+    ) -> None:
         """Run ``seq`` as a task; a deadline cancels it when it passes (``CANCELLED``, as the
         native engine drops it), also while it waits for its adapter or for vLLM's next step."""
         loop = asyncio.get_running_loop()
-        task = self._tasks[seq.request_id] = loop.create_task(self._run(seq, compiled))
+        task = self._tasks[seq.request_id] = loop.create_task(self._run(seq, compiled, gate))
         deadline = seq.request.deadline  # a time.monotonic() value
         if deadline is not None:
             timer = loop.call_later(max(0.0, deadline - time.monotonic()), task.cancel)
@@ -212,22 +218,26 @@ class VllmEngine:
         if task is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(task.cancel)
 
-    async def _run(self, seq: Sequence, compiled: tuple[Key, str] | None) -> None:
+    async def _run(
+        self, seq: Sequence, compiled: tuple[Key, str] | None, gate: threading.Event | None
+    ) -> None:
         from .vllm_setup import sampling_params
 
         if seq.key is not None:
             with self._lock:
                 self._running[seq.key] += 1
         try:
-            lora, loading = await self._lora_for(seq, compiled) if compiled else (None, None)
+            lora, loading = await self._lora_for(seq, compiled, gate) if compiled else (None, None)
             params = sampling_params(seq.request.params)
-            reason = await self._generate(seq, params, lora, loading)
+            reason = await self._generate(seq, params, lora, loading, gate)
             self._finish(seq, reason)
         except asyncio.CancelledError:
             self._finish(seq, FinishReason.CANCELLED)
         except Exception as exc:
             seq.fail(exc)
         finally:
+            if gate is not None:
+                gate.set()  # a native load still gated (this request ended first) goes on
             self._tasks.pop(seq.request_id, None)
             if seq.key is not None:
                 with self._lock:
@@ -237,15 +247,23 @@ class VllmEngine:
                 self.native.adapters.release(seq.key)
 
     async def _generate(
-        self, seq: Sequence, params: Any, lora: Any, loading: Future | None
+        self,
+        seq: Sequence,
+        params: Any,
+        lora: Any,
+        loading: Future | None,
+        gate: threading.Event | None,
     ) -> FinishReason:
         """Stream vLLM's tokens into ``seq``; ``loading``: the native load of an adapter vLLM
         runs from its compiled folder meanwhile, waited for before the first token (its error,
-        if any, fails the request with no token delivered)."""
+        if any, fails the request with no token delivered), and let start (``gate``) once vLLM
+        has the request."""
         eos = self.native.scheduler.eos_ids
         stream = self._llm.generate(
             {"prompt_token_ids": seq.prompt_ids}, params, seq.request_id, lora_request=lora
         )
+        if gate is not None:  # runs when this task first waits: for vLLM's first output
+            asyncio.get_running_loop().call_soon(gate.set)
         try:
             async for output in stream:
                 if loading is not None:
@@ -271,7 +289,7 @@ class VllmEngine:
                 self.metrics.time_to_first_token.observe(completion.time_to_first_token_s)
 
     async def _lora_for(
-        self, seq: Sequence, compiled: tuple[Key, str]
+        self, seq: Sequence, compiled: tuple[Key, str], gate: threading.Event | None
     ) -> tuple[Any, Future | None]:
         """vLLM's LoRA request for the sequence's adapter, and the native load still to wait
         for (None: done). An adapter known to vLLM is used as it is; one compiled before (same
@@ -286,11 +304,15 @@ class VllmEngine:
             if folder is not None:
                 self._compiled.move_to_end(compiled)
         if lora is not None:
-            seq.adapter_name = await asyncio.wrap_future(seq.future)  # resident: at once
+            if gate is not None:
+                gate.set()  # vLLM got it from another request since this one came
+            seq.adapter_name = await asyncio.wrap_future(seq.future)
             return lora, None
         await self._forget_unloaded()
         loading = seq.future
         if folder is None:
+            if gate is not None:
+                gate.set()  # dropped from the cache since the request came: load first
             seq.adapter_name, loading = await asyncio.wrap_future(seq.future), None
             with self._lock:
                 folder = self._compiled.get(compiled)

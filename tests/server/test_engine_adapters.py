@@ -13,7 +13,7 @@ from svda.adapters_store.store_types import AdapterNotFound
 from svda.runtime import AdapterModel, load_base_model
 from svda.server.domain import Overloaded, PermissionDenied
 from svda.server.engine import EngineSettings
-from svda.server.engine.adapters import AdapterManager, Key
+from svda.server.engine.adapters import AdapterManager, Key, key_of
 from tests.server.conftest import make_adapter
 from tests.server.engine_helpers import metric, reference_tokens, request, running_engine, submit
 
@@ -103,6 +103,29 @@ def test_concurrent_first_requests_load_once(tiny_base, store, monkeypatch):
     assert calls == ["svda-b"]
     assert len(loaded) == 4 and all(r.version == 1 for r in loaded)
     assert metric(engine, "svda_adapter_loads_total", result="ok") == 1
+
+
+def test_a_gated_load_starts_when_its_gate_opens(tiny_base, store, monkeypatch):
+    """acquire(entry, gate): the load it begins waits for the gate (the vLLM engine hands a
+    request to vLLM first); a later acquire of the same adapter shares that load."""
+    started = threading.Event()
+    original = AdapterManager._attach
+
+    def attach(self, entry):
+        started.set()
+        return original(self, entry)
+
+    monkeypatch.setattr(AdapterManager, "_attach", attach)
+    with running_engine(tiny_base, store) as engine:
+        manager, gate = engine.adapters, threading.Event()
+        entry = manager.resolve("svda-b")
+        future = manager.acquire(entry, gate)
+        assert not started.wait(0.3), "the load began before its gate opened"
+        assert manager.acquire(entry) is future
+        gate.set()
+        assert future.result(timeout=30) and started.is_set()
+        for _ in range(2):
+            manager.release(key_of(entry))
 
 
 def test_tenants_see_their_own_and_shared_adapters(tiny_base, store, adapter_bytes):
