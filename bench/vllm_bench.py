@@ -14,9 +14,11 @@ greedy tokens; wall time from the first submit to the last completion. Per dtype
   16 adapters of the four kinds mixed (four methods in every layer's slots);
 * the native engine, base and the 16 LoRA adapters (``--no-native`` skips it);
 * hot swap on both engines: time to first token of a request whose SvdA adapter is not resident
-  minus that of the next one (resident), median over ``--swap-repeats`` pairs. On vLLM twice:
-  with every slot holding an SvdA adapter (the new one is written into its slot in place), and
-  right after the DoRA round (a slot of another method: the layer's slots are stacked again).
+  minus that of the next one (resident), median over ``--swap-repeats`` pairs. On vLLM three
+  times: with every slot holding an SvdA adapter (the new one is written into its slot in
+  place), right after the DoRA round (a slot of another method: the layer's slots are stacked
+  again), both with the adapter's compiled folder kept from its earlier load (the engine's
+  default), and with no compiled folder kept (``max_compiled=0``: every load compiles).
 
 Adapters are "trained-looking": every trained tensor moved by Gaussian noise (dense δ).
 Every adapter run sits between two base runs of the same engine; "vs base" is the median over
@@ -269,6 +271,9 @@ def svda_on_vllm_rows(store: AdapterStore, dtype: str, args, swaps: list) -> lis
     run_engine(engine, requests(n, 2, "svda"))  # every slot holds an SvdA adapter
     swaps.append((f"svda on vLLM {dtype}", *hot_swap_ms(engine, ids, args.swap_repeats)))
     swaps.append((f"svda on vLLM {dtype}, into slots of DoRA adapters", *mixed))
+    engine.options.max_compiled = 0  # an unload deletes the compiled folder: each load compiles
+    compiling = hot_swap_ms(engine, ids, args.swap_repeats)
+    swaps.append((f"svda on vLLM {dtype}, compiling on every load", *compiling))
     engine.stop()
     return out
 
