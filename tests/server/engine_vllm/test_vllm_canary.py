@@ -71,6 +71,23 @@ def test_lora_layer_methods_the_svda_layers_override_or_call():
     assert "lora_a_stacked" in reset and "lora_b_stacked" in reset
 
 
+def test_lora_linear_wrappers_forward_one_input_and_wrap_a_base_layer():
+    """svda's layers run ``base_layer(input_)`` in place of the wrapper's ``forward`` for a batch
+    without adapters: the wrapper must take the one input the base layer takes."""
+    from vllm.lora import layers
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    assert "self.base_layer = base_layer" in inspect.getsource(BaseLinearLayerWithLoRA.__init__)
+    for name in (
+        "ColumnParallelLinearWithLoRA", "MergedColumnParallelLinearWithLoRA",
+        "QKVParallelLinearWithLoRA", "MergedQKVParallelLinearWithLoRA",
+        "RowParallelLinearWithLoRA", "ReplicatedLinearWithLoRA",
+    ):  # fmt: skip
+        cls = getattr(layers, name)
+        assert issubclass(cls, BaseLinearLayerWithLoRA), name
+        assert list(inspect.signature(cls.forward).parameters) == ["self", "input_"], name
+
+
 def test_punica_token_lora_indices_is_a_property_with_minus_one_for_the_base():
     from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 
