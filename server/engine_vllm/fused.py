@@ -17,10 +17,12 @@ nothing)::
     y += o ⊙ (B_sh (i ⊙ (A_sh x)))  the shared bases (SvdA's Vᵀ, U; VeRA's A, B) of all slices:
                                     A_sh (K, d_in) stacked, B_sh (D, K) block-placed
 
-Anything else (rotations, input scales, tokens of several layouts in one slice, a compute dtype
-other than the model's, prefill batches) returns None and takes the per-slice path. A slice
-stacked in several layout groups of which the batch uses one (slots refilled with another
-method one by one leave the old group empty) is planned from that group. Pure torch; tested equal
+A slice stacked in several layout groups (slots of several methods) is planned from the groups
+the batch uses: each group's rows for the tokens of the other groups are its zero row (exact
+zeros: no scale, no bias, zero inner and outer vectors, zero factors), so the groups' rows add
+— their scales, biases and outer vectors summed into one row per token, their low-rank terms
+and shared bases side by side. Anything else (rotations, input scales, a compute dtype other
+than the model's, prefill batches of several slots) returns None and takes the per-slice path. Pure torch; tested equal
 to the per-slice path (``tests/server/test_vllm_fused.py``).
 """
 
@@ -130,12 +132,10 @@ def plan_layer(
     active = []
     for stacked, start, size in slices:
         parts = () if stacked is None else stacked.groups or (stacked,)
-        used = [p for p in parts if not p.present.isdisjoint(layout.used)]
-        if not used:
-            continue  # no form in this slice, or no token of the batch has a row in it
-        if len(used) > 1 or not _fits(used[0], model_dtype):
-            return None  # tokens of several layouts in one slice, or forms the plan lacks
-        active.append((used[0], start, size))
+        used = [p for p in parts if not p.present.isdisjoint(layout.used)]  # none: no row here
+        if not all(_fits(p, model_dtype) for p in used):
+            return None  # forms the plan lacks
+        active += [(p, start, size) for p in used]  # several groups: their rows add
     if not active:
         return LayerPlan()
     width = slices[-1][1] + slices[-1][2]
@@ -163,7 +163,13 @@ def _picker(stacked: StackedSlice, layout: BatchLayout, n: int):
 
 def _place(pieces: list[tuple[int, torch.Tensor]], n: int, width: int) -> torch.Tensor:
     """``(start, rows (n, size))`` pieces side by side over ``width`` columns, zeros between
-    (one concatenation; a piece covering every column is returned as it is)."""
+    (one concatenation; a piece covering every column is returned as it is); pieces of one
+    slice's layout groups (the same start) add."""
+    if len({start for start, _ in pieces}) < len(pieces):
+        out = pieces[0][1].new_zeros(n, width)
+        for start, rows in pieces:
+            out[:, start : start + rows.shape[1]] += rows
+        return out
     parts, at = [], 0
     for start, rows in sorted(pieces, key=lambda p: p[0]):
         if start > at:
@@ -238,8 +244,11 @@ def _per_token_low_rank(gathered: list) -> tuple[torch.Tensor | None, tuple[LowR
 
 
 def _shared(gathered: list, n: int, width: int, memo: dict, placed: dict):
-    """The slices' shared-basis terms (one per slice at most) as :class:`SharedBases` and the
-    tokens' ``inner (n, K)`` and ``outer (n, width)``; Nones when there is none."""
+    """The slices' shared-basis terms (one per layout group of a slice at most) as
+    :class:`SharedBases` and the tokens' ``inner (n, K)`` and ``outer (n, width)``; Nones when
+    there is none. Terms of one slice's groups share its columns: a token's inner and outer
+    rows are zero in every group but its own, so ``(o₁ + o₂) ⊙ (B₁h₁ + B₂h₂)`` is its own
+    group's term."""
     terms = [
         (start, pick, t)
         for s, start, _, pick in gathered

@@ -129,11 +129,58 @@ def test_shared_bases_are_made_once_per_slot_composition(svd_cache):
     assert second.inner.shape[0] == len(other)
 
 
-@pytest.mark.parametrize("pair", [("lora", "svda"), ("vera", "dora")])
-def test_several_layouts_in_a_slice_take_the_per_slice_path(pair, svd_cache):
-    slices, _ = _packed_layer([pair[0], None, pair[1], pair[0]], svd_cache)
-    assert any(s is not None and s.groups for s, *_ in slices)
-    assert plan_layer(slices, _layout(SLOTS, 4), len(SLOTS), torch.float32) is None
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize(
+    "methods",
+    [
+        ("lora", "svda"),
+        ("vera", "dora"),
+        ("svda", "vera", "lora", "dora"),
+        ("dora", "ia3", "bitfit"),
+    ],
+    ids="+".join,
+)
+def test_slots_of_several_methods_in_a_slice_are_planned_together(methods, with_bias, svd_cache):
+    """A slice whose slots hold several methods (one layout group each): the groups' rows add,
+    each token's other groups reading their zero rows; what the per-slice path adds."""
+    order = [methods[i % len(methods)] for i in range(4)]
+    slices, weight = _packed_layer([order[0], None, *order[1:]], svd_cache)
+    assert any(s is not None and len(s.groups) > 1 for s, *_ in slices)
+    bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(2)) * 0.1
+    bias = bias if with_bias else None
+    slots = torch.tensor([2, -1, 0, 3, 4, -1, 0, 4, 1])
+    layout = _layout(slots, 5)
+    x, y = _inputs(weight, torch.float32, bias)
+    x = torch.cat([x, x[:2]])
+    y = F.linear(x, weight, bias)
+    plan = plan_layer(slices, layout, len(slots), torch.float32, bias)
+    assert plan is not None
+    got = y.clone()
+    plan.apply(x, got)
+    torch.testing.assert_close(got, _per_slice(slices, x, y, layout, weight, bias))
+    assert torch.equal(got[slots < 0], y[slots < 0]), "base rows moved"
+    assert torch.equal(got[slots == 1], y[slots == 1]), "the empty slot moved its rows"
+
+
+def test_four_methods_in_a_slice_in_bfloat16_within_rounding(svd_cache):
+    slices, weight = _packed_layer(
+        ["svda", None, "vera", "lora", "dora"], svd_cache, torch.bfloat16
+    )
+    slots = torch.tensor([2, -1, 0, 3, 4, -1, 0])
+    layout = _layout(slots, 5)
+    x, y = _inputs(weight, torch.bfloat16)
+    plan = plan_layer(slices, layout, len(slots), torch.bfloat16)
+    got = y.clone()
+    plan.apply(x, got)
+    want = _per_slice(slices, x, y, layout, weight)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert torch.equal(got[slots < 0], y[slots < 0])
+
+
+def test_a_rotating_group_in_the_batch_takes_the_per_slice_path(svd_cache):
+    slices, _ = _packed_layer(["lora", None, "boft"], svd_cache)
+    assert plan_layer(slices, _layout(torch.tensor([0, 2]), 3), 2, torch.float32) is None
+    assert plan_layer(slices, _layout(torch.tensor([0, 0, -1]), 3), 3, torch.float32) is not None
 
 
 def test_prefill_sized_batches_of_several_slots_take_the_per_slice_path(svd_cache):
