@@ -223,24 +223,39 @@ def _side(gathered: list, name: str, n: int, width: int, placed: dict) -> torch.
 
 
 def _per_token_low_rank(gathered: list) -> tuple[torch.Tensor | None, tuple[LowRankBlock, ...]]:
-    """Every dense low-rank term of every slice as the tokens' ``A (n, R, d_in)`` (all terms'
-    rows, one after another) and one :class:`LowRankBlock` per slice (its terms' ``Bᵀ`` rows),
-    float32: whole rows of :class:`.slices.DenseTerm` gathered (one slot: views when the model
-    computes in float32), no transposing copy, no zeros between slices."""
-    a_parts, blocks, offset = [], [], 0
+    """Every dense low-rank term of every slice as the tokens' ``A (n, R, d_in)`` (each slice's
+    rows, one slice after another) and one :class:`LowRankBlock` per slice (the same rows'
+    ``Bᵀ``), float32: whole rows of :class:`.slices.DenseTerm` gathered (one slot: views when
+    the model computes in float32), no transposing copy, no zeros between slices. A slice's
+    layout groups share rows: a token's rows are zero in every group but its own, so the
+    groups' factors, zero-padded to the largest rank, add (rank max, not sum, per token)."""
+    per_slice: dict[int, list] = {}
     for s, start, _, pick in gathered:
-        if not s.dense:
-            continue
-        a_parts += [pick(t.A).float() for t in s.dense]
-        bts = [pick(t.Bt).float() for t in s.dense]
-        r = sum(t.r for t in s.dense)
-        bt = bts[0] if len(bts) == 1 else torch.cat(bts, dim=1)
-        blocks.append(LowRankBlock(start, slice(offset, offset + r), bt))
-        offset += r
+        if s.dense:
+            a = _cat([pick(t.A).float() for t in s.dense])  # (n, r_group, d_in)
+            per_slice.setdefault(start, []).append((a, _cat([pick(t.Bt).float() for t in s.dense])))
+    a_parts, blocks, offset = [], [], 0
+    for start, parts in per_slice.items():
+        a, bt = parts[0] if len(parts) == 1 else _add_padded(parts)
+        a_parts.append(a)
+        blocks.append(LowRankBlock(start, slice(offset, offset + a.shape[1]), bt))
+        offset += a.shape[1]
     if not a_parts:
         return None, ()
-    a_tok = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=1)
-    return a_tok, tuple(blocks)
+    return _cat(a_parts), tuple(blocks)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _add_padded(parts: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Layout groups' ``(A (n, r_g, d_in), Bᵀ (n, r_g, size))`` as one pair of the largest rank
+    (rows past a group's rank are zero): each token has nonzero rows in one group only."""
+    r = max(a.shape[1] for a, _ in parts)
+    a_sum = sum(F.pad(a, (0, 0, 0, r - a.shape[1])) for a, _ in parts)
+    bt_sum = sum(F.pad(bt, (0, 0, 0, r - bt.shape[1])) for _, bt in parts)
+    return a_sum, bt_sum
 
 
 def _shared(gathered: list, n: int, width: int, memo: dict, placed: dict):

@@ -310,3 +310,31 @@ def test_several_dense_terms_per_slice_feed_that_slice_only(slots):
     torch.testing.assert_close(got, _per_slice(slices, x, y, layout, weight))
     assert torch.equal(got[:, 6:9], y[:, 6:9])
     assert torch.equal(got[slots < 0], y[slots < 0])
+
+
+def test_dense_terms_of_groups_of_different_ranks_add_zero_padded():
+    """Two layout groups of one slice with low-rank terms of ranks 2 and 3 (one of them beside
+    an output scale): one per-token factor pair of rank 3, what the per-slice path adds."""
+    from svda.runtime.serving_form.primitives import LayerForm, LowRank, OutputScale
+
+    generator = torch.Generator().manual_seed(9)
+
+    def form(r: int, scaled: bool) -> LayerForm:
+        term = LowRank(torch.randn(1, r, 5, generator=generator), torch.randn(1, 6, r))
+        scale = OutputScale(torch.randn(1, 6, generator=generator)) if scaled else None
+        return LayerForm(5, 6, 1, terms=(term,), output_scale=scale)
+
+    stacked = stack_slice([form(2, False), form(3, True), form(2, False)], torch.float32)
+    assert len(stacked.groups) == 2
+    slices = [(stacked, 0, 6), (None, 6, 2)]
+    weight = torch.randn(8, 5, generator=generator)
+    slots = torch.tensor([1, 0, -1, 2, 1])
+    layout = _layout(slots, 3)
+    x = torch.randn(len(slots), 5, generator=generator)
+    y = F.linear(x, weight)
+    plan = plan_layer(slices, layout, len(slots), torch.float32)
+    assert plan.a_tok.shape[1] == 3 and [b.rows for b in plan.b_blocks] == [slice(0, 3)]
+    got = y.clone()
+    plan.apply(x, got)
+    torch.testing.assert_close(got, _per_slice(slices, x, y, layout, weight))
+    assert torch.equal(got[slots < 0], y[slots < 0])
