@@ -65,6 +65,17 @@ def test_mixed_batch_equals_native_row_by_row(vllm_engine, vllm_folder, vllm_sto
 
 
 @pytest.mark.slow
+def test_a_batch_of_four_planned_methods_equals_native(vllm_engine, vllm_folder, vllm_store):
+    """SvdA, VeRA, LoRA and DoRA rows beside base rows, no rotating method in the batch: each
+    decode step runs one layer plan over the methods' layout groups (their rows add)."""
+    rows = [(m, PROMPTS[i % 2]) for i, m in enumerate(("svda", "vera", "lora", "dora"))]
+    rows += [(None, PROMPTS[0]), ("lora", PROMPTS[1])]
+    got = _run(vllm_engine, rows)
+    with running_engine(load_base_model(vllm_folder), vllm_store, max_batch_size=16) as native:
+        assert got == _run(native, rows)
+
+
+@pytest.mark.slow
 def test_base_only_batch_equals_native(vllm_engine, vllm_folder, vllm_store):
     rows = [(None, p) for p in PROMPTS]
     with running_engine(load_base_model(vllm_folder), vllm_store) as native:
