@@ -22,8 +22,8 @@ the batch uses: each group's rows for the tokens of the other groups are its zer
 zeros: no scale, no bias, zero inner and outer vectors, zero factors), so the groups' rows add
 — their scales, biases and outer vectors summed into one row per token, their low-rank terms
 and shared bases side by side. Anything else (rotations, input scales, a compute dtype other
-than the model's, prefill batches of several slots) returns None and takes the per-slice path. Pure torch; tested equal
-to the per-slice path (``tests/server/test_vllm_fused.py``).
+than the model's, prefill batches of several slots) returns None and takes the per-slice path.
+Pure torch; tested equal to the per-slice path (``tests/server/test_vllm_fused.py``).
 """
 
 from __future__ import annotations
