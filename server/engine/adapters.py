@@ -422,6 +422,12 @@ class AdapterManager:
         self.evict()
         return True
 
+    def held_keys(self) -> set[Key]:
+        """The keys of every resident adapter and of every adapter a request holds (from
+        :meth:`acquire` to :meth:`release`: also while it loads)."""
+        with self._lock:
+            return set(self._resident) | set(self._refs)
+
     def resident_keys(self) -> set[Key]:
         """The keys of every resident adapter (all namespaces)."""
         with self._lock:

@@ -95,7 +95,6 @@ class VllmEngine:
         self._loras: dict[Key, Any] = {}  # adapter key -> its LoRARequest, known to vLLM
         # (adapter key, sha256 of its stored bytes) -> compiled folder, least recently used first
         self._compiled: collections.OrderedDict[tuple[Key, str], Path] = collections.OrderedDict()
-        self._running: collections.Counter[Key] = collections.Counter()  # requests per adapter
         self.native.adapters.on_attached = self._compile_attached
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -223,9 +222,6 @@ class VllmEngine:
     ) -> None:
         from .vllm_setup import sampling_params
 
-        if seq.key is not None:
-            with self._lock:
-                self._running[seq.key] += 1
         try:
             lora, loading = await self._lora_for(seq, compiled, gate) if compiled else (None, None)
             params = sampling_params(seq.request.params)
@@ -240,10 +236,6 @@ class VllmEngine:
                 gate.set()  # a native load still gated (this request ended first) goes on
             self._tasks.pop(seq.request_id, None)
             if seq.key is not None:
-                with self._lock:
-                    self._running[seq.key] -= 1
-                    if not self._running[seq.key]:
-                        del self._running[seq.key]
                 self.native.adapters.release(seq.key)
 
     async def _generate(
@@ -344,11 +336,11 @@ class VllmEngine:
 
     def _idle_compiled(self, keep: tuple[Key, str] | None = None) -> list[Path]:
         """Take out of the cache the least recently used compiled folders beyond
-        ``max_compiled`` among those of adapters neither in memory nor in vLLM nor running
-        (the caller deletes them)."""
-        resident = self.native.adapters.resident_keys()
+        ``max_compiled`` among those of adapters neither in memory nor held by a request nor in
+        vLLM (the caller deletes them)."""
+        held = self.native.adapters.held_keys()
         with self._lock:
-            busy = resident | set(self._loras) | set(self._running)
+            busy = held | set(self._loras)
             idle = [c for c in self._compiled if c[0] not in busy and c != keep]
             drop = idle[: max(0, len(idle) - self.options.max_compiled)]
             return [self._compiled.pop(c) for c in drop]
@@ -359,15 +351,13 @@ class VllmEngine:
             shutil.rmtree(folder, ignore_errors=True)
 
     async def _forget_unloaded(self) -> None:
-        """Remove from vLLM the adapters the native side no longer holds and no request runs
-        (unloaded or evicted); their compiled folders stay, up to ``max_compiled`` of them: a
-        later request hands them to vLLM again without compiling."""
-        resident = self.native.adapters.resident_keys()
+        """Remove from vLLM the adapters the native side neither holds in memory nor for a
+        request (unloaded or evicted; one a request runs while the native side still loads it
+        stays); their compiled folders stay, up to ``max_compiled`` of them: a later request
+        hands them to vLLM again without compiling."""
+        held = self.native.adapters.held_keys()
         with self._lock:
-            gone = [
-                self._loras.pop(k) for k in list(self._loras)
-                if k not in resident and k not in self._running
-            ]  # fmt: skip
+            gone = [self._loras.pop(k) for k in list(self._loras) if k not in held]
         for lora in gone:
             await self._llm.remove_lora(lora.lora_int_id)
         idle = self._idle_compiled()

@@ -121,6 +121,7 @@ def test_a_gated_load_starts_when_its_gate_opens(tiny_base, store, monkeypatch):
         entry = manager.resolve("svda-b")
         future = manager.acquire(entry, gate)
         assert not started.wait(0.3), "the load began before its gate opened"
+        assert key_of(entry) in manager.held_keys() - manager.resident_keys()
         assert manager.acquire(entry) is future
         gate.set()
         assert future.result(timeout=30) and started.is_set()

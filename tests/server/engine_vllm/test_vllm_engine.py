@@ -266,16 +266,16 @@ def test_adapters_a_request_runs_stay_in_vllm_while_not_resident(vllm_engine):
 
     from svda.server.engine.adapters import Key
 
-    key, lora = Key("", "loading", 1), object()
+    key, lora, manager = Key("", "loading", 1), object(), vllm_engine.native.adapters
     vllm_engine._loras[key] = lora
-    vllm_engine._running[key] += 1
+    manager._refs[key] = 1  # acquired by a request, not attached yet
     try:
         forget = vllm_engine._forget_unloaded()
         asyncio.run_coroutine_threadsafe(forget, vllm_engine._loop).result(60)
         assert vllm_engine._loras.get(key) is lora
     finally:
         vllm_engine._loras.pop(key, None)
-        del vllm_engine._running[key]
+        del manager._refs[key]
 
 
 def test_options_refuse_a_negative_compiled_cache():
