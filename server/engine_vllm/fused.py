@@ -178,7 +178,7 @@ def _place(pieces: list[tuple[int, torch.Tensor]], n: int, width: int) -> torch.
         at = start + rows.shape[1]
     if at < width:
         parts.append(_zeros(parts[-1], n, width - at))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return _cat(parts)
 
 
 _ZEROS: dict = {}  # (rows, columns, dtype, device) -> zeros (read only: concatenated, copied)
@@ -246,6 +246,7 @@ def _per_token_low_rank(gathered: list) -> tuple[torch.Tensor | None, tuple[LowR
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``parts`` side by side along dim 1 (one part: itself, a view stays a view)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
@@ -273,8 +274,7 @@ def _shared(gathered: list, n: int, width: int, memo: dict, placed: dict):
     if not terms:
         return None, None, None
     bases = _stacked_bases([(start, t.A, t.B) for start, _, t in terms], width, memo)
-    inner = [pick(t.inner) for _, pick, t in terms]
-    inner = inner[0] if len(inner) == 1 else torch.cat(inner, dim=1)
+    inner = _cat([pick(t.inner) for _, pick, t in terms])
     outer = _placed(placed, [(start, t.outer, pick) for start, pick, t in terms], n, width)
     return bases, inner, outer
 
